@@ -1,0 +1,1 @@
+"""Merging: pure tensor methods, recipes, and the engines that apply them."""

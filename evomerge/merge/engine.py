@@ -1,0 +1,207 @@
+"""Applying a :class:`MergePlan`, tensor by tensor, with one shared per-tensor function.
+
+Two front ends:
+
+- :func:`merge_to_folder` streams: it reads each input tensor lazily from safetensors, merges
+  it, and hands it to a :class:`CheckpointWriter`; memory holds a few tensors, not the model.
+- :class:`InPlaceMerger` keeps every source tensor resident (CPU or GPU) and copies merged
+  values into an existing model object's parameters: no disk, no new model.
+
+Both call :func:`merge_job`, so the same plan gives the same tensors on the same device.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from evomerge.checkpoint import (
+    OTHER_FILES,
+    TOKENIZER_FILES,
+    CheckpointWriter,
+    ModelFolder,
+    parse_dtype,
+)
+from evomerge.errors import CheckpointError
+from evomerge.merge.plan import MergePlan, TensorJob, TensorRef
+from evomerge.merge.registry import MergeMethod, TensorContext, get_method
+
+Reader = Callable[[TensorRef], torch.Tensor]
+
+
+def merge_job(
+    job: TensorJob,
+    method: MergeMethod,
+    read: Reader,
+    *,
+    seed: int = 0,
+    input_dtype: torch.dtype | None = None,
+    labels: Sequence[str] = (),
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """Merge one output tensor. Returns it in the compute dtype (float32, or float64)."""
+
+    def load(ref: TensorRef) -> torch.Tensor:
+        tensor = read(ref)
+        if input_dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(input_dtype)
+        if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            label = labels[ref.model] if ref.model < len(labels) else f"model {ref.model}"
+            raise CheckpointError(f"model '{label}': tensor {ref.tensor} contains NaN or Inf")
+        return tensor
+
+    if not job.sources:  # not a float tensor: copied as is
+        return read(job.base) if job.base else torch.empty(0)
+    base = load(job.base) if job.base is not None else None
+    sources = [load(ref) for ref in job.sources]
+    aux = {name: [load(ref) for ref in refs] for name, refs in job.aux}
+    ctx = TensorContext(name=job.name, seed=seed, aux=aux)
+    return method.fn(base, sources, job.shared_dict(), job.per_source_dicts(), ctx)
+
+
+def output_dtype(plan: MergePlan, job: TensorJob, read_dtype: torch.dtype) -> torch.dtype:
+    if not job.sources:
+        return read_dtype
+    return parse_dtype(plan.out_dtype) or read_dtype
+
+
+def _first_ref(job: TensorJob) -> TensorRef:
+    return job.base if job.base is not None else job.sources[0]
+
+
+def open_plan_models(plan: MergePlan, allow_pickle: bool = False) -> list[ModelFolder]:
+    models = []
+    for path, label in zip(plan.models, plan.labels):
+        models.append(ModelFolder(path, label=label, allow_pickle=allow_pickle,
+                                  require_config=Path(path).is_dir() and (Path(path) / "config.json").exists()))
+    return models
+
+
+def merge_to_folder(
+    plan: MergePlan,
+    out_dir: str | os.PathLike[str],
+    *,
+    models: Sequence[ModelFolder] | None = None,
+    device: str = "cpu",
+    shard_size: int = 5 * 2**30,
+    force: bool = False,
+    model_card: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    allow_pickle: bool = False,
+) -> Path:
+    """Stream the merge into a Hugging Face folder; nothing appears at ``out_dir`` on failure."""
+    models = list(models) if models is not None else open_plan_models(plan, allow_pickle)
+    method = get_method(plan.method)
+    input_dtype = parse_dtype(plan.input_dtype)
+    dev = torch.device(device)
+
+    def read_job(job: TensorJob) -> dict[TensorRef, torch.Tensor]:
+        refs = [r for r in (job.base, *job.sources) if r is not None]
+        refs += [r for _, group in job.aux for r in group]
+        return {ref: models[ref.model].read(ref.tensor, dev) for ref in refs}
+
+    with CheckpointWriter(out_dir, shard_size=shard_size, force=force) as writer, \
+            ThreadPoolExecutor(max_workers=1) as pool:
+        pending: Future[dict[TensorRef, torch.Tensor]] | None = None
+        jobs = plan.jobs
+        for index, job in enumerate(jobs):
+            tensors = pending.result() if pending is not None else read_job(job)
+            pending = pool.submit(read_job, jobs[index + 1]) if index + 1 < len(jobs) else None
+            merged = merge_job(job, method, tensors.__getitem__, seed=plan.seed,
+                               input_dtype=input_dtype, labels=plan.labels)
+            dtype = output_dtype(plan, job, tensors[_first_ref(job)].dtype)
+            writer.add(job.name, merged.to(dtype))
+            del tensors, merged
+            if progress is not None:
+                progress(index + 1, len(jobs))
+        _write_metadata(writer, plan, models, model_card)
+        return writer.commit()
+
+
+def _write_metadata(writer: CheckpointWriter, plan: MergePlan, models: Sequence[ModelFolder],
+                    model_card: str | None) -> None:
+    config_model = models[plan.config_model]
+    config = dict(config_model.config)
+    if plan.out_dtype:
+        config["dtype"] = plan.out_dtype
+        config.pop("torch_dtype", None)
+    if plan.num_layers is not None and "num_hidden_layers" in config:
+        config["num_hidden_layers"] = plan.num_layers
+    writer.write_json("config.json", config)
+    tokenizer_dir = models[plan.tokenizer_model].path
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            writer.copy_file(tokenizer_dir / name)
+    for name in OTHER_FILES:
+        if (config_model.path / name).is_file():
+            writer.copy_file(config_model.path / name)
+    if model_card is not None:
+        writer.write_text("README.md", model_card)
+
+
+class InPlaceMerger:
+    """Sources resident on ``device``; each plan is merged straight into a model's parameters.
+
+    The plan's models must be the ones this merger was built with (same paths, same order).
+    """
+
+    def __init__(self, models: Sequence[ModelFolder], *, device: str | torch.device = "cpu",
+                 check_finite: bool = True) -> None:
+        self.models = list(models)
+        self.paths = tuple(str(m.path) for m in self.models)
+        self.device = torch.device(device)
+        self.tensors: list[dict[str, torch.Tensor]] = []
+        for model in self.models:
+            resident = {}
+            for name in model.tensors:
+                tensor = model.read(name, self.device)
+                if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise CheckpointError(f"model '{model.label}': tensor {name} contains NaN or Inf")
+                resident[name] = tensor
+            self.tensors.append(resident)
+            model.close()
+
+    def read(self, ref: TensorRef) -> torch.Tensor:
+        return self.tensors[ref.model][ref.tensor]
+
+    def merged_tensors(self, plan: MergePlan) -> Iterable[tuple[str, torch.Tensor]]:
+        """Yield (name, merged tensor in its output dtype) for every job of the plan."""
+        if tuple(plan.models) != self.paths:
+            raise CheckpointError(
+                "this plan merges other models than the ones held in memory: "
+                f"{list(plan.models)} vs {list(self.paths)}"
+            )
+        method = get_method(plan.method)
+        input_dtype = parse_dtype(plan.input_dtype)
+        for job in plan.jobs:
+            merged = merge_job(job, method, self.read, seed=plan.seed, input_dtype=input_dtype,
+                               labels=plan.labels, check_finite=False)
+            yield job.name, merged.to(output_dtype(plan, job, self.read(_first_ref(job)).dtype))
+
+    def merge_into(self, plan: MergePlan, model: torch.nn.Module) -> None:
+        """Copy the merge of ``plan`` into ``model``'s parameters (tied weights stay tied)."""
+        targets = _named_tensors(model)
+        for name, merged in self.merged_tensors(plan):
+            target = targets.get(name)
+            if target is None:
+                raise CheckpointError(f"the model object has no parameter or buffer named {name}")
+            if target.shape != merged.shape:
+                raise CheckpointError(
+                    f"parameter {name} has shape {list(target.shape)} in the model object but "
+                    f"{list(merged.shape)} in the merge"
+                )
+            with torch.no_grad():
+                target.copy_(merged)
+
+
+def _named_tensors(model: torch.nn.Module) -> Mapping[str, torch.Tensor]:
+    named: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        named[name] = param
+    for name, buf in model.named_buffers(remove_duplicate=False):
+        named.setdefault(name, buf)
+    return named

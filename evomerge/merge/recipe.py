@@ -1,0 +1,270 @@
+"""Recipes: which models to merge, with which method and parameters, resolved per tensor.
+
+A parameter value may be
+
+- a scalar: ``weight: 0.5``;
+- a gradient: ``density: [0.2, 0.8]``, anchors interpolated linearly across the layers (a list
+  as long as the model has layers gives one value per layer). Tensors outside the layers
+  (embeddings, final norm, head) take the first anchor, as in mergekit;
+- conditional: a list of ``{value, kind?, filter?}``; the first entry whose ``kind`` (attention,
+  mlp, norm, embedding, head) and ``filter`` (a substring of the tensor name) match wins; if
+  none matches, the next level decides (a source's own parameters, then the recipe's, then the
+  method's default).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from evomerge.checkpoint import ModelFolder, check_compatible
+from evomerge.errors import ConfigError
+from evomerge.merge.plan import MergePlan, TensorJob, TensorRef, freeze
+from evomerge.merge.registry import MergeMethod, get_method
+from evomerge.merge.tensors import layer_position, tensor_kind
+
+Scalar = Union[bool, int, float, str]
+Value = Union[Scalar, list[Scalar]]
+
+
+class Condition(BaseModel):
+    """A parameter value that applies only to matching tensors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    value: Value
+    kind: Literal["embedding", "head", "norm", "attention", "mlp", "other"] | None = None
+    filter: str | None = None
+
+
+ParamSetting = Union[Value, Condition, list[Condition]]
+
+
+class SourceModel(BaseModel):
+    """One fine-tune to merge, with its own parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="path of the model folder (Hugging Face layout)")
+    label: str | None = Field(None, description="name used in messages; default: folder name")
+    parameters: dict[str, ParamSetting] = Field(default_factory=dict)
+    fisher: str | None = Field(
+        None, description="folder or .safetensors file of Fisher diagonals (method 'fisher')"
+    )
+
+
+class Recipe(BaseModel):
+    """An evomerge recipe (YAML). Paths are relative to the recipe file."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str = Field(description="merge method name (see `evomerge methods`)")
+    base: str | None = Field(None, description="base model folder; required by most methods")
+    sources: list[SourceModel] = Field(min_length=1)
+    parameters: dict[str, ParamSetting] = Field(
+        default_factory=dict, description="method parameters, and per-source defaults"
+    )
+    seed: int = Field(0, description="seed of random masks (DARE, DELLA)")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="output dtype; default: each tensor keeps the base's dtype"
+    )
+    tokenizer_source: str = Field("base", description="'base' or a source label")
+
+    @field_validator("parameters")
+    @classmethod
+    def _no_empty_names(cls, value: dict[str, ParamSetting]) -> dict[str, ParamSetting]:
+        for name in value:
+            if not name:
+                raise ValueError("parameter names must not be empty")
+        return value
+
+
+def evaluate_setting(setting: ParamSetting | None, name: str, t: float) -> Any:
+    """The value of one parameter setting for tensor ``name`` at layer position ``t``."""
+    if setting is None:
+        return None
+    if isinstance(setting, Condition):
+        setting = [setting]
+    if isinstance(setting, list) and setting and isinstance(setting[0], Condition):
+        kind = tensor_kind(name)
+        for cond in setting:
+            if cond.kind is not None and cond.kind != kind:
+                continue
+            if cond.filter not in (None, "*") and cond.filter not in name:
+                continue
+            return evaluate_setting(cond.value, name, t)
+        return None
+    if isinstance(setting, list):
+        return interpolate(setting, t)
+    return setting
+
+
+def interpolate(anchors: Sequence[Scalar], t: float) -> Scalar | None:
+    """Linear interpolation between anchors at position t in [0, 1] (mergekit's arithmetic)."""
+    if not anchors:
+        return None
+    numeric = all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in anchors)
+    if not numeric:
+        return anchors[int(t * (len(anchors) - 1))]
+    scaled = t * (len(anchors) - 1)
+    low = int(scaled)
+    high = min(len(anchors) - 1, low + 1)
+    frac = scaled - low
+    return (1 - frac) * anchors[low] + frac * anchors[high]
+
+
+def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    file = Path(path)
+    try:
+        data = yaml.safe_load(file.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {file}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file} is not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file} must hold a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def parse_recipe(data: dict[str, Any], where: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {pydantic_message(exc)}") from None
+
+
+def pydantic_message(exc: ValidationError) -> str:
+    """The first validation error as 'field.path: message'."""
+    err = exc.errors()[0]
+    loc = ".".join(str(part) for part in err["loc"] if not str(part).startswith(("function-", "union")))
+    extra = f" ({len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
+    return f"{loc or 'value'}: {err['msg']}{extra}"
+
+
+def resolve_path(path: str, relative_to: Path | None) -> str:
+    expanded = Path(os.path.expanduser(path))
+    if not expanded.is_absolute() and relative_to is not None:
+        expanded = relative_to / expanded
+    return str(expanded)
+
+
+def open_recipe_models(recipe: Recipe, relative_to: Path | None = None,
+                       allow_pickle: bool = False) -> list[ModelFolder]:
+    """Open base (if any) then sources, and check they can be merged."""
+    models = []
+    if recipe.base is not None:
+        models.append(ModelFolder(resolve_path(recipe.base, relative_to), label="base",
+                                  allow_pickle=allow_pickle))
+    labels = {"base"}
+    for index, source in enumerate(recipe.sources):
+        folder = ModelFolder(resolve_path(source.model, relative_to), label=source.label,
+                             allow_pickle=allow_pickle)
+        if folder.label in labels:
+            folder.label = f"{folder.label}#{index}"
+        labels.add(folder.label)
+        models.append(folder)
+    check_compatible(models)
+    return models
+
+
+def open_fisher_folders(recipe: Recipe, relative_to: Path | None = None) -> dict[int, ModelFolder]:
+    """The Fisher-diagonal folders (or .safetensors files) of the sources that name one."""
+    return {
+        index: ModelFolder(resolve_path(source.fisher, relative_to),
+                           label=f"fisher of source {index}", require_config=False)
+        for index, source in enumerate(recipe.sources)
+        if source.fisher
+    }
+
+
+def plan_recipe(recipe: Recipe, models: Sequence[ModelFolder],
+                aux_models: dict[int, ModelFolder] | None = None) -> MergePlan:
+    """Resolve a recipe against opened models (base first if the recipe has one)."""
+    method = get_method(recipe.method)
+    has_base = recipe.base is not None
+    if method.uses_base and not has_base:
+        raise ConfigError(f"method '{method.name}' needs a base model: set 'base' in the recipe")
+    method.check_source_count(len(recipe.sources))
+    _check_parameter_names(method, recipe)
+    first_source = 1 if has_base else 0
+    num_layers = models[0].num_layers or 1
+    all_models = list(models)
+    aux_refs: dict[str, list[int]] = {}
+    for name in method.aux:
+        aux_refs[name] = []
+        for index, source in enumerate(recipe.sources):
+            folder = (aux_models or {}).get(index)
+            if folder is None:
+                raise ConfigError(
+                    f"method '{method.name}' needs '{name}' for every source; source {index} has none"
+                )
+            all_models.append(folder)
+            aux_refs[name].append(len(all_models) - 1)
+    jobs = []
+    for tensor, info in models[0].tensors.items():
+        base_ref = TensorRef(0, tensor) if has_base and method.uses_base else None
+        source_models = range(first_source, len(models))
+        if not info.dtype.is_floating_point:
+            jobs.append(TensorJob(tensor, TensorRef(0, tensor), (), (), ()))
+            continue
+        t = layer_position(tensor, num_layers)
+        shared = {
+            spec.name: value
+            for spec in method.shared_params
+            if (value := evaluate_setting(recipe.parameters.get(spec.name), tensor, t)) is not None
+        }
+        per_source = []
+        for source in recipe.sources:
+            params = {}
+            for spec in method.per_source_params:
+                value = evaluate_setting(source.parameters.get(spec.name), tensor, t)
+                if value is None:
+                    value = evaluate_setting(recipe.parameters.get(spec.name), tensor, t)
+                if value is not None:
+                    params[spec.name] = value
+            per_source.append(params)
+        sources = [TensorRef(i, tensor) for i in source_models]
+        bound_shared, bound_sources = method.bind(shared, per_source, tensor)
+        aux = tuple(
+            (name, tuple(TensorRef(i, tensor) for i in refs)) for name, refs in aux_refs.items()
+        )
+        jobs.append(TensorJob(tensor, base_ref, tuple(sources), freeze(bound_shared),
+                              tuple(freeze(p) for p in bound_sources), aux))
+    labels = tuple(m.label for m in all_models)
+    return MergePlan(
+        method=method.name,
+        models=tuple(str(m.path) for m in all_models),
+        labels=labels,
+        jobs=tuple(jobs),
+        seed=recipe.seed,
+        out_dtype=recipe.dtype,
+        config_model=0,
+        tokenizer_model=_tokenizer_model(recipe, models),
+        num_layers=models[0].num_layers,
+    )
+
+
+def _check_parameter_names(method: MergeMethod, recipe: Recipe) -> None:
+    for name in recipe.parameters:
+        method.param(name)
+    for index, source in enumerate(recipe.sources):
+        for name in source.parameters:
+            if method.param(name).scope == "shared":
+                raise ConfigError(
+                    f"sources[{index}].parameters.{name}: '{name}' applies to the whole merge; "
+                    "set it under the recipe's 'parameters'"
+                )
+
+
+def _tokenizer_model(recipe: Recipe, models: Sequence[ModelFolder]) -> int:
+    if recipe.tokenizer_source == "base":
+        return 0
+    for index, model in enumerate(models):
+        if model.label == recipe.tokenizer_source:
+            return index
+    raise ConfigError(
+        f"tokenizer_source '{recipe.tokenizer_source}' is neither 'base' nor a source label "
+        f"({', '.join(m.label for m in models)})"
+    )
