@@ -87,8 +87,14 @@ class ModelFolder:
     ``label`` is how messages name the model (by default its folder name).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, label: str | None = None,
-                 allow_pickle: bool = False, require_config: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        label: str | None = None,
+        allow_pickle: bool = False,
+        require_config: bool = True,
+    ) -> None:
         self.path = Path(path).expanduser().resolve()
         self.label = label or self.path.name
         self.allow_pickle = allow_pickle
@@ -109,7 +115,9 @@ class ModelFolder:
         try:
             config = json.loads(file.read_text())
         except (OSError, ValueError) as exc:
-            raise CheckpointError(f"model '{self.label}': {file} is not valid JSON ({exc})") from None
+            raise CheckpointError(
+                f"model '{self.label}': {file} is not valid JSON ({exc})"
+            ) from None
         if not isinstance(config, dict):
             raise CheckpointError(f"model '{self.label}': {file} must hold a JSON object")
         return config
@@ -118,8 +126,11 @@ class ModelFolder:
         files = self._weight_files()
         tensors: dict[str, TensorInfo] = {}
         for file in files:
-            for info in (self._safetensors_header(file) if file.suffix == ".safetensors"
-                         else self._pickle_header(file)):
+            for info in (
+                self._safetensors_header(file)
+                if file.suffix == ".safetensors"
+                else self._pickle_header(file)
+            ):
                 tensors[info.name] = info
         if not tensors:
             raise CheckpointError(f"model '{self.label}': no tensors found in {self.path}")
@@ -137,8 +148,9 @@ class ModelFolder:
         shards = sorted(self.path.glob("*.safetensors"))
         if shards:
             return shards
-        pickles = ([self.path / "pytorch_model.bin"] if (self.path / "pytorch_model.bin").is_file()
-                   else [])
+        pickles = (
+            [self.path / "pytorch_model.bin"] if (self.path / "pytorch_model.bin").is_file() else []
+        )
         if (self.path / PICKLE_INDEX).is_file():
             pickles = self._files_from_index(self.path / PICKLE_INDEX)
         if pickles:
@@ -157,11 +169,15 @@ class ModelFolder:
             weight_map = json.loads(index.read_text())["weight_map"]
             names = sorted(set(weight_map.values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"model '{self.label}': {index} is not a valid index ({exc})") from None
+            raise CheckpointError(
+                f"model '{self.label}': {index} is not a valid index ({exc})"
+            ) from None
         files = [self.path / name for name in names]
         for file in files:
             if not file.is_file():
-                raise CheckpointError(f"model '{self.label}': {index.name} names {file.name}, which is missing")
+                raise CheckpointError(
+                    f"model '{self.label}': {index.name} names {file.name}, which is missing"
+                )
         return files
 
     def _safetensors_header(self, file: Path) -> Iterator[TensorInfo]:
@@ -185,7 +201,7 @@ class ModelFolder:
             if name == "__metadata__":
                 continue
             try:
-                begin, end = meta["data_offsets"]
+                _begin, end = meta["data_offsets"]
                 dtype = _ST_DTYPES[meta["dtype"]]
                 shape = tuple(int(d) for d in meta["shape"])
             except (KeyError, TypeError, ValueError):
@@ -207,9 +223,10 @@ class ModelFolder:
         if file not in self._pickled:
             try:
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:  # noqa: BLE001  (any unpickling failure is the file's fault)
+            except Exception as exc:
                 raise CheckpointError(
-                    f"model '{self.label}': {file} could not be loaded with weights_only=True ({exc})"
+                    f"model '{self.label}': {file} could not be loaded with "
+                    f"weights_only=True ({exc})"
                 ) from None
             if not isinstance(state, dict):
                 raise CheckpointError(f"model '{self.label}': {file} does not hold a state dict")
@@ -269,11 +286,13 @@ def check_compatible(models: Sequence[ModelFolder]) -> None:
         pair = f"'{first.label}' and '{other.label}'"
         if other.architecture != first.architecture:
             raise CheckpointError(
-                f"models {pair} have different architectures ({first.architecture} vs {other.architecture})"
+                f"models {pair} have different architectures "
+                f"({first.architecture} vs {other.architecture})"
             )
         if other.num_layers != first.num_layers:
             raise CheckpointError(
-                f"models {pair} have different layer counts ({first.num_layers} vs {other.num_layers})"
+                f"models {pair} have different layer counts "
+                f"({first.num_layers} vs {other.num_layers})"
             )
         missing = sorted(set(first.tensors) - set(other.tensors))
         extra = sorted(set(other.tensors) - set(first.tensors))
@@ -293,14 +312,17 @@ def check_compatible(models: Sequence[ModelFolder]) -> None:
                 raise CheckpointError(shape_mismatch(name, first, info.shape, other, theirs))
 
 
-def shape_mismatch(name: str, a: ModelFolder, shape_a: tuple[int, ...], b: ModelFolder,
-                   shape_b: tuple[int, ...]) -> str:
+def shape_mismatch(
+    name: str, a: ModelFolder, shape_a: tuple[int, ...], b: ModelFolder, shape_b: tuple[int, ...]
+) -> str:
     if ("embed" in name or "lm_head" in name or "wte" in name) and shape_a[1:] == shape_b[1:]:
         return (
             f"vocabulary mismatch: '{a.label}' has {shape_a[0]} tokens and '{b.label}' has "
             f"{shape_b[0]} (tensor {name}); merging needs one shared vocabulary"
         )
-    return f"tensor {name} has shape {list(shape_a)} in '{a.label}' but {list(shape_b)} in '{b.label}'"
+    return (
+        f"tensor {name} has shape {list(shape_a)} in '{a.label}' but {list(shape_b)} in '{b.label}'"
+    )
 
 
 class CheckpointWriter:
@@ -312,8 +334,9 @@ class CheckpointWriter:
     ``with`` block) removes the temporary folder.
     """
 
-    def __init__(self, out_dir: str | os.PathLike[str], *, shard_size: int = 5 * 2**30,
-                 force: bool = False) -> None:
+    def __init__(
+        self, out_dir: str | os.PathLike[str], *, shard_size: int = 5 * 2**30, force: bool = False
+    ) -> None:
         self.out_dir = Path(out_dir).expanduser().resolve()
         if shard_size <= 0:
             raise CheckpointError(f"shard size must be positive, got {shard_size}")
@@ -347,8 +370,11 @@ class CheckpointWriter:
         if not self._pending:
             return
         index = len(self._shards) + 1
-        save_file(self._pending, str(self.tmp_dir / f"shard-{index:05d}.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            self._pending,
+            str(self.tmp_dir / f"shard-{index:05d}.safetensors"),
+            metadata={"format": "pt"},
+        )
         self._shards.append(list(self._pending))
         self._pending = {}
         self._pending_bytes = 0
@@ -368,14 +394,21 @@ class CheckpointWriter:
         count = len(self._shards)
         weight_map: dict[str, str] = {}
         for number, names in enumerate(self._shards, start=1):
-            final = "model.safetensors" if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
+            final = (
+                "model.safetensors"
+                if count == 1
+                else f"model-{number:05d}-of-{count:05d}.safetensors"
+            )
             os.replace(self.tmp_dir / f"shard-{number:05d}.safetensors", self.tmp_dir / final)
             weight_map.update(dict.fromkeys(names, final))
         if count > 1:
-            self.write_json(SAFETENSORS_INDEX, {
-                "metadata": {"total_size": self.total_bytes},
-                "weight_map": dict(sorted(weight_map.items())),
-            })
+            self.write_json(
+                SAFETENSORS_INDEX,
+                {
+                    "metadata": {"total_size": self.total_bytes},
+                    "weight_map": dict(sorted(weight_map.items())),
+                },
+            )
         _fsync_dir(self.tmp_dir)
         if self.out_dir.exists():
             old = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}"

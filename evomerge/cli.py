@@ -35,20 +35,31 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     merge = commands.add_parser(
-        "merge", help="merge models from an evomerge recipe or a mergekit YAML",
+        "merge",
+        help="merge models from an evomerge recipe or a mergekit YAML",
         description="Merge models from an evomerge recipe or a mergekit YAML (auto-detected) "
         "into a Hugging Face folder. The folder appears only when the merge is complete.",
     )
     merge.add_argument("config", type=Path, help="recipe or mergekit YAML")
     merge.add_argument("out_dir", type=Path, help="output folder (must be empty or absent)")
     merge.add_argument("--device", default="cpu", help="where to compute: cpu, cuda, cuda:1 ...")
-    merge.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                       help="output dtype (default: the recipe's, else the base's)")
-    merge.add_argument("--shard-size", default="5GB", type=parse_size,
-                       help="largest safetensors shard, e.g. 2GB, 500MB (default 5GB)")
+    merge.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="output dtype (default: the recipe's, else the base's)",
+    )
+    merge.add_argument(
+        "--shard-size",
+        default="5GB",
+        type=parse_size,
+        help="largest safetensors shard, e.g. 2GB, 500MB (default 5GB)",
+    )
     merge.add_argument("--force", action="store_true", help="replace a non-empty output folder")
-    merge.add_argument("--allow-pickle", action="store_true",
-                       help="accept pickled .bin checkpoints (loaded with weights_only=True)")
+    merge.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept pickled .bin checkpoints (loaded with weights_only=True)",
+    )
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
     merge.set_defaults(handler=cmd_merge)
 
@@ -67,8 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     to_mk.set_defaults(handler=cmd_to_mergekit)
 
     demo = commands.add_parser("demo", help="build a tiny model family and merge it")
-    demo.add_argument("--workdir", type=Path, default=Path("demo_output"),
-                      help="where the models and the merge go (default ./demo_output)")
+    demo.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("demo_output"),
+        help="where the models and the merge go (default ./demo_output)",
+    )
     demo.set_defaults(handler=cmd_demo)
     return parser
 
@@ -102,9 +117,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
         plan = dataclasses.replace(plan, out_dtype=args.dtype)
     card = model_card(plan, args.config.read_text(), kind)
     with progress_bar("merging", total=len(plan.jobs), enabled=not args.quiet) as advance:
-        out = merge_to_folder(plan, args.out_dir, device=device, shard_size=args.shard_size,
-                              force=args.force, model_card=card, progress=advance,
-                              allow_pickle=args.allow_pickle)
+        out = merge_to_folder(
+            plan,
+            args.out_dir,
+            device=device,
+            shard_size=args.shard_size,
+            force=args.force,
+            model_card=card,
+            progress=advance,
+            allow_pickle=args.allow_pickle,
+        )
     print(f"merged {len(plan.jobs)} tensors with {plan.method} ({kind} config) into {out}")
     return 0
 
@@ -115,7 +137,9 @@ def check_device(device: str) -> str:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ConfigError(f"--device '{device}' is not a device name (cpu, cuda, cuda:0, ...)") from None
+        raise ConfigError(
+            f"--device '{device}' is not a device name (cpu, cuda, cuda:0, ...)"
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: CUDA is not available on this machine")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -139,11 +163,16 @@ def cmd_methods(args: argparse.Namespace) -> int:
             + (" (per source)" if p.scope == "per_source" else "")
             for p in method.params
         )
-        count = (f"{method.min_sources}+" if method.max_sources is None
-                 else str(method.min_sources) if method.max_sources == method.min_sources
-                 else f"{method.min_sources}-{method.max_sources}")
-        table.add_row(name, "yes" if method.uses_base else "no", count, params,
-                      method.mergekit_name or "-")
+        count = (
+            f"{method.min_sources}+"
+            if method.max_sources is None
+            else str(method.min_sources)
+            if method.max_sources == method.min_sources
+            else f"{method.min_sources}-{method.max_sources}"
+        )
+        table.add_row(
+            name, "yes" if method.uses_base else "no", count, params, method.mergekit_name or "-"
+        )
     Console().print(table)
     return 0
 
@@ -154,8 +183,10 @@ def cmd_recipe_show(args: argparse.Namespace) -> int:
     from evomerge.merge.config_file import plan_from_file
 
     plan, kind = plan_from_file(args.config)
-    print(f"{kind} config: method {plan.method}, {len(plan.jobs)} tensors, "
-          f"fingerprint {plan.fingerprint()}")
+    print(
+        f"{kind} config: method {plan.method}, {len(plan.jobs)} tensors, "
+        f"fingerprint {plan.fingerprint()}"
+    )
     for index, label in enumerate(plan.labels):
         print(f"  model {index}: {label}  ({plan.models[index]})")
     if args.tensors:

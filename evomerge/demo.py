@@ -11,10 +11,13 @@ DEMO_RECIPE = {
     "base": "zoo/base",
     "sources": [
         {"model": "zoo/ft_0", "parameters": {"weight": [0.3, 0.7], "density": 0.5}},
-        {"model": "zoo/ft_1", "parameters": {
-            "weight": [{"kind": "attention", "value": 0.8}, {"value": [0.7, 0.3]}],
-            "density": 0.5,
-        }},
+        {
+            "model": "zoo/ft_1",
+            "parameters": {
+                "weight": [{"kind": "attention", "value": 0.8}, {"value": [0.7, 0.3]}],
+                "density": 0.5,
+            },
+        },
     ],
     "parameters": {"lambda": 1.0},
 }
@@ -43,6 +46,10 @@ def run_demo(workdir: Path) -> None:
     ids = tokenizer("w1 w2 w3", return_tensors="pt").input_ids
     with torch.no_grad():
         logits = model(ids).logits
-    print(f"loaded the merge with transformers: {sum(p.numel() for p in model.parameters())} "
-          f"parameters, logits {list(logits.shape)}, finite: {bool(torch.isfinite(logits).all())}")
-    print("The search itself (CMA-ES / Optuna over per-layer recipes) arrives with the study service.")
+    print(
+        f"loaded the merge with transformers: {sum(p.numel() for p in model.parameters())} "
+        f"parameters, logits {list(logits.shape)}, finite: {bool(torch.isfinite(logits).all())}"
+    )
+    print(
+        "The search itself (CMA-ES / Optuna over per-layer recipes) arrives with the study service."
+    )

@@ -25,20 +25,37 @@ def build_tokenizer(words: list[str]):  # type: ignore[no-untyped-def]
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+        tokenizer_object=core,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
         eos_token="</s>",
     )
 
 
-def tiny_llama_config(vocab_size: int, *, layers: int = 4, hidden: int = 64,
-                      intermediate: int = 256, heads: int = 4, tie_embeddings: bool = False):  # type: ignore[no-untyped-def]
+def tiny_llama_config(
+    vocab_size: int,
+    *,
+    layers: int = 4,
+    hidden: int = 64,
+    intermediate: int = 256,
+    heads: int = 4,
+    tie_embeddings: bool = False,
+):  # type: ignore[no-untyped-def]
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-        max_position_embeddings=128, tie_word_embeddings=tie_embeddings,
-        bos_token_id=2, eos_token_id=3, pad_token_id=0,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie_embeddings,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
     )
 
 
@@ -63,8 +80,13 @@ def build_random_family(
 
     out = Path(out_dir)
     tokenizer = build_tokenizer([f"w{i}" for i in range(vocab_words)])
-    config = tiny_llama_config(len(tokenizer), layers=layers, hidden=hidden,
-                               intermediate=intermediate, tie_embeddings=tie_embeddings)
+    config = tiny_llama_config(
+        len(tokenizer),
+        layers=layers,
+        hidden=hidden,
+        intermediate=intermediate,
+        tie_embeddings=tie_embeddings,
+    )
     paths: dict[str, Path] = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -6,7 +6,9 @@ from evomerge import __version__
 from evomerge.merge.plan import MergePlan
 
 
-def model_card(plan: MergePlan, config_text: str, config_kind: str) -> str:
+def model_card(
+    plan: MergePlan, config_text: str | None = None, config_kind: str = "evomerge"
+) -> str:
     """Markdown with the models, the method, the plan fingerprint and the config as given."""
     lines = [
         "---",
@@ -25,13 +27,13 @@ def model_card(plan: MergePlan, config_text: str, config_kind: str) -> str:
         "",
     ]
     lines += [f"- `{label}`" for label in plan.labels]
-    lines += [
-        "",
-        f"## Configuration ({config_kind})",
-        "",
-        "```yaml",
-        config_text.rstrip(),
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+    if config_text is not None:
+        lines += [
+            "",
+            f"## Configuration ({config_kind})",
+            "",
+            "```yaml",
+            config_text.rstrip(),
+            "```",
+        ]
+    return "\n".join([*lines, ""])

@@ -16,7 +16,9 @@ from evomerge.merge.recipe import (
 )
 
 
-def plan_from_file(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> tuple[MergePlan, str]:
+def plan_from_file(
+    path: str | os.PathLike[str], *, allow_pickle: bool = False
+) -> tuple[MergePlan, str]:
     """Resolve a config file into a plan. Returns the plan and 'mergekit' or 'evomerge'."""
     file = Path(path)
     data = load_yaml(file)
@@ -26,5 +28,6 @@ def plan_from_file(path: str | os.PathLike[str], *, allow_pickle: bool = False) 
         return plan_mergekit(config, relative_to=file.parent, allow_pickle=allow_pickle), "mergekit"
     recipe = parse_recipe(data, where)
     models = open_recipe_models(recipe, relative_to=file.parent, allow_pickle=allow_pickle)
-    return plan_recipe(recipe, models, aux_models=open_fisher_folders(recipe, file.parent)), "evomerge"
-
+    return plan_recipe(
+        recipe, models, aux_models=open_fisher_folders(recipe, file.parent)
+    ), "evomerge"

@@ -27,6 +27,7 @@ from evomerge.checkpoint import (
     parse_dtype,
 )
 from evomerge.errors import CheckpointError
+from evomerge.merge.card import model_card as default_card
 from evomerge.merge.plan import MergePlan, TensorJob, TensorRef
 from evomerge.merge.registry import MergeMethod, TensorContext, get_method
 
@@ -76,8 +77,14 @@ def _first_ref(job: TensorJob) -> TensorRef:
 def open_plan_models(plan: MergePlan, allow_pickle: bool = False) -> list[ModelFolder]:
     models = []
     for path, label in zip(plan.models, plan.labels):
-        models.append(ModelFolder(path, label=label, allow_pickle=allow_pickle,
-                                  require_config=Path(path).is_dir() and (Path(path) / "config.json").exists()))
+        models.append(
+            ModelFolder(
+                path,
+                label=label,
+                allow_pickle=allow_pickle,
+                require_config=Path(path).is_dir() and (Path(path) / "config.json").exists(),
+            )
+        )
     return models
 
 
@@ -104,15 +111,23 @@ def merge_to_folder(
         refs += [r for _, group in job.aux for r in group]
         return {ref: models[ref.model].read(ref.tensor, dev) for ref in refs}
 
-    with CheckpointWriter(out_dir, shard_size=shard_size, force=force) as writer, \
-            ThreadPoolExecutor(max_workers=1) as pool:
+    with (
+        CheckpointWriter(out_dir, shard_size=shard_size, force=force) as writer,
+        ThreadPoolExecutor(max_workers=1) as pool,
+    ):
         pending: Future[dict[TensorRef, torch.Tensor]] | None = None
         jobs = plan.jobs
         for index, job in enumerate(jobs):
             tensors = pending.result() if pending is not None else read_job(job)
             pending = pool.submit(read_job, jobs[index + 1]) if index + 1 < len(jobs) else None
-            merged = merge_job(job, method, tensors.__getitem__, seed=plan.seed,
-                               input_dtype=input_dtype, labels=plan.labels)
+            merged = merge_job(
+                job,
+                method,
+                tensors.__getitem__,
+                seed=plan.seed,
+                input_dtype=input_dtype,
+                labels=plan.labels,
+            )
             dtype = output_dtype(plan, job, tensors[_first_ref(job)].dtype)
             writer.add(job.name, merged.to(dtype))
             del tensors, merged
@@ -122,8 +137,9 @@ def merge_to_folder(
         return writer.commit()
 
 
-def _write_metadata(writer: CheckpointWriter, plan: MergePlan, models: Sequence[ModelFolder],
-                    model_card: str | None) -> None:
+def _write_metadata(
+    writer: CheckpointWriter, plan: MergePlan, models: Sequence[ModelFolder], model_card: str | None
+) -> None:
     config_model = models[plan.config_model]
     config = dict(config_model.config)
     if plan.out_dtype:
@@ -139,8 +155,7 @@ def _write_metadata(writer: CheckpointWriter, plan: MergePlan, models: Sequence[
     for name in OTHER_FILES:
         if (config_model.path / name).is_file():
             writer.copy_file(config_model.path / name)
-    if model_card is not None:
-        writer.write_text("README.md", model_card)
+    writer.write_text("README.md", model_card if model_card is not None else default_card(plan))
 
 
 class InPlaceMerger:
@@ -149,8 +164,13 @@ class InPlaceMerger:
     The plan's models must be the ones this merger was built with (same paths, same order).
     """
 
-    def __init__(self, models: Sequence[ModelFolder], *, device: str | torch.device = "cpu",
-                 check_finite: bool = True) -> None:
+    def __init__(
+        self,
+        models: Sequence[ModelFolder],
+        *,
+        device: str | torch.device = "cpu",
+        check_finite: bool = True,
+    ) -> None:
         self.models = list(models)
         self.paths = tuple(str(m.path) for m in self.models)
         self.device = torch.device(device)
@@ -159,8 +179,14 @@ class InPlaceMerger:
             resident = {}
             for name in model.tensors:
                 tensor = model.read(name, self.device)
-                if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                    raise CheckpointError(f"model '{model.label}': tensor {name} contains NaN or Inf")
+                if (
+                    check_finite
+                    and tensor.is_floating_point()
+                    and not bool(torch.isfinite(tensor).all())
+                ):
+                    raise CheckpointError(
+                        f"model '{model.label}': tensor {name} contains NaN or Inf"
+                    )
                 resident[name] = tensor
             self.tensors.append(resident)
             model.close()
@@ -178,8 +204,15 @@ class InPlaceMerger:
         method = get_method(plan.method)
         input_dtype = parse_dtype(plan.input_dtype)
         for job in plan.jobs:
-            merged = merge_job(job, method, self.read, seed=plan.seed, input_dtype=input_dtype,
-                               labels=plan.labels, check_finite=False)
+            merged = merge_job(
+                job,
+                method,
+                self.read,
+                seed=plan.seed,
+                input_dtype=input_dtype,
+                labels=plan.labels,
+                check_finite=False,
+            )
             yield job.name, merged.to(output_dtype(plan, job, self.read(_first_ref(job)).dtype))
 
     def merge_into(self, plan: MergePlan, model: torch.nn.Module) -> None:

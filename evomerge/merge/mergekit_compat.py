@@ -31,9 +31,16 @@ from evomerge.merge.tensors import KIND_PATTERNS, layer_index, tensor_kind, with
 
 _TIES_FAMILY = {"ties", "dare_ties", "breadcrumbs_ties", "della"}
 # mergekit's 'rescale' default (True means L1-norm rescaling) for methods whose masks we rescale.
-_MERGEKIT_RESCALE_DEFAULT = {"dare_linear": True, "dare_ties": True, "della": True,
-                             "della_linear": True}
-_IGNORED_PARAMS = {"int8_mask"}  # changes mergekit's mask dtype, never the values
+_MERGEKIT_RESCALE_DEFAULT = {
+    "dare_linear": True,
+    "dare_ties": True,
+    "della": True,
+    "della_linear": True,
+}
+# int8_mask changes mergekit's mask dtype, never the values; mergekit's task_arithmetic
+# accepts a density and ignores it.
+_IGNORED_PARAMS = {"int8_mask"}
+_IGNORED_BY_METHOD = {"task_arithmetic": {"density"}}
 
 
 class MkInputModel(BaseModel):
@@ -92,14 +99,20 @@ def _method_for(name: str) -> MergeMethod:
             return method
     raise ConfigError(
         f"mergekit method '{name}' is not supported by evomerge (supported: "
-        + ", ".join(sorted(get_method(m).mergekit_name or "" for m in available_methods()
-                           if get_method(m).mergekit_name))
+        + ", ".join(
+            sorted(
+                get_method(m).mergekit_name or ""
+                for m in available_methods()
+                if get_method(m).mergekit_name
+            )
+        )
         + ")"
     )
 
 
-def plan_mergekit(config: MergekitConfig, relative_to: Path | None = None,
-                  allow_pickle: bool = False) -> MergePlan:
+def plan_mergekit(
+    config: MergekitConfig, relative_to: Path | None = None, allow_pickle: bool = False
+) -> MergePlan:
     """Resolve a mergekit config into a plan with mergekit's semantics."""
     method = _method_for(config.merge_method)
     paths: list[str] = []
@@ -115,8 +128,7 @@ def plan_mergekit(config: MergekitConfig, relative_to: Path | None = None,
                     f"model '{ref}' is not a local folder (evomerge never downloads models)"
                 )
             paths.append(path)
-            folders.append(ModelFolder(path, label=_label(ref, folders),
-                                       allow_pickle=allow_pickle))
+            folders.append(ModelFolder(path, label=_label(ref, folders), allow_pickle=allow_pickle))
         return paths.index(path)
 
     base_index = model_index(config.base_model) if config.base_model else None
@@ -143,8 +155,17 @@ def plan_mergekit(config: MergekitConfig, relative_to: Path | None = None,
             t = offset / (length - 1) if length > 1 else 1.0
             for name in layer_names:
                 out_name = with_layer_index(name, out_layer)
-                jobs.append(_mk_job(config, method, (out_slice, slice_base, inputs, length),
-                                    out_name, name, t, offset))
+                jobs.append(
+                    _mk_job(
+                        config,
+                        method,
+                        (out_slice, slice_base, inputs, length),
+                        out_name,
+                        name,
+                        t,
+                        offset,
+                    )
+                )
             out_layer += 1
     for name in post:
         jobs.append(_mk_job(config, method, resolved_slices[-1], name, name, 0.0))
@@ -152,7 +173,9 @@ def plan_mergekit(config: MergekitConfig, relative_to: Path | None = None,
     tokenizer = first
     if config.tokenizer_source not in (None, "base"):
         if config.tokenizer_source == "union":
-            raise ConfigError("tokenizer_source 'union' is not supported: models must share a vocabulary")
+            raise ConfigError(
+                "tokenizer_source 'union' is not supported: models must share a vocabulary"
+            )
         tokenizer = model_index(config.tokenizer_source)
     return MergePlan(
         method=method.name,
@@ -176,15 +199,22 @@ def _label(ref: str, existing: list[ModelFolder]) -> str:
 def _dtype(name: str | None, field: str) -> str | None:
     if name is None:
         return None
-    aliases = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-               "bfloat16": "bfloat16", "bf16": "bfloat16"}
+    aliases = {
+        "float32": "float32",
+        "fp32": "float32",
+        "float16": "float16",
+        "fp16": "float16",
+        "bfloat16": "bfloat16",
+        "bf16": "bfloat16",
+    }
     if name not in aliases:
         raise ConfigError(f"{field}: '{name}' is not supported (float32, float16, bfloat16)")
     return aliases[name]
 
 
-def _models_as_slice(config: MergekitConfig, folders: list[ModelFolder], model_index: Any,
-                     base_index: int | None) -> MkOutputSlice:
+def _models_as_slice(
+    config: MergekitConfig, folders: list[ModelFolder], model_index: Any, base_index: int | None
+) -> MkOutputSlice:
     """mergekit's normalization: ``models:`` is one slice over all layers, base appended."""
     sources = []
     listed = set()
@@ -192,17 +222,30 @@ def _models_as_slice(config: MergekitConfig, folders: list[ModelFolder], model_i
         index = model_index(entry.model)
         listed.add(index)
         layers = folders[index].num_layers or 1
-        sources.append(MkInputSlice(model=folders[index].path.as_posix(), layer_range=(0, layers),
-                                    parameters=entry.parameters))
+        sources.append(
+            MkInputSlice(
+                model=folders[index].path.as_posix(),
+                layer_range=(0, layers),
+                parameters=entry.parameters,
+            )
+        )
     if base_index is not None and base_index not in listed:
         layers = folders[base_index].num_layers or 1
-        sources.append(MkInputSlice(model=folders[base_index].path.as_posix(),
-                                    layer_range=(0, layers)))
+        sources.append(
+            MkInputSlice(model=folders[base_index].path.as_posix(), layer_range=(0, layers))
+        )
     return MkOutputSlice(sources=sources)
 
 
-def _mk_job(config: MergekitConfig, method: MergeMethod, resolved: tuple[Any, ...], out_name: str,
-            in_name: str, t: float, offset: int = 0) -> TensorJob:
+def _mk_job(
+    config: MergekitConfig,
+    method: MergeMethod,
+    resolved: tuple[Any, ...],
+    out_name: str,
+    in_name: str,
+    t: float,
+    offset: int = 0,
+) -> TensorJob:
     out_slice, slice_base, inputs, _length = resolved
 
     def in_tensor(source: MkInputSlice) -> str:
@@ -270,8 +313,9 @@ def _all_names(scopes: list[dict[str, ParamSetting] | None]) -> list[str]:
     return names
 
 
-def _first_value(scopes: list[dict[str, ParamSetting] | None], name: str, tensor: str,
-                 t: float) -> Any:
+def _first_value(
+    scopes: list[dict[str, ParamSetting] | None], name: str, tensor: str, t: float
+) -> Any:
     for scope in scopes:
         if scope and name in scope:
             value = evaluate_setting(scope[name], tensor, t)
@@ -307,6 +351,7 @@ def _translate_shared(method: MergeMethod, shared: dict[str, Any]) -> None:
 
 # -- writing recipes as mergekit configs -----------------------------------------------------
 
+
 def recipe_to_mergekit(recipe: Recipe, relative_to: Path | None = None) -> dict[str, Any]:
     """A mergekit config that merges exactly like ``recipe``, or a ConfigError saying why not.
 
@@ -318,8 +363,11 @@ def recipe_to_mergekit(recipe: Recipe, relative_to: Path | None = None) -> dict[
         raise ConfigError(f"method '{method.name}' has no mergekit equivalent")
     models = open_recipe_models(recipe, relative_to)
     native = plan_recipe(recipe, models)
-    shared = {k: _to_mk_setting(k, v) for k, v in recipe.parameters.items()
-              if k not in ("sign_election", "weighted_election", "rescale")}
+    shared = {
+        k: _to_mk_setting(k, v)
+        for k, v in recipe.parameters.items()
+        if k not in ("sign_election", "weighted_election", "rescale")
+    }
     if "rescale" in recipe.parameters:
         rescale = recipe.parameters["rescale"]
         if rescale in ("l1", "none"):
@@ -359,8 +407,11 @@ def _to_mk_setting(name: str, setting: ParamSetting) -> Any:
                 f"parameter '{name}': a condition on both kind and filter has no mergekit form"
             )
         if cond.kind is None:
-            out.append({"filter": cond.filter, "value": cond.value} if cond.filter
-                       else {"value": cond.value})
+            out.append(
+                {"filter": cond.filter, "value": cond.value}
+                if cond.filter
+                else {"value": cond.value}
+            )
             continue
         patterns = dict(KIND_PATTERNS).get(cond.kind)
         if not patterns:
@@ -381,16 +432,20 @@ def _check_equivalent(native: MergePlan, exported: MergePlan) -> None:
             if len(set(weights)) == 1 and weights[0] > 0:
                 mine["weighted_election"] = True  # equal positive weights: same election
         densities = [p.get("density", 1.0) for p in job.per_source_dicts()]
-        if mine.get("rescale") in ("inverse_density", "inverse_prob") and all(d >= 1 for d in densities):
+        if mine.get("rescale") in ("inverse_density", "inverse_prob") and all(
+            d >= 1 for d in densities
+        ):
             mine["rescale"] = theirs.get("rescale")
         for key in sorted(set(mine) | set(theirs)):
             if mine.get(key) != theirs.get(key):
                 raise ConfigError(
                     f"no mergekit config merges like this recipe: tensor {job.name}, parameter "
-                    f"'{key}' is {mine.get(key)!r} here but would be {theirs.get(key)!r} in mergekit"
+                    f"'{key}' is {mine.get(key)!r} here but would be {theirs.get(key)!r} "
+                    "in mergekit"
                 )
         if job.per_source != other.per_source:
             raise ConfigError(
                 f"no mergekit config merges like this recipe: tensor {job.name} gets per-source "
-                f"parameters {job.per_source_dicts()} here but {other.per_source_dicts()} in mergekit"
+                f"parameters {job.per_source_dicts()} here but {other.per_source_dicts()} "
+                "in mergekit"
             )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -28,8 +28,8 @@ from evomerge.merge.plan import MergePlan, TensorJob, TensorRef, freeze
 from evomerge.merge.registry import MergeMethod, get_method
 from evomerge.merge.tensors import layer_position, tensor_kind
 
-Scalar = Union[bool, int, float, str]
-Value = Union[Scalar, list[Scalar]]
+Scalar = bool | int | float | str
+Value = Scalar | list[Scalar]
 
 
 class Condition(BaseModel):
@@ -41,7 +41,7 @@ class Condition(BaseModel):
     filter: str | None = None
 
 
-ParamSetting = Union[Value, Condition, list[Condition]]
+ParamSetting = Value | Condition | list[Condition]
 
 
 class SourceModel(BaseModel):
@@ -138,7 +138,9 @@ def parse_recipe(data: dict[str, Any], where: str = "recipe") -> Recipe:
 def pydantic_message(exc: ValidationError) -> str:
     """The first validation error as 'field.path: message'."""
     err = exc.errors()[0]
-    loc = ".".join(str(part) for part in err["loc"] if not str(part).startswith(("function-", "union")))
+    loc = ".".join(
+        str(part) for part in err["loc"] if not str(part).startswith(("function-", "union"))
+    )
     extra = f" ({len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
     return f"{loc or 'value'}: {err['msg']}{extra}"
 
@@ -150,17 +152,22 @@ def resolve_path(path: str, relative_to: Path | None) -> str:
     return str(expanded)
 
 
-def open_recipe_models(recipe: Recipe, relative_to: Path | None = None,
-                       allow_pickle: bool = False) -> list[ModelFolder]:
+def open_recipe_models(
+    recipe: Recipe, relative_to: Path | None = None, allow_pickle: bool = False
+) -> list[ModelFolder]:
     """Open base (if any) then sources, and check they can be merged."""
     models = []
     if recipe.base is not None:
-        models.append(ModelFolder(resolve_path(recipe.base, relative_to), label="base",
-                                  allow_pickle=allow_pickle))
+        models.append(
+            ModelFolder(
+                resolve_path(recipe.base, relative_to), label="base", allow_pickle=allow_pickle
+            )
+        )
     labels = {"base"}
     for index, source in enumerate(recipe.sources):
-        folder = ModelFolder(resolve_path(source.model, relative_to), label=source.label,
-                             allow_pickle=allow_pickle)
+        folder = ModelFolder(
+            resolve_path(source.model, relative_to), label=source.label, allow_pickle=allow_pickle
+        )
         if folder.label in labels:
             folder.label = f"{folder.label}#{index}"
         labels.add(folder.label)
@@ -172,15 +179,19 @@ def open_recipe_models(recipe: Recipe, relative_to: Path | None = None,
 def open_fisher_folders(recipe: Recipe, relative_to: Path | None = None) -> dict[int, ModelFolder]:
     """The Fisher-diagonal folders (or .safetensors files) of the sources that name one."""
     return {
-        index: ModelFolder(resolve_path(source.fisher, relative_to),
-                           label=f"fisher of source {index}", require_config=False)
+        index: ModelFolder(
+            resolve_path(source.fisher, relative_to),
+            label=f"fisher of source {index}",
+            require_config=False,
+        )
         for index, source in enumerate(recipe.sources)
         if source.fisher
     }
 
 
-def plan_recipe(recipe: Recipe, models: Sequence[ModelFolder],
-                aux_models: dict[int, ModelFolder] | None = None) -> MergePlan:
+def plan_recipe(
+    recipe: Recipe, models: Sequence[ModelFolder], aux_models: dict[int, ModelFolder] | None = None
+) -> MergePlan:
     """Resolve a recipe against opened models (base first if the recipe has one)."""
     method = get_method(recipe.method)
     has_base = recipe.base is not None
@@ -194,11 +205,12 @@ def plan_recipe(recipe: Recipe, models: Sequence[ModelFolder],
     aux_refs: dict[str, list[int]] = {}
     for name in method.aux:
         aux_refs[name] = []
-        for index, source in enumerate(recipe.sources):
+        for index in range(len(recipe.sources)):
             folder = (aux_models or {}).get(index)
             if folder is None:
                 raise ConfigError(
-                    f"method '{method.name}' needs '{name}' for every source; source {index} has none"
+                    f"method '{method.name}' needs '{name}' for every source: "
+                    f"set sources[{index}].{name}"
                 )
             all_models.append(folder)
             aux_refs[name].append(len(all_models) - 1)
@@ -230,8 +242,16 @@ def plan_recipe(recipe: Recipe, models: Sequence[ModelFolder],
         aux = tuple(
             (name, tuple(TensorRef(i, tensor) for i in refs)) for name, refs in aux_refs.items()
         )
-        jobs.append(TensorJob(tensor, base_ref, tuple(sources), freeze(bound_shared),
-                              tuple(freeze(p) for p in bound_sources), aux))
+        jobs.append(
+            TensorJob(
+                tensor,
+                base_ref,
+                tuple(sources),
+                freeze(bound_shared),
+                tuple(freeze(p) for p in bound_sources),
+                aux,
+            )
+        )
     labels = tuple(m.label for m in all_models)
     return MergePlan(
         method=method.name,

@@ -104,7 +104,13 @@ class ParamSpec:
 
 
 MethodFn = Callable[
-    [torch.Tensor | None, Sequence[torch.Tensor], Mapping[str, Any], Sequence[Mapping[str, Any]], TensorContext],
+    [
+        torch.Tensor | None,
+        Sequence[torch.Tensor],
+        Mapping[str, Any],
+        Sequence[Mapping[str, Any]],
+        TensorContext,
+    ],
     torch.Tensor,
 ]
 
@@ -123,13 +129,14 @@ class MergeMethod:
     mergekit_name: str | None = None
     doc: str = ""
 
-    def param(self, name: str) -> ParamSpec:
+    def param(self, name: str, tensor: str = "") -> ParamSpec:
         for spec in self.params:
             if spec.name == name:
                 return spec
         raise MethodError(
             f"method '{self.name}' has no parameter '{name}' "
             f"(it takes: {', '.join(p.name for p in self.params) or 'none'})"
+            + (f" (tensor {tensor})" if tensor else "")
         )
 
     @property
@@ -140,7 +147,7 @@ class MergeMethod:
     def per_source_params(self) -> tuple[ParamSpec, ...]:
         return tuple(p for p in self.params if p.scope == "per_source")
 
-    def check_source_count(self, count: int) -> None:
+    def check_source_count(self, count: int, tensor: str = "") -> None:
         if count < self.min_sources or (self.max_sources is not None and count > self.max_sources):
             if self.max_sources == self.min_sources:
                 want = f"exactly {self.min_sources}"
@@ -150,6 +157,7 @@ class MergeMethod:
                 want = f"{self.min_sources} to {self.max_sources}"
             raise MethodError(
                 f"method '{self.name}' takes {want} source model(s) besides the base, got {count}"
+                + (f" (tensor {tensor})" if tensor else "")
             )
 
     def bind(
@@ -159,17 +167,18 @@ class MergeMethod:
         tensor: str,
     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Check parameter names, fill defaults and check ranges; errors name the tensor."""
-        self.check_source_count(len(per_source))
+        self.check_source_count(len(per_source), tensor)
         where = f" (tensor {tensor})" if tensor else ""
         bound_shared: dict[str, Any] = {}
         for name in shared:
-            spec = self.param(name)
+            spec = self.param(name, tensor)
             if spec.scope != "shared":
                 raise MethodError(
-                    f"method '{self.name}': parameter '{name}' is set per source, not for the whole merge{where}"
+                    f"method '{self.name}': parameter '{name}' is set per source, "
+                    f"not for the whole merge{where}"
                 )
         for name, values in _per_source_names(per_source):
-            spec = self.param(name)
+            spec = self.param(name, tensor)
             if spec.scope != "per_source":
                 raise MethodError(
                     f"method '{self.name}': parameter '{name}' applies to the whole merge, "
@@ -188,7 +197,7 @@ class MergeMethod:
         return bound_shared, bound_sources
 
     def _value(self, spec: ParamSpec, given: Mapping[str, Any], where: str, who: str) -> Any:
-        if spec.name not in given or given[spec.name] is None and not spec.nullable:
+        if spec.name not in given or (given[spec.name] is None and not spec.nullable):
             if spec.required:
                 raise MethodError(
                     f"method '{self.name}': parameter '{spec.name}'{who} is required{where}"
@@ -248,7 +257,8 @@ def merge_tensor(
         per_source = [{} for _ in sources]
     if len(per_source) != len(sources):
         raise MethodError(
-            f"method '{spec.name}': {len(sources)} source tensors but {len(per_source)} parameter sets"
+            f"method '{spec.name}': {len(sources)} source tensors "
+            f"but {len(per_source)} parameter sets"
         )
     if spec.uses_base and base is None:
         raise MethodError(f"method '{spec.name}' needs a base model{_at(ctx)}")

@@ -35,7 +35,9 @@ register(
         fn=linear,
         params=(
             ParamSpec("weight", "per_source", doc="weight of this source"),
-            ParamSpec("normalize", "shared", kind=bool, default=True, doc="divide by the sum of weights"),
+            ParamSpec(
+                "normalize", "shared", kind=bool, default=True, doc="divide by the sum of weights"
+            ),
         ),
         uses_base=False,
         min_sources=1,

@@ -1,0 +1,72 @@
+"""Spherical linear interpolation between the base and one source, one angle per tensor."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from evomerge.errors import MethodError
+from evomerge.merge.registry import MergeMethod, ParamSpec, TensorContext, compute_dtype, register
+
+NORM_EPS = 1e-8
+"""A norm at or below this is treated as 1 when measuring the angle."""
+
+
+def slerp(
+    base: torch.Tensor | None,
+    sources: Sequence[torch.Tensor],
+    shared: Mapping[str, Any],
+    per_source: Sequence[Mapping[str, Any]],
+    ctx: TensorContext,
+) -> torch.Tensor:
+    """Interpolate from the base (t=0) to the source (t=1) along the great circle.
+
+    The angle comes from the normalized, flattened tensors; the coefficients are applied to
+    the raw tensors. Nearly (anti)parallel pairs (|cos| > dot_threshold) fall back to lerp.
+    """
+    if base is None:
+        raise MethodError(f"method 'slerp' needs a base model (tensor {ctx.name})")
+    dtype = compute_dtype(base)
+    v0 = base.to(dtype).reshape(-1)
+    v1 = sources[0].to(dtype).reshape(-1)
+    t = torch.tensor(shared["t"], dtype=dtype, device=v0.device)
+    if v0.numel() == 0:
+        return ((1 - t) * v0 + t * v1).reshape(base.shape)
+    n0 = torch.linalg.vector_norm(v0)
+    n1 = torch.linalg.vector_norm(v1)
+    n0 = torch.where(n0 > NORM_EPS, n0, torch.ones_like(n0))
+    n1 = torch.where(n1 > NORM_EPS, n1, torch.ones_like(n1))
+    dot = ((v0 / n0) * (v1 / n1)).sum().clamp(-1, 1)
+    linear = dot.abs() > shared["dot_threshold"]
+    theta = torch.acos(torch.where(linear, torch.zeros_like(dot), dot))
+    sin_theta = torch.sin(theta)
+    c0 = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    c1 = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+    return (c0 * v0 + c1 * v1).reshape(base.shape)
+
+
+register(
+    MergeMethod(
+        name="slerp",
+        fn=slerp,
+        params=(
+            ParamSpec("t", "shared", doc="interpolation factor: 0 = base, 1 = source"),
+            ParamSpec(
+                "dot_threshold",
+                "shared",
+                default=0.9995,
+                low=0.0,
+                high=1.0,
+                low_open=True,
+                doc="above this |cos| of the angle, interpolate linearly",
+            ),
+        ),
+        uses_base=True,
+        min_sources=1,
+        max_sources=1,
+        mergekit_name="slerp",
+        doc="Spherical interpolation between the base and one source.",
+    )
+)

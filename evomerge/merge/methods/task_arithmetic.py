@@ -1,0 +1,247 @@
+"""Generalized task arithmetic: task_arithmetic, TIES, DARE, Model Breadcrumbs and DELLA.
+
+All variants share one algorithm. Each source's task vector ``delta_i = source_i - base`` is
+sparsified with its ``density`` (how depends on the variant), weighted (``wd_i = w_i delta_i``),
+optionally filtered by a sign election (the TIES family), summed, optionally divided by the
+sum of the weights that took part, scaled by ``lambda`` and added back to the base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from evomerge.errors import MethodError
+from evomerge.merge.methods.sparsify import (
+    bernoulli_keep,
+    della_magprune,
+    magnitude_outliers,
+    magnitude_topk,
+)
+from evomerge.merge.registry import (
+    MergeMethod,
+    MethodFn,
+    ParamSpec,
+    TensorContext,
+    compute_dtype,
+    register,
+)
+
+Sparsifier = Literal["none", "magnitude", "random", "outliers", "della"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What distinguishes one member of the family from another."""
+
+    name: str
+    sparsifier: Sparsifier
+    consensus: bool
+    normalize: bool
+    doc: str
+
+
+VARIANTS = (
+    Variant("task_arithmetic", "none", False, False, "Weighted sum of task vectors on the base."),
+    Variant("ties", "magnitude", True, True, "TIES: top-k trim, sign election, disjoint mean."),
+    Variant("dare_linear", "random", False, False, "DARE random drop, then task arithmetic."),
+    Variant("dare_ties", "random", True, False, "DARE random drop, then TIES sign election."),
+    Variant("breadcrumbs", "outliers", False, False, "Model Breadcrumbs: drop outliers and small."),
+    Variant("breadcrumbs_ties", "outliers", True, False, "Model Breadcrumbs with TIES election."),
+    Variant("della", "della", True, True, "DELLA rank-based random drop, TIES election."),
+    Variant("della_linear", "della", False, False, "DELLA rank-based random drop, no election."),
+)
+
+
+def _params(variant: Variant) -> tuple[ParamSpec, ...]:
+    specs = [
+        ParamSpec("weight", "per_source", doc="weight of this source's task vector"),
+        ParamSpec("lambda", "shared", default=1.0, doc="scale of the merged task vector"),
+        ParamSpec(
+            "normalize",
+            "shared",
+            kind=bool,
+            default=variant.normalize,
+            doc="divide by the sum of the weights that took part",
+        ),
+    ]
+    if variant.sparsifier != "none":
+        specs.append(
+            ParamSpec(
+                "density",
+                "per_source",
+                default=1.0,
+                low=0.0,
+                high=1.0,
+                low_open=True,
+                doc="share of the task vector's entries to keep",
+            )
+        )
+    if variant.sparsifier == "outliers":
+        specs.append(
+            ParamSpec(
+                "gamma",
+                "per_source",
+                default=0.01,
+                low=0.0,
+                high=1.0,
+                high_open=True,
+                doc="share of largest-magnitude entries to drop",
+            )
+        )
+    if variant.sparsifier == "della":
+        specs.append(
+            ParamSpec(
+                "epsilon",
+                "per_source",
+                default=0.15,
+                low=0.0,
+                high=1.0,
+                high_open=True,
+                doc="keep probabilities span density +/- epsilon by magnitude rank",
+            )
+        )
+    if variant.sparsifier in ("random", "della"):
+        own = "inverse_density" if variant.sparsifier == "random" else "inverse_prob"
+        specs.append(
+            ParamSpec(
+                "rescale",
+                "shared",
+                kind=str,
+                default=own,
+                choices=(own, "l1", "none"),
+                doc="how kept entries are scaled up after the random drop",
+            )
+        )
+    if variant.consensus:
+        specs.append(
+            ParamSpec(
+                "sign_election",
+                "shared",
+                kind=str,
+                default="mass",
+                choices=("mass", "count"),
+                doc="elect each entry's sign by summed values (mass) or by sign count",
+            )
+        )
+        specs.append(
+            ParamSpec(
+                "weighted_election",
+                "shared",
+                kind=bool,
+                default=False,
+                doc="elect on weight-multiplied task vectors (as mergekit 0.1.5 does)",
+            )
+        )
+    return tuple(specs)
+
+
+def _check_della(
+    variant: Variant, per_source: Sequence[Mapping[str, Any]], ctx: TensorContext
+) -> None:
+    for index, params in enumerate(per_source):
+        density, epsilon = params["density"], params["epsilon"]
+        if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+            raise MethodError(
+                f"method '{variant.name}': parameter 'epsilon' of source {index} must keep "
+                f"density - epsilon > 0 and density + epsilon < 1, got density {density:g}, "
+                f"epsilon {epsilon:g} (tensor {ctx.name})"
+            )
+
+
+def _sparsify(
+    variant: Variant,
+    delta: torch.Tensor,
+    params: Mapping[str, Any],
+    shared: Mapping[str, Any],
+    ctx: TensorContext,
+    index: int,
+) -> torch.Tensor:
+    if variant.sparsifier == "none" or params["density"] >= 1:
+        return delta
+    density = params["density"]
+    if variant.sparsifier == "magnitude":
+        return magnitude_topk(delta, density)
+    if variant.sparsifier == "outliers":
+        return magnitude_outliers(delta, density, params["gamma"])
+    generator = ctx.generator(delta.device, salt=str(index))
+    if variant.sparsifier == "random":
+        return bernoulli_keep(delta, density, generator, shared["rescale"])
+    return della_magprune(delta, density, params["epsilon"], generator, shared["rescale"])
+
+
+def generalized_task_arithmetic(
+    variant: Variant,
+    base: torch.Tensor,
+    sources: Sequence[torch.Tensor],
+    shared: Mapping[str, Any],
+    per_source: Sequence[Mapping[str, Any]],
+    ctx: TensorContext,
+) -> torch.Tensor:
+    """base + lambda * mix(sparsified, weighted task vectors); see the module docstring."""
+    if variant.sparsifier == "della":
+        _check_della(variant, per_source, ctx)
+    dtype = compute_dtype(base)
+    base = base.to(dtype)
+    deltas = torch.stack(
+        [
+            _sparsify(variant, source.to(dtype) - base, params, shared, ctx, index)
+            for index, (source, params) in enumerate(zip(sources, per_source, strict=True))
+        ]
+    )
+    weights = torch.tensor([p["weight"] for p in per_source], dtype=dtype, device=base.device)
+    weights = weights.reshape(-1, *([1] * base.dim()))
+    weighted = deltas * weights
+    if variant.consensus:
+        votes = weighted if shared["weighted_election"] else deltas
+        signs = votes.sign()
+        tally = votes.sum(dim=0) if shared["sign_election"] == "mass" else signs.sum(dim=0)
+        majority = (tally >= 0).to(dtype) * 2 - 1
+        mask = (signs == majority).to(dtype)
+        mixed = (weighted * mask).sum(dim=0)
+        divisor = (weights * mask).sum(dim=0)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    else:
+        mixed = weighted.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+    if shared["normalize"]:
+        mixed = mixed / divisor
+    if shared["lambda"] != 1:
+        mixed = mixed * shared["lambda"]
+    return base + mixed
+
+
+def _bind(variant: Variant) -> MethodFn:
+    def merge(
+        base: torch.Tensor | None,
+        sources: Sequence[torch.Tensor],
+        shared: Mapping[str, Any],
+        per_source: Sequence[Mapping[str, Any]],
+        ctx: TensorContext,
+    ) -> torch.Tensor:
+        if base is None:
+            raise MethodError(f"method '{variant.name}' needs a base model (tensor {ctx.name})")
+        return generalized_task_arithmetic(variant, base, sources, shared, per_source, ctx)
+
+    merge.__name__ = merge.__qualname__ = variant.name
+    merge.__doc__ = variant.doc
+    return merge
+
+
+for _variant in VARIANTS:
+    register(
+        MergeMethod(
+            name=_variant.name,
+            fn=_bind(_variant),
+            params=_params(_variant),
+            uses_base=True,
+            min_sources=1,
+            mergekit_name=_variant.name,
+            doc=_variant.doc,
+        )
+    )
+del _variant

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Creates ./.venv and installs evomerge into it (CPU torch first, so nothing pulls a CUDA build).
+# Re-running is cheap: it reinstalls only when pyproject.toml changed. Usage: setup_env.sh [dev]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extra="${1:-}"
+python="${PYTHON:-python3}"
+torch_spec="${EVOMERGE_TORCH:-torch==2.13.0}"   # GPU users: EVOMERGE_TORCH=torch (their CUDA build)
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+stamp=".venv/.evomerge-installed${extra:+-$extra}"
+want="$(sha256sum pyproject.toml | cut -c1-16)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "installing evomerge into .venv (first run takes a few minutes)..." >&2
+  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' >&2 || true
+  if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    .venv/bin/python -m pip install -q "$torch_spec" 2>&1 | grep -v '^WARNING: Location' >&2 || true
+  fi
+  target="."; [ -n "$extra" ] && target=".[$extra]"
+  .venv/bin/python -m pip install -q -e "$target" 2>&1 | grep -v '^WARNING: Location' >&2 || true
+  .venv/bin/python -c "import evomerge, torch, transformers" || { echo "install failed" >&2; exit 1; }
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny model families built once per test session, fully offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from evomerge.zoo import build_random_family
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """base, ft_0, ft_1, ft_2: float32 Llama, 4 layers, untied embeddings."""
+    return build_random_family(tmp_path_factory.mktemp("family"), sources=3, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tied_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """base, ft_0, ft_1: float32 Llama, 3 layers, tied input/output embeddings."""
+    return build_random_family(
+        tmp_path_factory.mktemp("tied"), sources=2, seed=1, layers=3, tie_embeddings=True
+    )
+
+
+@pytest.fixture(scope="session")
+def bf16_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """base, ft_0, ft_1: bfloat16 Llama, 2 layers."""
+    return build_random_family(
+        tmp_path_factory.mktemp("bf16"), sources=2, seed=2, layers=2, dtype=torch.bfloat16
+    )
