@@ -8,10 +8,9 @@ unless the caller opts in, and are then loaded with ``torch.load(weights_only=Tr
 from __future__ import annotations
 
 import json
+import math
 import os
-import shutil
 import struct
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from evomerge.errors import CheckpointError
 
@@ -75,10 +73,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 class ModelFolder:
@@ -323,118 +318,3 @@ def shape_mismatch(
     return (
         f"tensor {name} has shape {list(shape_a)} in '{a.label}' but {list(shape_b)} in '{b.label}'"
     )
-
-
-class CheckpointWriter:
-    """Writes a model folder into a temporary sibling folder and renames it into place.
-
-    Tensors are added one at a time and flushed into safetensors shards of at most
-    ``shard_size`` bytes (a tensor larger than that gets a shard of its own). Nothing is
-    visible at ``out_dir`` until :meth:`commit`; :meth:`abort` (or an exception inside a
-    ``with`` block) removes the temporary folder.
-    """
-
-    def __init__(
-        self, out_dir: str | os.PathLike[str], *, shard_size: int = 5 * 2**30, force: bool = False
-    ) -> None:
-        self.out_dir = Path(out_dir).expanduser().resolve()
-        if shard_size <= 0:
-            raise CheckpointError(f"shard size must be positive, got {shard_size}")
-        check_output_dir(self.out_dir, force)
-        self.force = force
-        self.shard_size = shard_size
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-        self.tmp_dir.mkdir()
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[list[str]] = []
-        self.total_bytes = 0
-
-    def __enter__(self) -> CheckpointWriter:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is not None:
-            self.abort()
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.shard_size:
-            self._flush()
-        self._pending[name] = tensor.detach().to("cpu").contiguous()
-        self._pending_bytes += size
-        self.total_bytes += size
-
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        index = len(self._shards) + 1
-        save_file(
-            self._pending,
-            str(self.tmp_dir / f"shard-{index:05d}.safetensors"),
-            metadata={"format": "pt"},
-        )
-        self._shards.append(list(self._pending))
-        self._pending = {}
-        self._pending_bytes = 0
-
-    def write_json(self, name: str, data: Any) -> None:
-        (self.tmp_dir / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-    def write_text(self, name: str, text: str) -> None:
-        (self.tmp_dir / name).write_text(text)
-
-    def copy_file(self, source: Path) -> None:
-        shutil.copy2(source, self.tmp_dir / source.name)
-
-    def commit(self) -> Path:
-        """Name the shards, write the index, and move the folder into place."""
-        self._flush()
-        count = len(self._shards)
-        weight_map: dict[str, str] = {}
-        for number, names in enumerate(self._shards, start=1):
-            final = (
-                "model.safetensors"
-                if count == 1
-                else f"model-{number:05d}-of-{count:05d}.safetensors"
-            )
-            os.replace(self.tmp_dir / f"shard-{number:05d}.safetensors", self.tmp_dir / final)
-            weight_map.update(dict.fromkeys(names, final))
-        if count > 1:
-            self.write_json(
-                SAFETENSORS_INDEX,
-                {
-                    "metadata": {"total_size": self.total_bytes},
-                    "weight_map": dict(sorted(weight_map.items())),
-                },
-            )
-        _fsync_dir(self.tmp_dir)
-        if self.out_dir.exists():
-            old = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.out_dir, old)
-            os.replace(self.tmp_dir, self.out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp_dir, self.out_dir)
-        return self.out_dir
-
-    def abort(self) -> None:
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
-
-
-def check_output_dir(out_dir: Path, force: bool) -> None:
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise CheckpointError(f"output {out_dir} exists and is not a folder")
-        if any(out_dir.iterdir()) and not force:
-            raise CheckpointError(
-                f"output folder {out_dir} exists and is not empty (pass --force to replace it)"
-            )
-
-
-def _fsync_dir(path: Path) -> None:
-    for file in path.iterdir():
-        if file.is_file():
-            with file.open("rb") as handle:
-                os.fsync(handle.fileno())

@@ -19,17 +19,12 @@ from pathlib import Path
 
 import torch
 
-from evomerge.checkpoint import (
-    OTHER_FILES,
-    TOKENIZER_FILES,
-    CheckpointWriter,
-    ModelFolder,
-    parse_dtype,
-)
+from evomerge.checkpoint import OTHER_FILES, TOKENIZER_FILES, ModelFolder, parse_dtype
 from evomerge.errors import CheckpointError
 from evomerge.merge.card import model_card as default_card
 from evomerge.merge.plan import MergePlan, TensorJob, TensorRef
 from evomerge.merge.registry import MergeMethod, TensorContext, get_method
+from evomerge.writer import CheckpointWriter
 
 Reader = Callable[[TensorRef], torch.Tensor]
 
@@ -111,8 +106,12 @@ def merge_to_folder(
         refs += [r for _, group in job.aux for r in group]
         return {ref: models[ref.model].read(ref.tensor, dev) for ref in refs}
 
+    layout = []
+    for job in plan.jobs:
+        info = models[_first_ref(job).model].tensors[_first_ref(job).tensor]
+        layout.append((job.name, info.shape, output_dtype(plan, job, info.dtype)))
     with (
-        CheckpointWriter(out_dir, shard_size=shard_size, force=force) as writer,
+        CheckpointWriter(out_dir, layout, shard_size=shard_size, force=force) as writer,
         ThreadPoolExecutor(max_workers=1) as pool,
     ):
         pending: Future[dict[TensorRef, torch.Tensor]] | None = None
