@@ -128,6 +128,8 @@ class MergeMethod:
     aux: tuple[str, ...] = ()
     mergekit_name: str | None = None
     doc: str = ""
+    check: Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]], str], None] | None = None
+    """Cross-parameter checks, run when parameters are bound (before any tensor is read)."""
 
     def param(self, name: str, tensor: str = "") -> ParamSpec:
         for spec in self.params:
@@ -194,6 +196,8 @@ class MergeMethod:
                     for spec in self.per_source_params
                 }
             )
+        if self.check is not None:
+            self.check(bound_shared, bound_sources, tensor)
         return bound_shared, bound_sources
 
     def _value(self, spec: ParamSpec, given: Mapping[str, Any], where: str, who: str) -> Any:

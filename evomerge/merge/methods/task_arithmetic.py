@@ -139,16 +139,14 @@ def _params(variant: Variant) -> tuple[ParamSpec, ...]:
     return tuple(specs)
 
 
-def _check_della(
-    variant: Variant, per_source: Sequence[Mapping[str, Any]], ctx: TensorContext
-) -> None:
+def _check_della(variant: Variant, per_source: Sequence[Mapping[str, Any]], tensor: str) -> None:
     for index, params in enumerate(per_source):
         density, epsilon = params["density"], params["epsilon"]
         if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
             raise MethodError(
                 f"method '{variant.name}': parameter 'epsilon' of source {index} must keep "
                 f"density - epsilon > 0 and density + epsilon < 1, got density {density:g}, "
-                f"epsilon {epsilon:g} (tensor {ctx.name})"
+                f"epsilon {epsilon:g} (tensor {tensor})"
             )
 
 
@@ -182,8 +180,6 @@ def generalized_task_arithmetic(
     ctx: TensorContext,
 ) -> torch.Tensor:
     """base + lambda * mix(sparsified, weighted task vectors); see the module docstring."""
-    if variant.sparsifier == "della":
-        _check_della(variant, per_source, ctx)
     dtype = compute_dtype(base)
     base = base.to(dtype)
     deltas = torch.stack(
@@ -215,6 +211,16 @@ def generalized_task_arithmetic(
     return base + mixed
 
 
+def _plan_check(variant: Variant) -> Any:
+    if variant.sparsifier != "della":
+        return None
+
+    def check(shared: Mapping[str, Any], per_source: Sequence[Mapping[str, Any]], tensor: str):
+        _check_della(variant, per_source, tensor)
+
+    return check
+
+
 def _bind(variant: Variant) -> MethodFn:
     def merge(
         base: torch.Tensor | None,
@@ -242,6 +248,7 @@ for _variant in VARIANTS:
             min_sources=1,
             mergekit_name=_variant.name,
             doc=_variant.doc,
+            check=_plan_check(_variant),
         )
     )
 del _variant
