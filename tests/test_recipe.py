@@ -144,3 +144,16 @@ def test_out_of_range_gradient_names_the_layer(family, tmp_path):
     recipe["sources"][0]["parameters"]["density"] = [0.5, 0.5, 0.5, 1.5]
     with pytest.raises(ConfigError, match=r"'density' of source 0 .*model\.layers\.3\."):
         plan_from_file(write_yaml(tmp_path / "r.yaml", recipe))
+
+
+def test_numbers_written_as_yaml_strings_are_numbers(family, tmp_path):
+    """PyYAML reads 5e-1 (no decimal point) as a string; it is still a number here."""
+    (tmp_path / "r.yaml").write_text(
+        f"method: task_arithmetic\nbase: {family['base']}\nsources:\n"
+        f"  - model: {family['ft_0']}\n    parameters: {{weight: [1e-1, 9e-1]}}\n"
+        "parameters: {lambda: 2e0}\n"
+    )
+    plan, _ = plan_from_file(tmp_path / "r.yaml")
+    job = plan.job("model.layers.3.mlp.up_proj.weight")
+    assert job.shared_dict()["lambda"] == 2.0
+    assert job.per_source_dicts()[0]["weight"] == pytest.approx(0.9)

@@ -8,6 +8,7 @@ renumbering when slices stack layers.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -259,7 +260,7 @@ def _mk_job(
         if name in _IGNORED_PARAMS:
             continue
         if name == "rescale" and method.name not in _MERGEKIT_RESCALE_DEFAULT:
-            if _first_value(scopes, name, in_name, t):
+            if _first_value(scopes, name, out_name, t):
                 raise ConfigError(
                     f"'rescale: true' with mergekit method '{config.merge_method}' is not supported"
                 )
@@ -267,7 +268,7 @@ def _mk_job(
         spec = _mk_param(method, name, config.merge_method)
         if spec is None or spec.scope != "shared":
             continue
-        value = _first_value(scopes, name, in_name, t)
+        value = _first_value(scopes, name, out_name, t, spec.coerce)
         if value is not None:
             shared[name] = value
     _translate_shared(method, shared)
@@ -290,7 +291,7 @@ def _mk_job(
             spec = _mk_param(method, name, config.merge_method)
             if spec is None or spec.scope != "per_source":
                 continue
-            value = _first_value(source_scopes, name, in_tensor(source), t)
+            value = _first_value(source_scopes, name, in_tensor(source), t, spec.coerce)
             if value is not None:
                 params[name] = value
         per_source.append(params)
@@ -314,11 +315,16 @@ def _all_names(scopes: list[dict[str, ParamSetting] | None]) -> list[str]:
 
 
 def _first_value(
-    scopes: list[dict[str, ParamSetting] | None], name: str, tensor: str, t: float
+    scopes: list[dict[str, ParamSetting] | None],
+    name: str,
+    tensor: str,
+    t: float,
+    coerce: Callable[[Any], Any] | None = None,
 ) -> Any:
+    """The first scope whose setting for ``name`` yields a value for this tensor wins."""
     for scope in scopes:
         if scope and name in scope:
-            value = evaluate_setting(scope[name], tensor, t)
+            value = evaluate_setting(scope[name], tensor, t, coerce)
             if value is not None:
                 return value
     return None
@@ -363,8 +369,9 @@ def recipe_to_mergekit(recipe: Recipe, relative_to: Path | None = None) -> dict[
         raise ConfigError(f"method '{method.name}' has no mergekit equivalent")
     models = open_recipe_models(recipe, relative_to)
     native = plan_recipe(recipe, models)
+    names = list(models[0].tensors)
     shared = {
-        k: _to_mk_setting(k, v)
+        k: _to_mk_setting(k, v, names)
         for k, v in recipe.parameters.items()
         if k not in ("sign_election", "weighted_election", "rescale")
     }
@@ -375,14 +382,16 @@ def recipe_to_mergekit(recipe: Recipe, relative_to: Path | None = None) -> dict[
     elif method.name in _MERGEKIT_RESCALE_DEFAULT:
         shared["rescale"] = False
     config: dict[str, Any] = {"merge_method": method.mergekit_name}
-    if recipe.base is not None:
+    if recipe.base is not None and method.uses_base:
         config["base_model"] = str(models[0].path)
     entries = []
     offset = 1 if recipe.base is not None else 0
     for index, source in enumerate(recipe.sources):
         entry: dict[str, Any] = {"model": str(models[index + offset].path)}
         if source.parameters:
-            entry["parameters"] = {k: _to_mk_setting(k, v) for k, v in source.parameters.items()}
+            entry["parameters"] = {
+                k: _to_mk_setting(k, v, names) for k, v in source.parameters.items()
+            }
         entries.append(entry)
     if method.uses_base and recipe.base is not None:
         entries.insert(0, {"model": str(models[0].path)})
@@ -391,12 +400,14 @@ def recipe_to_mergekit(recipe: Recipe, relative_to: Path | None = None) -> dict[
         config["parameters"] = shared
     if recipe.dtype:
         config["out_dtype"] = recipe.dtype
+    if native.tokenizer_model != 0:
+        config["tokenizer_source"] = str(models[native.tokenizer_model].path)
     exported = plan_mergekit(parse_mergekit(config))
     _check_equivalent(native, exported)
     return config
 
 
-def _to_mk_setting(name: str, setting: ParamSetting) -> Any:
+def _to_mk_setting(name: str, setting: ParamSetting, tensor_names: list[str]) -> Any:
     conditions = [setting] if isinstance(setting, Condition) else setting
     if not (isinstance(conditions, list) and conditions and isinstance(conditions[0], Condition)):
         return setting
@@ -407,17 +418,38 @@ def _to_mk_setting(name: str, setting: ParamSetting) -> Any:
                 f"parameter '{name}': a condition on both kind and filter has no mergekit form"
             )
         if cond.kind is None:
-            out.append(
-                {"filter": cond.filter, "value": cond.value}
-                if cond.filter
-                else {"value": cond.value}
-            )
+            entry = {"filter": cond.filter} if cond.filter else {}
+            out.append({**entry, "value": cond.value})
             continue
-        patterns = dict(KIND_PATTERNS).get(cond.kind)
-        if not patterns:
-            raise ConfigError(f"parameter '{name}': kind '{cond.kind}' has no mergekit filter")
-        out.extend({"filter": pattern, "value": cond.value} for pattern in patterns)
+        out.extend(
+            {"filter": pattern, "value": cond.value}
+            for pattern in kind_filters(cond.kind, tensor_names, name)
+        )
     return out
+
+
+def kind_filters(kind: str, tensor_names: Iterable[str], parameter: str = "") -> list[str]:
+    """Name substrings that match exactly the tensors of ``kind`` among ``tensor_names``.
+
+    mergekit filters are plain substrings, so a kind is expressed by those of its patterns
+    that match no tensor of another kind (``attention`` is dropped on Llama, where it also
+    matches ``post_attention_layernorm``).
+    """
+    names = list(tensor_names)
+    members = {n for n in names if tensor_kind(n) == kind}
+    filters, covered = [], set()
+    for pattern in dict(KIND_PATTERNS).get(kind, ()):
+        matched = {n for n in names if pattern in n}
+        if matched and matched <= members:
+            filters.append(pattern)
+            covered |= matched
+    if covered != members:
+        example = sorted(members - covered)[0]
+        raise ConfigError(
+            f"parameter '{parameter}': no mergekit filter selects exactly the '{kind}' tensors "
+            f"of these models (e.g. {example})"
+        )
+    return filters
 
 
 def _check_equivalent(native: MergePlan, exported: MergePlan) -> None:

@@ -15,7 +15,7 @@ A parameter value may be
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -81,8 +81,16 @@ class Recipe(BaseModel):
         return value
 
 
-def evaluate_setting(setting: ParamSetting | None, name: str, t: float) -> Any:
-    """The value of one parameter setting for tensor ``name`` at layer position ``t``."""
+def evaluate_setting(
+    setting: ParamSetting | None,
+    name: str,
+    t: float,
+    coerce: Callable[[Any], Any] | None = None,
+) -> Any:
+    """The value of one parameter setting for tensor ``name`` at layer position ``t``.
+
+    ``coerce`` is applied to every scalar first (e.g. YAML's string '5e-1' to 0.5).
+    """
     if setting is None:
         return None
     if isinstance(setting, Condition):
@@ -94,11 +102,11 @@ def evaluate_setting(setting: ParamSetting | None, name: str, t: float) -> Any:
                 continue
             if cond.filter not in (None, "*") and cond.filter not in name:
                 continue
-            return evaluate_setting(cond.value, name, t)
+            return evaluate_setting(cond.value, name, t, coerce)
         return None
     if isinstance(setting, list):
-        return interpolate(setting, t)
-    return setting
+        return interpolate([coerce(a) for a in setting] if coerce else setting, t)
+    return coerce(setting) if coerce else setting
 
 
 def interpolate(anchors: Sequence[Scalar], t: float) -> Scalar | None:
@@ -225,15 +233,18 @@ def plan_recipe(
         shared = {
             spec.name: value
             for spec in method.shared_params
-            if (value := evaluate_setting(recipe.parameters.get(spec.name), tensor, t)) is not None
+            if (value := evaluate_setting(recipe.parameters.get(spec.name), tensor, t, spec.coerce))
+            is not None
         }
         per_source = []
         for source in recipe.sources:
             params = {}
             for spec in method.per_source_params:
-                value = evaluate_setting(source.parameters.get(spec.name), tensor, t)
+                value = evaluate_setting(source.parameters.get(spec.name), tensor, t, spec.coerce)
                 if value is None:
-                    value = evaluate_setting(recipe.parameters.get(spec.name), tensor, t)
+                    value = evaluate_setting(
+                        recipe.parameters.get(spec.name), tensor, t, spec.coerce
+                    )
                 if value is not None:
                     params[spec.name] = value
             per_source.append(params)

@@ -75,6 +75,15 @@ class ParamSpec:
         hi = "inf" if self.high is None else f"{self.high:g}"
         return f"in {'(' if self.low_open else '['}{lo}, {hi}{')' if self.high_open else ']'}"
 
+    def coerce(self, value: Any) -> Any:
+        """Numbers written as strings (YAML reads '5e-1' as text) become numbers."""
+        if self.kind in (int, float) and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return value
+        return value
+
     def check(self, value: Any) -> Any:
         """Return the value coerced to this parameter's kind, or raise ValueError."""
         if value is None and self.nullable:
