@@ -14,6 +14,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -23,6 +24,8 @@ import torch
 from evomerge.errors import CheckpointError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+SYNC_EVERY = 256 * 2**20
+"""Bytes written between background fsyncs, so writeback overlaps the merge."""
 
 _DTYPE_CODES = {
     torch.float64: "F64",
@@ -92,6 +95,9 @@ class CheckpointWriter:
         self.tmp_dir.mkdir()
         self._files: list[BinaryIO] = []
         self._written: set[str] = set()
+        self._unsynced = 0
+        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-fsync")
+        self._sync: Future[None] | None = None
         try:
             for name, header in zip(self.shard_names, headers):
                 handle = (self.tmp_dir / name).open("wb")
@@ -129,6 +135,11 @@ class CheckpointWriter:
         if data.numel():
             handle.write(memoryview(data.view(torch.uint8).numpy()))
         self._written.add(name)
+        self._unsynced += slot.nbytes
+        if self._unsynced >= SYNC_EVERY and (self._sync is None or self._sync.done()):
+            handle.flush()
+            self._sync = self._syncer.submit(os.fsync, handle.fileno())
+            self._unsynced = 0
 
     def write_json(self, name: str, data: Any) -> None:
         (self.tmp_dir / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -144,6 +155,7 @@ class CheckpointWriter:
         missing = [name for name in self.slots if name not in self._written]
         if missing:
             raise CheckpointError(f"tensor {missing[0]} was declared but never written")
+        self._wait_for_sync()
         for handle in self._files:
             handle.flush()
             os.fsync(handle.fileno())
@@ -163,7 +175,16 @@ class CheckpointWriter:
             os.replace(self.tmp_dir, self.out_dir)
         return self.out_dir
 
+    def _wait_for_sync(self) -> None:
+        if self._sync is not None:
+            self._sync.result()
+        self._syncer.shutdown(wait=True)
+
     def abort(self) -> None:
+        try:
+            self._wait_for_sync()
+        except OSError:
+            pass
         for handle in self._files:
             handle.close()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)

@@ -483,3 +483,24 @@ def test_methods_are_registered_and_documented(name: str, mergekit_name: str | N
 )
 def test_normalize_defaults(name: str, normalize: bool) -> None:
     assert get_method(name).param("normalize").default is normalize
+
+
+def test_rank_range_mask_matches_a_sort_and_handles_ties() -> None:
+    from evomerge.merge.methods.sparsify import rank_range_mask
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(100):
+        n = int(torch.randint(1, 200, (1,), generator=g))
+        tied = trial % 2 == 1
+        x = torch.randint(0, 5, (n,), generator=g).float() if tied else torch.rand(n, generator=g)
+        start = int(torch.randint(0, n + 1, (1,), generator=g))
+        stop = int(torch.randint(start, n + 1, (1,), generator=g))
+        mask = rank_range_mask(x, start, stop)
+        assert int(mask.sum()) == stop - start
+        ordered = torch.sort(x).values
+        if stop > start:
+            assert x[mask].min() >= ordered[start] and x[mask].max() <= ordered[stop - 1]
+        if not tied:  # distinct values: exactly the entries a sort puts at those ranks
+            expected = torch.zeros(n, dtype=torch.bool)
+            expected[torch.argsort(x)[start:stop]] = True
+            assert torch.equal(mask, expected)

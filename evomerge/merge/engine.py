@@ -45,9 +45,8 @@ def merge_job(
         tensor = read(ref)
         if input_dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(input_dtype)
-        if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            label = labels[ref.model] if ref.model < len(labels) else f"model {ref.model}"
-            raise CheckpointError(f"model '{label}': tensor {ref.tensor} contains NaN or Inf")
+        if check_finite:
+            check_finite_tensor(tensor, ref, labels)
         return tensor
 
     if not job.sources:  # not a float tensor: copied as is
@@ -57,6 +56,16 @@ def merge_job(
     aux = {name: [load(ref) for ref in refs] for name, refs in job.aux}
     ctx = TensorContext(name=job.name, seed=seed, aux=aux)
     return method.fn(base, sources, job.shared_dict(), job.per_source_dicts(), ctx)
+
+
+def check_finite_tensor(tensor: torch.Tensor, ref: TensorRef, labels: Sequence[str] = ()) -> None:
+    """Raise if a float tensor holds NaN or Inf. A finite sum proves it cheaply (one fused
+    reduction); only a non-finite sum, which may be mere overflow, costs a full check."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
+        return
+    if not bool(torch.isfinite(tensor).all()):
+        label = labels[ref.model] if ref.model < len(labels) else f"model {ref.model}"
+        raise CheckpointError(f"model '{label}': tensor {ref.tensor} contains NaN or Inf")
 
 
 def output_dtype(plan: MergePlan, job: TensorJob, read_dtype: torch.dtype) -> torch.dtype:
@@ -102,9 +111,14 @@ def merge_to_folder(
     dev = torch.device(device)
 
     def read_job(job: TensorJob) -> dict[TensorRef, torch.Tensor]:
+        """Read (and check) a job's inputs; runs ahead of the merge in a worker thread."""
         refs = [r for r in (job.base, *job.sources) if r is not None]
         refs += [r for _, group in job.aux for r in group]
-        return {ref: models[ref.model].read(ref.tensor, dev) for ref in refs}
+        tensors = {ref: models[ref.model].read(ref.tensor, dev) for ref in refs}
+        if job.sources:
+            for ref, tensor in tensors.items():
+                check_finite_tensor(tensor, ref, plan.labels)
+        return tensors
 
     layout = []
     for job in plan.jobs:
@@ -126,6 +140,7 @@ def merge_to_folder(
                 seed=plan.seed,
                 input_dtype=input_dtype,
                 labels=plan.labels,
+                check_finite=False,
             )
             dtype = output_dtype(plan, job, tensors[_first_ref(job)].dtype)
             writer.add(job.name, merged.to(dtype))
@@ -178,14 +193,8 @@ class InPlaceMerger:
             resident = {}
             for name in model.tensors:
                 tensor = model.read(name, self.device)
-                if (
-                    check_finite
-                    and tensor.is_floating_point()
-                    and not bool(torch.isfinite(tensor).all())
-                ):
-                    raise CheckpointError(
-                        f"model '{model.label}': tensor {name} contains NaN or Inf"
-                    )
+                if check_finite:
+                    check_finite_tensor(tensor, TensorRef(0, name), [model.label])
                 resident[name] = tensor
             self.tensors.append(resident)
             model.close()

@@ -19,9 +19,9 @@ def linear(
 ) -> torch.Tensor:
     """sum_i w_i x_i, divided by sum_i w_i when ``normalize`` (left as is if that sum is 0)."""
     dtype = compute_dtype(sources[0])
-    result = torch.zeros(sources[0].shape, dtype=dtype, device=sources[0].device)
-    total = 0.0
-    for tensor, params in zip(sources, per_source):
+    result = sources[0].to(dtype) * per_source[0]["weight"]
+    total = per_source[0]["weight"]
+    for tensor, params in zip(sources[1:], per_source[1:]):
         result.add_(tensor.to(dtype), alpha=params["weight"])
         total += params["weight"]
     if shared["normalize"] and total != 0:

@@ -13,6 +13,25 @@ from evomerge.merge.registry import MergeMethod, ParamSpec, TensorContext, compu
 NORM_EPS = 1e-8
 """A norm at or below this is treated as 1 when measuring the angle."""
 
+CHUNK = 1 << 20
+"""Elements per partial sum: long float32 sums drift (cos > 1 on a 65M-entry embedding)."""
+
+
+def cosine(v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """cos of the angle between two flat tensors, clamped to [-1, 1].
+
+    Partial sums of ``CHUNK`` entries in the compute dtype, accumulated in float64, so the
+    result stays accurate for tensors of any size without a float64 copy of either.
+    """
+    acc = torch.zeros(3, dtype=torch.float64, device=v0.device)  # |v0|^2, |v1|^2, v0.v1
+    for start in range(0, v0.numel(), CHUNK):
+        a, b = v0[start : start + CHUNK], v1[start : start + CHUNK]
+        acc += torch.stack([torch.dot(a, a), torch.dot(b, b), torch.dot(a, b)]).double()
+    n0, n1 = acc[0].sqrt(), acc[1].sqrt()
+    n0 = torch.where(n0 > NORM_EPS, n0, torch.ones_like(n0))
+    n1 = torch.where(n1 > NORM_EPS, n1, torch.ones_like(n1))
+    return (acc[2] / (n0 * n1)).clamp(-1, 1)
+
 
 def slerp(
     base: torch.Tensor | None,
@@ -34,11 +53,7 @@ def slerp(
     t = torch.tensor(shared["t"], dtype=dtype, device=v0.device)
     if v0.numel() == 0:
         return ((1 - t) * v0 + t * v1).reshape(base.shape)
-    n0 = torch.linalg.vector_norm(v0)
-    n1 = torch.linalg.vector_norm(v1)
-    n0 = torch.where(n0 > NORM_EPS, n0, torch.ones_like(n0))
-    n1 = torch.where(n1 > NORM_EPS, n1, torch.ones_like(n1))
-    dot = ((v0 / n0) * (v1 / n1)).sum().clamp(-1, 1)
+    dot = cosine(v0, v1).to(dtype)
     linear = dot.abs() > shared["dot_threshold"]
     theta = torch.acos(torch.where(linear, torch.zeros_like(dot), dot))
     sin_theta = torch.sin(theta)

@@ -13,20 +13,47 @@ L1_EPS = 1e-7
 """Below this L1 norm (before or after masking) the L1 rescale leaves the masked delta as is."""
 
 
-def _keep(delta: torch.Tensor, flat_indices: torch.Tensor) -> torch.Tensor:
-    """``delta`` with every entry outside ``flat_indices`` set to zero."""
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    mask[flat_indices] = 1
-    return delta * mask.reshape(delta.shape)
+def rank_range_mask(magnitude: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Mask of the entries at ranks [start, stop) when sorted by ascending magnitude.
+
+    Found with two ``kthvalue`` selections (linear time) instead of a full sort; entries tied
+    at a boundary are taken in index order, so the result is deterministic.
+    """
+    flat = magnitude.reshape(-1)
+    n = flat.numel()
+    keep = torch.ones(n, dtype=torch.bool, device=flat.device)
+    if start > 0:
+        low = torch.kthvalue(flat, start).values  # the largest dropped small entry
+        keep &= flat >= low
+        keep &= ~_first_ties(flat, low, start - int((flat < low).sum()))
+    if stop < n:
+        high = torch.kthvalue(flat, stop + 1).values  # the smallest dropped large entry
+        keep &= flat <= high
+        surplus = int((flat <= high).sum()) - stop
+        keep &= ~_last_ties(flat, high, surplus)
+    return keep.reshape(magnitude.shape)
+
+
+def _first_ties(flat: torch.Tensor, value: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask of the first ``count`` entries equal to ``value``."""
+    ties = flat == value
+    return ties & (torch.cumsum(ties, 0) <= count)
+
+
+def _last_ties(flat: torch.Tensor, value: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask of the last ``count`` entries equal to ``value``."""
+    ties = flat == value
+    from_end = torch.cumsum(ties.flip(0), 0).flip(0)
+    return ties & (from_end <= count)
 
 
 def magnitude_topk(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the ``max(1, int(density * n))`` entries of largest magnitude (TIES trimming)."""
     if density >= 1 or delta.numel() == 0:
         return delta
-    k = max(1, int(density * delta.numel()))
-    order = torch.argsort(delta.abs().reshape(-1).float(), descending=True)
-    return _keep(delta, order[:k])
+    n = delta.numel()
+    k = max(1, int(density * n))
+    return delta * rank_range_mask(delta.abs().float(), n - k, n)
 
 
 def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -37,8 +64,7 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float) -> tor
     n = delta.numel()
     target = int(density * n)
     n_bottom = max(0, n - target - int(gamma * n))
-    order = torch.sort(delta.abs().reshape(-1).float(), descending=False).indices
-    return _keep(delta, order[n_bottom : n_bottom + target])
+    return delta * rank_range_mask(delta.abs().float(), n_bottom, n_bottom + target)
 
 
 def l1_rescaled(delta: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:

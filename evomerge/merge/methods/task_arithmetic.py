@@ -182,6 +182,8 @@ def generalized_task_arithmetic(
     """base + lambda * mix(sparsified, weighted task vectors); see the module docstring."""
     dtype = compute_dtype(base)
     base = base.to(dtype)
+    if variant.sparsifier == "none" and not variant.consensus:
+        return _weighted_task_sum(base, sources, shared, per_source)
     deltas = torch.stack(
         [
             _sparsify(variant, source.to(dtype) - base, params, shared, ctx, index)
@@ -209,6 +211,27 @@ def generalized_task_arithmetic(
     if shared["lambda"] != 1:
         mixed = mixed * shared["lambda"]
     return base + mixed
+
+
+def _weighted_task_sum(
+    base: torch.Tensor,
+    sources: Sequence[torch.Tensor],
+    shared: Mapping[str, Any],
+    per_source: Sequence[Mapping[str, Any]],
+) -> torch.Tensor:
+    """Plain task arithmetic, accumulated in place: one temporary, not a stack of them."""
+    weights = [p["weight"] for p in per_source]
+    mixed = torch.sub(sources[0].to(base.dtype), base).mul_(weights[0])
+    for source, weight in zip(sources[1:], weights[1:]):
+        mixed.add_(source.to(base.dtype) - base, alpha=weight)
+    if shared["normalize"]:
+        # The same sum of weights as the general path, in the same dtype.
+        divisor = torch.tensor(weights, dtype=base.dtype).sum()
+        if divisor.abs() >= 1e-8:
+            mixed.div_(divisor.to(mixed.device))
+    if shared["lambda"] != 1:
+        mixed.mul_(shared["lambda"])
+    return mixed.add_(base)
 
 
 def _plan_check(variant: Variant) -> Any:
