@@ -27,10 +27,12 @@ def run_demo(workdir: Path) -> None:
     """Build ``workdir/zoo`` if missing, merge it with a per-layer TIES recipe, load the result."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from evomerge.cli import main as cli_main
     from evomerge.zoo import build_random_family
 
+    hf_logging.disable_progress_bar()
     workdir.mkdir(parents=True, exist_ok=True)
     if not (workdir / "zoo" / "ft_1" / "config.json").exists():
         print(f"building a tiny model family in {workdir / 'zoo'} ...")
