@@ -77,14 +77,20 @@ METHODS: dict[str, dict] = {
         "parameters": None,
     },
     "ties": {
-        "models": [("base", None), ("ft_0", {"weight": 0.6, "density": 0.5}),
-                   ("ft_1", {"weight": 0.4, "density": 0.5})],
+        "models": [
+            ("base", None),
+            ("ft_0", {"weight": 0.6, "density": 0.5}),
+            ("ft_1", {"weight": 0.4, "density": 0.5}),
+        ],
         "base": "base",
         "parameters": None,
     },
     "dare_ties": {
-        "models": [("base", None), ("ft_0", {"weight": 0.6, "density": 0.5}),
-                   ("ft_1", {"weight": 0.4, "density": 0.5})],
+        "models": [
+            ("base", None),
+            ("ft_0", {"weight": 0.6, "density": 0.5}),
+            ("ft_1", {"weight": 0.4, "density": 0.5}),
+        ],
         "base": "base",
         "parameters": None,
     },
@@ -95,22 +101,39 @@ SLOW = {"ties", "dare_ties"}  # dominated by sorting/masking; see --slow-repeats
 
 # -- the model family ----------------------------------------------------------------------
 
+
 def family_spec(args: argparse.Namespace) -> dict:
-    return {"version": 1, "layers": args.layers, "hidden": args.hidden,
-            "intermediate": args.intermediate, "heads": args.heads, "kv_heads": args.kv_heads,
-            "vocab": args.vocab, "shard_bytes": args.input_shard_size,
-            "delta_scale": args.delta_scale, "seed": 0}
+    return {
+        "version": 1,
+        "layers": args.layers,
+        "hidden": args.hidden,
+        "intermediate": args.intermediate,
+        "heads": args.heads,
+        "kv_heads": args.kv_heads,
+        "vocab": args.vocab,
+        "shard_bytes": args.input_shard_size,
+        "delta_scale": args.delta_scale,
+        "seed": 0,
+    }
 
 
 def llama_config(spec: dict):  # type: ignore[no-untyped-def]
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=spec["vocab"], hidden_size=spec["hidden"],
-        intermediate_size=spec["intermediate"], num_hidden_layers=spec["layers"],
-        num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"],
-        max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=2,
-        eos_token_id=3, pad_token_id=0, architectures=["LlamaForCausalLM"], dtype="float32",
+        vocab_size=spec["vocab"],
+        hidden_size=spec["hidden"],
+        intermediate_size=spec["intermediate"],
+        num_hidden_layers=spec["layers"],
+        num_attention_heads=spec["heads"],
+        num_key_value_heads=spec["kv_heads"],
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+        architectures=["LlamaForCausalLM"],
+        dtype="float32",
     )
 
 
@@ -179,14 +202,20 @@ def build_family(workdir: Path, spec: dict, rebuild: bool) -> dict[str, Path]:
             final = f"model-{number:05d}-of-{len(files):05d}.safetensors"
             os.replace(tmp / file, tmp / final)
             weight_map.update(dict.fromkeys(tnames, final))
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
-            indent=2))
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                indent=2,
+            )
+        )
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, out)
-        print(f"  wrote {name}: {total / GB:.2f} GB in {len(files)} shards "
-              f"({time.perf_counter() - started:.0f} s so far)", flush=True)
+        print(
+            f"  wrote {name}: {total / GB:.2f} GB in {len(files)} shards "
+            f"({time.perf_counter() - started:.0f} s so far)",
+            flush=True,
+        )
     check_loads(paths["base"], tensors)
     done.write_text(json.dumps(spec, indent=2))
     return paths
@@ -206,15 +235,19 @@ def check_loads(path: Path, tensors: list[tuple[str, tuple[int, ...]]]) -> None:
     from transformers import AutoModelForCausalLM
 
     model, info = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, output_loading_info=True)
+        path, dtype=torch.float32, output_loading_info=True
+    )
     problems = {k: v for k, v in info.items() if v}
     if problems:
         raise SystemExit(f"transformers does not load {path} cleanly: {problems}")
     state = model.state_dict()
     for name, shape in tensors:
         assert tuple(state[name].shape) == shape, name
-    print(f"  transformers loads {path.name} cleanly ({type(model).__name__}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)", flush=True)
+    print(
+        f"  transformers loads {path.name} cleanly ({type(model).__name__}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)",
+        flush=True,
+    )
     del model, state
 
 
@@ -223,6 +256,7 @@ def folder_bytes(path: Path) -> int:
 
 
 # -- the floor -----------------------------------------------------------------------------
+
 
 def copy_bandwidth(mib: int = 512, tries: int = 7) -> float:
     """Bytes copied per second by torch's copy_ between two float32 buffers (best of tries)."""
@@ -242,6 +276,7 @@ def copy_bandwidth(mib: int = 512, tries: int = 7) -> float:
 
 
 # -- configs and runs ----------------------------------------------------------------------
+
 
 def write_config(method: str, paths: dict[str, Path], where: Path) -> tuple[Path, list[str]]:
     import yaml
@@ -277,8 +312,12 @@ class Runs:
 
 def bench_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -314,8 +353,9 @@ def timed_run(command: list[str], out: Path, log: Path) -> tuple[float, int, int
         command = [str(gnu_time), "-f", "%M", "-o", str(rss_file), *command]
     with log.open("wb") as sink:
         start = time.perf_counter()
-        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=bench_env(),
-                                cwd=out.parent)
+        proc = subprocess.Popen(
+            command, stdout=sink, stderr=subprocess.STDOUT, env=bench_env(), cwd=out.parent
+        )
         done = threading.Event()
 
         def sample() -> None:
@@ -383,6 +423,7 @@ def compare_outputs(a: Path, b: Path, names: list[str]) -> float:
 
 # -- reporting -----------------------------------------------------------------------------
 
+
 def machine_line() -> str:
     import torch
 
@@ -409,17 +450,29 @@ def machine_line() -> str:
             versions.append(f"{package} {version(package)}")
         except Exception:
             pass
-    return (f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {ram}, {cpu}, "
-            f"Python {platform.python_version()}, " + ", ".join(versions))
+    return (
+        f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {ram}, {cpu}, "
+        f"Python {platform.python_version()}, " + ", ".join(versions)
+    )
 
 
 def source_state() -> str:
     """The commit and whether evomerge/ had uncommitted changes (the code that was timed)."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "evomerge"], cwd=ROOT,
-                               text=True, capture_output=True, check=True).stdout.splitlines()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            text=True,
+            capture_output=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "evomerge"],
+            cwd=ROOT,
+            text=True,
+            capture_output=True,
+            check=True,
+        ).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (no git)"
     if not dirty:
@@ -479,11 +532,12 @@ def render(results: list[dict], context: dict) -> str:
     ]
     for row in results:
         evo, mk = row["evomerge"], row["mergekit"]
-        speed = (f"{mk.median() / evo.median():.2f}x" if evo.seconds and mk.seconds else "-")
+        speed = f"{mk.median() / evo.median():.2f}x" if evo.seconds and mk.seconds else "-"
         ratio = f"{evo.median() / row['floor']:.1f}x" if evo.seconds else "-"
         lines.append(
             f"| {row['method']} | {fmt_runs(evo)} | {fmt_runs(mk)} | {speed} | "
-            f"{row['floor']:.2f} | {ratio} | {fmt_rss(evo)} | {fmt_rss(mk)} |")
+            f"{row['floor']:.2f} | {ratio} | {fmt_rss(evo)} | {fmt_rss(mk)} |"
+        )
     lines += [
         "",
         "Speedup = mergekit time / evomerge time. Bytes read and written per method, the "
@@ -498,18 +552,29 @@ def render(results: list[dict], context: dict) -> str:
     ]
     for row in results:
         inproc = row["inprocess"]
-        overhead = (f"{row['evomerge'].median() - inproc.median():.2f}"
-                    if inproc.seconds and row["evomerge"].seconds else "-")
+        overhead = (
+            f"{row['evomerge'].median() - inproc.median():.2f}"
+            if inproc.seconds and row["evomerge"].seconds
+            else "-"
+        )
         diff = row.get("diff")
-        diff_text = ("-" if diff is None else "random mask (not compared)" if diff == "random"
-                     else f"{diff:.2e}")
-        anon = " / ".join(f"{statistics.median(r.anon) / GB:.2f} GB" if r.anon else "-"
-                          for r in (row["evomerge"], row["mergekit"]))
+        diff_text = (
+            "-"
+            if diff is None
+            else "random mask (not compared)"
+            if diff == "random"
+            else f"{diff:.2e}"
+        )
+        anon = " / ".join(
+            f"{statistics.median(r.anon) / GB:.2f} GB" if r.anon else "-"
+            for r in (row["evomerge"], row["mergekit"])
+        )
         runs = f"{row['repeats']}" + ("" if row["warmed_up"] else " (no warm-up)")
         lines.append(
             f"| {row['method']} | {', '.join(row['read_models'])} | {row['read'] / GB:.2f} | "
             f"{row['written'] / GB:.2f} | {runs} | {fmt_runs(inproc)} | {overhead} | {anon} | "
-            f"{diff_text} |")
+            f"{diff_text} |"
+        )
     targets = []
     for row in results:
         evo, mk = row["evomerge"], row["mergekit"]
@@ -520,8 +585,11 @@ def render(results: list[dict], context: dict) -> str:
             ok = evo.median() <= 2 * row["floor"]
             targets.append(f"{row['method']}: {'within' if ok else 'outside'} 2x of the floor")
     if targets:
-        lines += ["", "Project targets (evomerge >= 2x faster than mergekit; within 2x of the "
-                  "floor for linear, slerp, task_arithmetic): " + "; ".join(targets) + "."]
+        lines += [
+            "",
+            "Project targets (evomerge >= 2x faster than mergekit; within 2x of the "
+            "floor for linear, slerp, task_arithmetic): " + "; ".join(targets) + ".",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -533,7 +601,7 @@ def write_section(file: Path, section: str) -> None:
     second = text.find(MARKER, first + len(MARKER)) if first >= 0 else -1
     if first >= 0 and second >= 0:
         end = second + len(MARKER)
-        if text[end:end + 1] == "\n":
+        if text[end : end + 1] == "\n":
             end += 1
         text = text[:first] + block + text[end:]
     else:
@@ -542,6 +610,7 @@ def write_section(file: Path, section: str) -> None:
 
 
 # -- main ----------------------------------------------------------------------------------
+
 
 def parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]?)i?b?\s*", text, re.IGNORECASE)
@@ -553,32 +622,62 @@ def parse_size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="bench_merge.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="bench_merge.py",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("Example::")[0],
         epilog="Example: HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_merge.py --repeats 3 "
-        "--write BENCHMARKS.md")
-    parser.add_argument("--workdir", type=Path, default=ROOT / ".bench",
-                        help="cache for the model family and scratch outputs (default ./.bench)")
-    parser.add_argument("--methods", default="linear,slerp,task_arithmetic,ties",
-                        help="comma-separated, from: " + ", ".join(METHODS)
-                        + " (default: linear,slerp,task_arithmetic,ties)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed runs per tool and method, after one warm-up (default 3)")
-    parser.add_argument("--slow-repeats", type=int, default=1,
-                        help="timed runs per tool for the slow methods (ties, dare_ties: about "
-                        "2 minutes a run at the default size) (default 1)")
-    parser.add_argument("--always-warm-up", action="store_true",
-                        help="do a warm-up run per tool for every method (by default it is "
-                        "skipped when an earlier method already read the same models)")
-    parser.add_argument("--tools", default="evomerge,mergekit",
-                        help="comma-separated subset of evomerge,mergekit")
-    parser.add_argument("--mergekit-args", default="",
-                        help="extra options for mergekit-yaml, written with =, e.g. "
-                        "--mergekit-args=--async-write (default: none)")
-    parser.add_argument("--no-inprocess", action="store_true",
-                        help="skip the in-process merge_to_folder timing")
-    parser.add_argument("--write", type=Path, metavar="MARKDOWN",
-                        help="also put the result section into this file (e.g. BENCHMARKS.md)")
+        "--write BENCHMARKS.md",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=ROOT / ".bench",
+        help="cache for the model family and scratch outputs (default ./.bench)",
+    )
+    parser.add_argument(
+        "--methods",
+        default="linear,slerp,task_arithmetic,ties",
+        help="comma-separated, from: "
+        + ", ".join(METHODS)
+        + " (default: linear,slerp,task_arithmetic,ties)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed runs per tool and method, after one warm-up (default 3)",
+    )
+    parser.add_argument(
+        "--slow-repeats",
+        type=int,
+        default=1,
+        help="timed runs per tool for the slow methods (ties, dare_ties: about "
+        "2 minutes a run at the default size) (default 1)",
+    )
+    parser.add_argument(
+        "--always-warm-up",
+        action="store_true",
+        help="do a warm-up run per tool for every method (by default it is "
+        "skipped when an earlier method already read the same models)",
+    )
+    parser.add_argument(
+        "--tools", default="evomerge,mergekit", help="comma-separated subset of evomerge,mergekit"
+    )
+    parser.add_argument(
+        "--mergekit-args",
+        default="",
+        help="extra options for mergekit-yaml, written with =, e.g. "
+        "--mergekit-args=--async-write (default: none)",
+    )
+    parser.add_argument(
+        "--no-inprocess", action="store_true", help="skip the in-process merge_to_folder timing"
+    )
+    parser.add_argument(
+        "--write",
+        type=Path,
+        metavar="MARKDOWN",
+        help="also put the result section into this file (e.g. BENCHMARKS.md)",
+    )
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached model family")
     shape = parser.add_argument_group("model shape (Llama; float32)")
     shape.add_argument("--layers", type=int, default=4)
@@ -587,12 +686,21 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--heads", type=int, default=32)
     shape.add_argument("--kv-heads", type=int, default=4)
     shape.add_argument("--vocab", type=int, default=32000)
-    shape.add_argument("--delta-scale", type=float, default=0.002,
-                       help="std of the fine-tunes' noise (weights have std 0.02)")
-    shape.add_argument("--input-shard-size", type=parse_size, default=parse_size("1GB"),
-                       help="largest input safetensors shard (default 1GB)")
-    parser.add_argument("--inprocess-worker", nargs=3, metavar=("CONFIG", "OUT", "N"),
-                        help=argparse.SUPPRESS)
+    shape.add_argument(
+        "--delta-scale",
+        type=float,
+        default=0.002,
+        help="std of the fine-tunes' noise (weights have std 0.02)",
+    )
+    shape.add_argument(
+        "--input-shard-size",
+        type=parse_size,
+        default=parse_size("1GB"),
+        help="largest input safetensors shard (default 1GB)",
+    )
+    parser.add_argument(
+        "--inprocess-worker", nargs=3, metavar=("CONFIG", "OUT", "N"), help=argparse.SUPPRESS
+    )
     return parser
 
 
@@ -613,7 +721,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1 or args.slow_repeats < 1:
         raise SystemExit("--repeats and --slow-repeats must be at least 1")
     command = "HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_merge.py " + shlex.join(
-        sys.argv[1:] if argv is None else argv)
+        sys.argv[1:] if argv is None else argv
+    )
     load_before = os.getloadavg()[0]
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -633,32 +742,55 @@ def main(argv: list[str] | None = None) -> int:
         config, read_models = write_config(method, paths, scratch)
         read = sum(sizes[m] for m in read_models)
         written = sizes["base"]
-        row = {"method": method, "read_models": read_models, "read": read, "written": written,
-               "floor": (read + written) / bandwidth, "evomerge": Runs(), "mergekit": Runs(),
-               "inprocess": Runs()}
-        outs = {"evomerge": scratch / f"out-evomerge-{method}",
-                "mergekit": scratch / f"out-mergekit-{method}"}
-        commands = {
-            "evomerge": [str(BIN / "evomerge"), "merge", str(config), str(outs["evomerge"]),
-                         "--force", "--quiet"],
-            "mergekit": [str(BIN / "mergekit-yaml"), str(config), str(outs["mergekit"]),
-                         *mk_extra],
+        row = {
+            "method": method,
+            "read_models": read_models,
+            "read": read,
+            "written": written,
+            "floor": (read + written) / bandwidth,
+            "evomerge": Runs(),
+            "mergekit": Runs(),
+            "inprocess": Runs(),
         }
-        print(f"{method}: reads {', '.join(read_models)} ({read / GB:.2f} GB), floor "
-              f"{row['floor']:.2f} s", flush=True)
+        outs = {
+            "evomerge": scratch / f"out-evomerge-{method}",
+            "mergekit": scratch / f"out-mergekit-{method}",
+        }
+        commands = {
+            "evomerge": [
+                str(BIN / "evomerge"),
+                "merge",
+                str(config),
+                str(outs["evomerge"]),
+                "--force",
+                "--quiet",
+            ],
+            "mergekit": [str(BIN / "mergekit-yaml"), str(config), str(outs["mergekit"]), *mk_extra],
+        }
+        print(
+            f"{method}: reads {', '.join(read_models)} ({read / GB:.2f} GB), floor "
+            f"{row['floor']:.2f} s",
+            flush=True,
+        )
         repeats = args.slow_repeats if method in SLOW else args.repeats
         warm = method in SLOW and not args.always_warm_up and set(read_models) <= cached
         row["repeats"], row["warmed_up"] = repeats, not warm
         if warm:
-            print("  (no warm-up run: an earlier method read the same models through both tools)",
-                  flush=True)
+            print(
+                "  (no warm-up run: an earlier method read the same models through both tools)",
+                flush=True,
+            )
         for rep in range(0 if warm else -1, repeats):
             for tool in tools:
-                seconds, rss, anon = timed_run(commands[tool], outs[tool],
-                                               scratch / f"{tool}-{method}.log")
+                seconds, rss, anon = timed_run(
+                    commands[tool], outs[tool], scratch / f"{tool}-{method}.log"
+                )
                 label = "warm-up" if rep < 0 else f"run {rep + 1}"
-                print(f"  {tool:8s} {label:7s} {seconds:7.2f} s  peak RSS {rss / GB:.2f} GB "
-                      f"(anon {anon / GB:.2f} GB)", flush=True)
+                print(
+                    f"  {tool:8s} {label:7s} {seconds:7.2f} s  peak RSS {rss / GB:.2f} GB "
+                    f"(anon {anon / GB:.2f} GB)",
+                    flush=True,
+                )
                 if rep >= 0:
                     row[tool].seconds.append(seconds)
                     row[tool].rss.append(rss)
@@ -668,21 +800,38 @@ def main(argv: list[str] | None = None) -> int:
         if "evomerge" in tools and not args.no_inprocess:
             out = scratch / f"out-inprocess-{method}"
             proc = subprocess.run(
-                [sys.executable, str(Path(__file__).resolve()), "--inprocess-worker",
-                 str(config), str(out), str(repeats)],
-                env=bench_env(), capture_output=True, text=True, check=False)
+                [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--inprocess-worker",
+                    str(config),
+                    str(out),
+                    str(repeats),
+                ],
+                env=bench_env(),
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if proc.returncode != 0:
                 raise SystemExit(f"in-process worker failed:\n{proc.stderr[-3000:]}")
             data = json.loads(proc.stdout.strip().splitlines()[-1])
             row["inprocess"].seconds = data["merge_s"]
-            print("  in-process merge_to_folder: "
-                  + ", ".join(f"{s:.2f}" for s in data["merge_s"])
-                  + f" s (plan_from_file {data['plan_s']:.2f} s)", flush=True)
+            print(
+                "  in-process merge_to_folder: "
+                + ", ".join(f"{s:.2f}" for s in data["merge_s"])
+                + f" s (plan_from_file {data['plan_s']:.2f} s)",
+                flush=True,
+            )
         if set(tools) == {"evomerge", "mergekit"}:
             if method in DETERMINISTIC:
-                names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-                         f"model.layers.{args.layers - 1}.mlp.down_proj.weight",
-                         "model.norm.weight", "lm_head.weight"]
+                names = [
+                    "model.embed_tokens.weight",
+                    "model.layers.0.self_attn.q_proj.weight",
+                    f"model.layers.{args.layers - 1}.mlp.down_proj.weight",
+                    "model.norm.weight",
+                    "lm_head.weight",
+                ]
                 row["diff"] = compare_outputs(outs["evomerge"], outs["mergekit"], names)
             else:
                 row["diff"] = "random"
@@ -695,9 +844,11 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_line(),
         "load_before": load_before,
         "load_after": os.getloadavg()[0],
-        "family": (f"{args.layers} layers, hidden {args.hidden}, intermediate "
-                   f"{args.intermediate}, {args.heads} heads ({args.kv_heads} KV), vocab "
-                   f"{args.vocab}"),
+        "family": (
+            f"{args.layers} layers, hidden {args.hidden}, intermediate "
+            f"{args.intermediate}, {args.heads} heads ({args.kv_heads} KV), vocab "
+            f"{args.vocab}"
+        ),
         "delta_scale": args.delta_scale,
         "model_gb": sizes["base"] / GB,
         "input_shards": len(list(paths["base"].glob("*.safetensors"))),
