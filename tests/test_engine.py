@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from evomerge.checkpoint import ModelFolder
-from evomerge.errors import CheckpointError
+from evomerge.errors import CheckpointError, ConfigError
 from evomerge.merge.config_file import plan_from_file
 from evomerge.merge.engine import InPlaceMerger, merge_to_folder
 from tests.helpers import copy_model, edit_tensors, load_folder, write_yaml
@@ -185,3 +185,30 @@ def test_interrupt_keeps_the_previous_output_intact(family, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.yaml", "s.yaml"]
     replaced = load_folder(merge_to_folder(other, out, force=True))
     assert any(not torch.equal(before[n], replaced[n]) for n in before)
+
+
+def test_fisher_recipe_reads_each_sources_diagonal(family, tmp_path):
+    """Constant Fisher diagonals c_i make fisher a weighted average with weights w_i * c_i."""
+    from safetensors.torch import save_file
+
+    sources = {"ft_0": 1.0, "ft_1": 3.0}
+    recipe_sources = []
+    for name, scale in sources.items():
+        fisher = {n: torch.full_like(t, scale) for n, t in load_folder(family[name]).items()}
+        save_file(fisher, str(tmp_path / f"fisher_{name}.safetensors"))
+        recipe_sources.append(
+            {
+                "model": str(family[name]),
+                "fisher": f"fisher_{name}.safetensors",
+                "parameters": {"weight": 0.5},
+            }
+        )
+    recipe = {"method": "fisher", "sources": recipe_sources}
+    plan, _ = plan_from_file(write_yaml(tmp_path / "r.yaml", recipe))
+    merged = load_folder(merge_to_folder(plan, tmp_path / "out"))
+    a, b = load_folder(family["ft_0"]), load_folder(family["ft_1"])
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, (a[name] * 1.0 + b[name] * 3.0) / 4.0)
+    del recipe["sources"][1]["fisher"]
+    with pytest.raises(ConfigError, match=r"sources\[1\]\.fisher"):
+        plan_from_file(write_yaml(tmp_path / "s.yaml", recipe))

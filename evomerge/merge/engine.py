@@ -49,8 +49,9 @@ def merge_job(
             check_finite_tensor(tensor, ref, labels)
         return tensor
 
-    if not job.sources:  # not a float tensor: copied as is
-        return read(job.base) if job.base else torch.empty(0)
+    if not job.sources:  # not a float tensor: the base's copy, as is
+        assert job.base is not None
+        return read(job.base)
     base = load(job.base) if job.base is not None else None
     sources = [load(ref) for ref in job.sources]
     aux = {name: [load(ref) for ref in refs] for name, refs in job.aux}
@@ -79,17 +80,17 @@ def _first_ref(job: TensorJob) -> TensorRef:
 
 
 def open_plan_models(plan: MergePlan, allow_pickle: bool = False) -> list[ModelFolder]:
-    models = []
-    for path, label in zip(plan.models, plan.labels):
-        models.append(
-            ModelFolder(
-                path,
-                label=label,
-                allow_pickle=allow_pickle,
-                require_config=Path(path).is_dir() and (Path(path) / "config.json").exists(),
-            )
+    """Open the plan's models (already validated when the plan was built; Fisher folders
+    have no config.json)."""
+    return [
+        ModelFolder(
+            path,
+            label=label,
+            allow_pickle=allow_pickle,
+            require_config=(Path(path) / "config.json").is_file(),
         )
-    return models
+        for path, label in zip(plan.models, plan.labels)
+    ]
 
 
 def merge_to_folder(
