@@ -192,18 +192,27 @@ def generalized_task_arithmetic(
     )
     weights = torch.tensor([p["weight"] for p in per_source], dtype=dtype, device=base.device)
     weights = weights.reshape(-1, *([1] * base.dim()))
-    weighted = deltas * weights
+    # Work in place on the stacked deltas: a TIES merge of a large tensor otherwise holds
+    # five stacked copies (weighted, signs, mask, masked) at once.
     if variant.consensus:
-        votes = weighted if shared["weighted_election"] else deltas
-        signs = votes.sign()
-        tally = votes.sum(dim=0) if shared["sign_election"] == "mass" else signs.sum(dim=0)
+        if shared["weighted_election"]:
+            deltas.mul_(weights)
+        if shared["sign_election"] == "mass":
+            tally = deltas.sum(dim=0)
+        else:
+            tally = deltas.sign().sum(dim=0)
         majority = (tally >= 0).to(dtype) * 2 - 1
-        mask = (signs == majority).to(dtype)
-        mixed = (weighted * mask).sum(dim=0)
-        divisor = (weights * mask).sum(dim=0)
+        del tally
+        mask = deltas.sign() == majority
+        if not shared["weighted_election"]:
+            deltas.mul_(weights)
+        mixed = deltas.mul_(mask).sum(dim=0)
+        divisor = torch.zeros_like(mixed)
+        for index in range(len(per_source)):
+            divisor.add_(mask[index].to(dtype) * weights[index])
         divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
     else:
-        mixed = weighted.sum(dim=0)
+        mixed = deltas.mul_(weights).sum(dim=0)
         divisor = weights.sum(dim=0)
         divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
     if shared["normalize"]:
