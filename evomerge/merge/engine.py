@@ -36,17 +36,17 @@ def merge_job(
     *,
     seed: int = 0,
     input_dtype: torch.dtype | None = None,
-    labels: Sequence[str] = (),
-    check_finite: bool = True,
 ) -> torch.Tensor:
-    """Merge one output tensor. Returns it in the compute dtype (float32, or float64)."""
+    """Merge one output tensor. Returns it in the compute dtype (float32, or float64).
+
+    Inputs are expected to be checked for NaN/Inf where they are read (see
+    :func:`check_finite_tensor`).
+    """
 
     def load(ref: TensorRef) -> torch.Tensor:
         tensor = read(ref)
         if input_dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(input_dtype)
-        if check_finite:
-            check_finite_tensor(tensor, ref, labels)
         return tensor
 
     if not job.sources:  # not a float tensor: the base's copy, as is
@@ -140,8 +140,6 @@ def merge_to_folder(
                 tensors.__getitem__,
                 seed=plan.seed,
                 input_dtype=input_dtype,
-                labels=plan.labels,
-                check_finite=False,
             )
             dtype = output_dtype(plan, job, tensors[_first_ref(job)].dtype)
             writer.add(job.name, merged.to(dtype))
@@ -219,8 +217,6 @@ class InPlaceMerger:
                 self.read,
                 seed=plan.seed,
                 input_dtype=input_dtype,
-                labels=plan.labels,
-                check_finite=False,
             )
             yield job.name, merged.to(output_dtype(plan, job, self.read(_first_ref(job)).dtype))
 
