@@ -15,3 +15,7 @@ class MethodError(ConfigError):
 
 class CheckpointError(EvomergeError):
     """A model folder is unreadable, unsafe, or incompatible with the others."""
+
+
+class EvaluationError(EvomergeError):
+    """An evaluator is misconfigured (unknown task, missing data, unknown metric) or failed."""

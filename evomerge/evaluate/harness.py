@@ -1,0 +1,425 @@
+"""The ``lm_eval`` evaluator: lm-eval tasks scored on the worker's in-memory model, many times.
+
+Built once per worker: one ``HFLM`` wraps the model object and a task dict is loaded once. Each
+``evaluate`` calls lm-eval's ``evaluate()`` (not ``simple_evaluate``, which reseeds the global
+RNGs and rebuilds everything). What does not depend on the weights is prepared once and reused:
+the requests of each subset (prompt rendering, few-shot contexts) and the tokenization of each
+context/continuation pair. No response cache is used: lm-eval's cache is keyed by prompt, not by
+weights, and would return stale scores after an in-place merge.
+
+Subsets: ``limit`` picks a fixed, seeded sample of each task's documents, the same for every
+candidate, and a larger limit contains the smaller one (both are prefixes of one seeded
+permutation), so cheap fidelities rank candidates on comparable data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import random
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from evomerge.errors import EvaluationError
+from evomerge.evaluate.base import (
+    EvalResult,
+    Evaluator,
+    EvaluatorConfig,
+    check_limit,
+    limit_count,
+)
+from evomerge.evaluate.registry import register_evaluator
+
+SUITES_ENV = "EVOMERGE_EVALUATORS"
+
+
+class LmEvalConfig(EvaluatorConfig):
+    """lm-eval tasks (or groups, or tags) run in process on the worker's model."""
+
+    kind: Literal["lm_eval"] = "lm_eval"
+    tasks: list[str] = Field(min_length=1)
+    num_fewshot: int | None = Field(default=None, ge=0)
+    batch_size: int = Field(default=64, ge=1)
+    max_length: int | None = Field(default=None, ge=2)
+    include_paths: list[Path] = Field(default_factory=list)
+    """Extra folders of task YAMLs, searched after the bundled ``evaluators/`` suites."""
+    bundled_suites: bool = True
+    include_defaults: bool | Literal["auto"] = "auto"
+    """lm-eval's built-in tasks: "auto" indexes them only when a task is not found locally."""
+    subset_seed: int = 0
+    fewshot_seed: int = 1234
+    bootstrap_iters: int = Field(default=100, ge=0)
+    """Draws for stderr of metrics without a closed form (0: no stderr at all)."""
+
+
+def bundled_suites_dir() -> Path | None:
+    """The project's ``evaluators/`` folder (or ``$EVOMERGE_EVALUATORS``), if it exists."""
+    override = os.environ.get(SUITES_ENV)
+    if override:
+        return Path(override).expanduser().resolve()
+    candidate = Path(__file__).resolve().parents[2] / "evaluators"
+    return candidate if candidate.is_dir() else None
+
+
+def subset_indices(task_name: str, total: int, count: int, seed: int) -> list[int]:
+    """``count`` of ``total`` document indices: a prefix of a permutation seeded by task and seed.
+
+    Sorted, so documents keep their natural order; nested across counts by construction.
+    """
+    order = list(range(total))
+    random.Random(f"{seed}:{task_name}").shuffle(order)
+    return sorted(order[:count])
+
+
+def quiet_lm_eval_logs() -> None:
+    """Raise lm-eval's loggers to ERROR once (per-candidate INFO lines would flood worker logs).
+
+    Set ``EVOMERGE_LM_EVAL_LOG=INFO`` (or another level) to keep them.
+    """
+    level = os.environ.get("EVOMERGE_LM_EVAL_LOG", "ERROR").upper()
+    for name in ("lm-eval", "lm_eval"):
+        logging.getLogger(name).setLevel(level)
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval() -> Iterator[None]:
+    """Swallow lm-eval's prints, warnings and progress bars during one call."""
+    previous_multiproc = os.environ.get("DISABLE_MULTIPROC")
+    # Bootstrapped stderr would otherwise fork a process pool per evaluation (unsafe with CUDA).
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if previous_multiproc is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = previous_multiproc
+
+
+def _anchor_data_files(config: dict[str, Any], yaml_dir: Path) -> None:
+    """Resolve relative ``dataset_kwargs.data_files`` against the task's YAML folder.
+
+    lm-eval hands them to ``datasets`` as they are, relative to the working directory. A path
+    that exists only relative to the working directory is kept, for compatibility.
+    """
+    kwargs = config.get("dataset_kwargs")
+    if not isinstance(kwargs, dict) or "data_files" not in kwargs:
+        return
+    task = config.get("task", yaml_dir.name)
+
+    def anchor(path: Any) -> Any:
+        if not isinstance(path, str) or "://" in path or Path(path).is_absolute():
+            return path
+        beside = yaml_dir / path
+        if beside.exists() or any(ch in path for ch in "*?["):
+            return str(beside)
+        if Path(path).exists():
+            return path
+        raise EvaluationError(
+            f"lm_eval task {task}: data file {path!r} not found "
+            f"(looked in {yaml_dir} and in the working directory)"
+        )
+
+    files = kwargs["data_files"]
+    if isinstance(files, dict):
+        kwargs["data_files"] = {
+            split: [anchor(p) for p in value] if isinstance(value, list) else anchor(value)
+            for split, value in files.items()
+        }
+    elif isinstance(files, list):
+        kwargs["data_files"] = [anchor(p) for p in files]
+    else:
+        kwargs["data_files"] = anchor(files)
+
+
+def _task_manager(include_paths: list[Path], include_defaults: bool):  # type: ignore[no-untyped-def]
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(
+        include_path=[str(p) for p in include_paths] or None, include_defaults=include_defaults
+    )
+    factory = getattr(manager, "_factory", None)
+    if factory is not None and hasattr(factory, "_load_full_config"):
+        original = factory._load_full_config
+
+        def load_full_config(entry, overrides=None):  # type: ignore[no-untyped-def]
+            config = original(entry, overrides)
+            yaml_path = getattr(entry, "yaml_path", None)
+            if yaml_path:
+                _anchor_data_files(config, Path(yaml_path).resolve().parent)
+            return config
+
+        factory._load_full_config = load_full_config
+    return manager
+
+
+def _reusable_hflm_class():  # type: ignore[no-untyped-def]
+    from lm_eval.models.huggingface import HFLM
+
+    class ReusableHFLM(HFLM):
+        """HFLM that memoizes tokenization of request pairs and never draws progress bars."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._pair_cache: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+            self._max_length_value: int | None = None
+
+        @property
+        def max_length(self) -> int:
+            # HFLM re-derives this from the model config on every request; it never changes.
+            if self._max_length_value is None:
+                self._max_length_value = HFLM.max_length.fget(self)  # type: ignore[attr-defined]
+            return self._max_length_value
+
+        def _encode_pair(self, context: str, continuation: str):  # type: ignore[no-untyped-def]
+            key = (context, continuation)
+            encoded = self._pair_cache.get(key)
+            if encoded is None:
+                encoded = super()._encode_pair(context, continuation)
+                self._pair_cache[key] = encoded
+            return encoded
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):  # type: ignore[no-untyped-def]
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):  # type: ignore[no-untyped-def]
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):  # type: ignore[no-untyped-def]
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return ReusableHFLM
+
+
+def _reuse_requests(task: Any, fewshot_seed: int) -> None:
+    """Make ``task.build_all_requests`` build each distinct subset once, then reuse it.
+
+    Requests depend on the documents, the prompt and the few-shot draw, never on the weights;
+    reused ones get their responses cleared. The few-shot RNG is reseeded before each build so
+    a subset's prompts do not depend on what was built before.
+    """
+    build = task.build_all_requests
+    built: dict[tuple, list] = {}
+
+    def build_all_requests(**kwargs: Any) -> None:
+        key = tuple(
+            sorted(
+                (name, tuple(value) if isinstance(value, list) else repr(value))
+                for name, value in kwargs.items()
+            )
+        )
+        instances = built.get(key)
+        if instances is None:
+            if hasattr(task, "set_fewshot_seed"):
+                task.set_fewshot_seed(seed=fewshot_seed)
+            build(**kwargs)
+            built[key] = task._instances
+            return
+        for instance in instances:
+            instance.resps = []
+            instance.filtered_resps = {}
+        task._instances = instances
+
+    task.build_all_requests = build_all_requests
+
+
+def _reuse_documents(task: Any) -> None:
+    """Serve ``task.doc_iterator`` from a list built once, and ``dump_config`` from a copy.
+
+    lm-eval re-reads every document through ``datasets`` row formatting and re-serializes the
+    task config (source of its functions included) on every call; neither changes between
+    candidates. The iteration order and doc ids are lm-eval's own.
+    """
+    from lm_eval.utils import create_iterator
+
+    docs: list[Any] = []
+    config: dict[str, Any] = {}
+
+    def doc_iterator(
+        *, rank: int = 0, limit: int | None = None, world_size: int = 1, samples: Any = None
+    ):  # type: ignore[no-untyped-def]
+        if not docs:
+            docs.extend(task.eval_docs)
+        if samples:
+            chosen = set(samples)
+            selected = enumerate(doc for index, doc in enumerate(docs) if index in chosen)
+            return create_iterator(selected, rank=int(rank), world_size=int(world_size))
+        limit = int(limit) if limit else None
+        return create_iterator(
+            enumerate(docs), rank=int(rank), limit=limit, world_size=int(world_size)
+        )
+
+    dump_config = task.dump_config
+
+    def cached_dump_config() -> dict[str, Any]:
+        if not config:
+            config.update(dump_config())
+        return dict(config)
+
+    task.doc_iterator = doc_iterator
+    task.dump_config = cached_dump_config
+
+
+def _metric_key(task: str, key: str) -> str:
+    metric, _, filter_name = key.partition(",")
+    return f"{task}/{metric}" if filter_name in ("", "none") else f"{task}/{metric},{filter_name}"
+
+
+def metrics_from_results(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """lm-eval's ``results`` block as flat ``task/metric`` floats ("N/A" stderrs dropped)."""
+    flat: dict[str, float] = {}
+    for task, entries in results.items():
+        for key, value in entries.items():
+            if "," not in key or isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            flat[_metric_key(task, key)] = float(value)
+    return flat
+
+
+@register_evaluator("lm_eval", LmEvalConfig)
+class LmEvalEvaluator(Evaluator):
+    """lm-eval tasks in process; one HFLM and one task dict for the evaluator's lifetime."""
+
+    config: LmEvalConfig
+
+    def __init__(self, config: LmEvalConfig, model: Any, tokenizer: Any) -> None:
+        super().__init__(config, model, tokenizer)
+        self.default_limit = check_limit(config.limit, "lm_eval")
+        quiet_lm_eval_logs()
+        with _quiet_lm_eval():
+            self.task_dict = self._load_tasks()
+            self.tasks: dict[str, Any] = dict(self.task_dict["tasks"])
+            for task in self.tasks.values():
+                if config.num_fewshot is not None:
+                    task.set_config(key="num_fewshot", value=config.num_fewshot)
+                _reuse_requests(task, config.fewshot_seed)
+                _reuse_documents(task)
+            hflm_kwargs: dict[str, Any] = {"batch_size": config.batch_size}
+            if config.max_length is not None:
+                hflm_kwargs["max_length"] = config.max_length
+            self.lm = _reusable_hflm_class()(pretrained=model, tokenizer=tokenizer, **hflm_kwargs)
+
+    def _include_paths(self) -> list[Path]:
+        paths: list[Path] = []
+        bundled = bundled_suites_dir() if self.config.bundled_suites else None
+        if bundled is not None:
+            paths.append(bundled)
+        for path in self.config.include_paths:
+            resolved = path.expanduser().resolve()
+            if not resolved.is_dir():
+                raise EvaluationError(f"lm_eval: include path {path} is not a folder")
+            paths.append(resolved)
+        return paths
+
+    def _load_tasks(self) -> dict[str, Any]:
+        paths = self._include_paths()
+        wanted = list(dict.fromkeys(self.config.tasks))
+        defaults = self.config.include_defaults
+        manager = _task_manager(paths, include_defaults=defaults is True)
+        missing = [name for name in wanted if name not in _known(manager)]
+        if missing and defaults == "auto":
+            local = manager
+            manager = _task_manager(paths, include_defaults=True)
+            missing = [name for name in wanted if name not in _known(manager)]
+            if missing:
+                manager = local
+        if missing:
+            raise EvaluationError(_unknown_tasks_message(missing, manager, paths, defaults))
+        try:
+            if hasattr(manager, "load"):
+                return manager.load(wanted)
+            from lm_eval.tasks import get_task_dict
+
+            return get_task_dict(wanted, manager)
+        except EvaluationError:
+            raise
+        except Exception as exc:
+            raise EvaluationError(
+                f"lm_eval: could not load {', '.join(wanted)}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _samples(self, limit: int | float | None) -> dict[str, list[int]] | None:
+        if limit is None:
+            return None
+        samples = {}
+        for name, task in self.tasks.items():
+            total = len(task.eval_docs)
+            count = limit_count(limit, total)
+            if count < total:
+                samples[name] = subset_indices(name, total, count, self.config.subset_seed)
+        return samples or None
+
+    def evaluate(self, limit: int | float | None = None) -> EvalResult:
+        from lm_eval.evaluator import evaluate as lm_evaluate
+
+        if self.model is None:
+            raise EvaluationError("lm_eval evaluator was closed")
+        chosen = check_limit(limit, "lm_eval") if limit is not None else self.default_limit
+        start = time.perf_counter()
+        samples = self._samples(chosen)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with _quiet_lm_eval():
+                output = lm_evaluate(
+                    lm=self.lm,
+                    task_dict=self.task_dict,
+                    samples=samples,
+                    bootstrap_iters=self.config.bootstrap_iters,
+                    log_samples=False,
+                )
+        finally:
+            self.model.train(was_training)
+        if output is None:
+            raise EvaluationError("lm_eval returned no results (not rank 0?)")
+        metrics = metrics_from_results(output["results"])
+        if not metrics:
+            raise EvaluationError(
+                f"lm_eval: tasks {', '.join(self.config.tasks)} produced no numeric metrics"
+            )
+        sizes = {name: len(task.eval_docs) for name, task in self.tasks.items()}
+        counted = {
+            name: len(samples[name]) if samples and name in samples else total
+            for name, total in sizes.items()
+        }
+        return EvalResult(
+            metrics=metrics, seconds=time.perf_counter() - start, details={"docs": counted}
+        )
+
+    def close(self) -> None:
+        self.lm = None
+        self.task_dict = {}
+        self.tasks = {}
+        super().close()
+
+
+def _known(manager: Any) -> set[str]:
+    names = set(manager.all_tasks)
+    for attribute in ("all_groups", "all_tags"):
+        names.update(getattr(manager, attribute, []))
+    return names
+
+
+def _unknown_tasks_message(
+    missing: list[str], manager: Any, paths: list[Path], defaults: bool | str
+) -> str:
+    local = sorted(_known(manager)) if defaults is not True else []
+    where = ", ".join(str(p) for p in paths) or "no include paths"
+    text = f"lm_eval: unknown task or group {', '.join(missing)} (searched {where}"
+    text += "; and lm-eval's built-in tasks)" if defaults in (True, "auto") else ")"
+    if local:
+        text += f"; available here: {', '.join(local)}"
+    return text

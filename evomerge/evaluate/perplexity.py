@@ -1,0 +1,152 @@
+"""Strided perplexity of a causal LM over one local UTF-8 text file.
+
+The file is tokenized once (without special tokens) when the evaluator is built and cut into the
+standard Hugging Face sliding windows: windows of ``max_length`` tokens start every ``stride``
+tokens, and each window scores only the tokens no earlier window scored, with the overlap as
+context. The very first token has no context and is never scored; when ``stride == max_length``
+the first token of every window is likewise unscored (the windows do not overlap).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from evomerge.errors import EvaluationError
+from evomerge.evaluate.base import (
+    EvalResult,
+    Evaluator,
+    EvaluatorConfig,
+    check_limit,
+    limit_count,
+)
+from evomerge.evaluate.registry import register_evaluator
+
+DEFAULT_MAX_LENGTH_CAP = 4096
+IGNORE = -100
+
+
+class PerplexityConfig(EvaluatorConfig):
+    """Perplexity over ``file``; ``limit`` counts (or is a fraction of) windows."""
+
+    kind: Literal["perplexity"] = "perplexity"
+    file: Path
+    stride: int = Field(default=512, ge=1)
+    max_length: int | None = Field(default=None, ge=2)
+    """Tokens per window; None is the model's ``max_position_embeddings`` capped at 4096."""
+    name: str = Field(default="perplexity", min_length=1)
+    """Metric prefix: ``{name}/perplexity`` and ``{name}/nll``."""
+    batch_size: int = Field(default=1, ge=1)
+    """Windows per forward pass (right-padded; results match batch size 1 up to float noise)."""
+
+
+def _model_max_length(model: Any) -> int:
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value >= 2:
+            return min(value, DEFAULT_MAX_LENGTH_CAP)
+    return DEFAULT_MAX_LENGTH_CAP
+
+
+def sliding_windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """``(begin, end, target_len)`` per window: the last ``target_len`` tokens are scored."""
+    windows = []
+    prev_end = 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + max_length, n_tokens)
+        windows.append((begin, end, end - prev_end))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return windows
+
+
+@register_evaluator("perplexity", PerplexityConfig)
+class PerplexityEvaluator(Evaluator):
+    """Perplexity (and mean token NLL) of the model on a fixed text, recomputed every call."""
+
+    config: PerplexityConfig
+
+    def __init__(self, config: PerplexityConfig, model: Any, tokenizer: Any) -> None:
+        super().__init__(config, model, tokenizer)
+        file = config.file
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise EvaluationError(
+                f"perplexity: cannot read text file {str(file)!r}: {type(exc).__name__}: {exc}"
+            ) from None
+        if not text.strip():
+            raise EvaluationError(f"perplexity: text file {str(file)!r} is empty")
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) < 2:
+            raise EvaluationError(
+                f"perplexity: text file {str(file)!r} has {len(ids)} token(s); need at least 2"
+            )
+        self.max_length = config.max_length or _model_max_length(model)
+        if config.stride > self.max_length:
+            raise EvaluationError(
+                f"perplexity ({file}): stride ({config.stride}) must not exceed "
+                f"max_length ({self.max_length})"
+            )
+        self.input_ids = torch.tensor(ids, dtype=torch.long)
+        self.windows = sliding_windows(len(ids), self.max_length, config.stride)
+
+    def evaluate(self, limit: int | float | None = None) -> EvalResult:
+        start = time.perf_counter()
+        limit = check_limit(limit if limit is not None else self.config.limit, "perplexity")
+        windows = self.windows[: limit_count(limit, len(self.windows))]
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            total_nll, count = self._score(windows)
+        finally:
+            model.train(was_training)
+        nll = total_nll / count
+        name = self.config.name
+        return EvalResult(
+            metrics={f"{name}/perplexity": math.exp(nll), f"{name}/nll": nll},
+            seconds=time.perf_counter() - start,
+            details={"tokens": count, "windows": len(windows)},
+        )
+
+    def _score(self, windows: list[tuple[int, int, int]]) -> tuple[float, int]:
+        device = next(self.model.parameters()).device
+        pad_id = getattr(self.tokenizer, "pad_token_id", None) or 0
+        total = torch.zeros((), dtype=torch.float64)
+        count = 0
+        size = self.config.batch_size
+        with torch.no_grad():
+            for first in range(0, len(windows), size):
+                batch = windows[first : first + size]
+                width = max(end - begin for begin, end, _ in batch)
+                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, (begin, end, target_len) in enumerate(batch):
+                    length = end - begin
+                    ids[row, :length] = self.input_ids[begin:end]
+                    mask[row, :length] = 1
+                    labels[row, length - target_len : length] = self.input_ids[
+                        end - target_len : end
+                    ]
+                ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+                logits = self.model(input_ids=ids, attention_mask=mask).logits
+                shift_logits = logits[:, :-1].float()
+                shift_labels = labels[:, 1:]
+                nll = torch.nn.functional.cross_entropy(
+                    shift_logits.reshape(-1, shift_logits.shape[-1]),
+                    shift_labels.reshape(-1),
+                    ignore_index=IGNORE,
+                    reduction="none",
+                )
+                total += nll.double().sum().cpu()
+                count += int((shift_labels != IGNORE).sum())
+        return float(total), count

@@ -1,0 +1,160 @@
+"""Score a model with a user-written Python function.
+
+``function`` is ``"package.module:function"`` (imported from ``sys.path``) or
+``"path/to/file.py:function"`` (relative paths are resolved against the current working
+directory). The function is called as ``fn(model, tokenizer, **options)``, plus ``limit=...`` when
+it accepts a ``limit`` parameter or ``**kwargs``, and returns either ``{name: number}`` or one
+number (reported as ``{prefix}/score``).
+
+This imports and runs arbitrary code: only point it at code you trust, exactly as you would
+before running it yourself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import itertools
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from evomerge.errors import EvaluationError
+from evomerge.evaluate.base import (
+    EvalResult,
+    Evaluator,
+    EvaluatorConfig,
+    as_number,
+    check_limit,
+    numeric_metrics,
+)
+from evomerge.evaluate.registry import register_evaluator
+
+_module_counter = itertools.count()
+
+
+class PythonConfig(EvaluatorConfig):
+    """A user function to call; ``options`` are passed to it as keyword arguments."""
+
+    kind: Literal["python"] = "python"
+    function: str = Field(min_length=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+    name: str | None = Field(default=None, min_length=1)
+    """Metric prefix; defaults to the function's name."""
+
+    @field_validator("options")
+    @classmethod
+    def _no_limit_option(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if "limit" in value:
+            raise ValueError("'limit' is not an option; set the evaluator's limit field instead")
+        return value
+
+
+def _is_path(module_part: str) -> bool:
+    return module_part.endswith(".py") or "/" in module_part or "\\" in module_part
+
+
+def _import_file(path_text: str, spec_text: str) -> ModuleType:
+    path = Path(path_text).expanduser()
+    if not path.is_absolute():
+        path = Path.cwd() / path
+    if not path.is_file():
+        raise EvaluationError(f"python evaluator {spec_text}: file not found: {path}")
+    module_name = f"_evomerge_user_{path.stem}_{next(_module_counter)}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise EvaluationError(f"python evaluator {spec_text}: cannot load {path} as a module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        raise EvaluationError(
+            f"python evaluator {spec_text}: importing {path} raised {type(exc).__name__}: {exc}"
+        ) from exc
+    return module
+
+
+def load_function(spec_text: str) -> tuple[Callable[..., Any], str]:
+    """The callable ``spec_text`` names, and its short name."""
+    module_part, sep, attr_part = spec_text.rpartition(":")
+    if not sep or not module_part or not attr_part:
+        raise EvaluationError(
+            f"python evaluator {spec_text!r}: expected 'package.module:function' or "
+            "'path/to/file.py:function'"
+        )
+    if _is_path(module_part):
+        module = _import_file(module_part, spec_text)
+    else:
+        try:
+            module = importlib.import_module(module_part)
+        except Exception as exc:
+            raise EvaluationError(
+                f"python evaluator {spec_text}: cannot import module {module_part!r}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+    target: Any = module
+    for part in attr_part.split("."):
+        if not hasattr(target, part):
+            raise EvaluationError(
+                f"python evaluator {spec_text}: {module_part!r} has no attribute {attr_part!r}"
+            )
+        target = getattr(target, part)
+    if not callable(target):
+        raise EvaluationError(
+            f"python evaluator {spec_text}: {attr_part!r} is not callable "
+            f"(it is a {type(target).__name__})"
+        )
+    return target, attr_part.rsplit(".", 1)[-1]
+
+
+def _accepts_limit(fn: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.kind is inspect.Parameter.VAR_KEYWORD
+        or (p.name == "limit" and p.kind is not inspect.Parameter.POSITIONAL_ONLY)
+        for p in params
+    )
+
+
+@register_evaluator("python", PythonConfig)
+class PythonEvaluator(Evaluator):
+    """Calls a user function on the model each time; see the module docstring."""
+
+    config: PythonConfig
+
+    def __init__(self, config: PythonConfig, model: Any, tokenizer: Any) -> None:
+        super().__init__(config, model, tokenizer)
+        self.function, short_name = load_function(config.function)
+        self.prefix = config.name or short_name
+        self.passes_limit = _accepts_limit(self.function)
+        self.owner = f"python evaluator {config.function}"
+
+    def evaluate(self, limit: int | float | None = None) -> EvalResult:
+        start = time.perf_counter()
+        limit = check_limit(limit if limit is not None else self.config.limit, self.owner)
+        kwargs = dict(self.config.options)
+        if self.passes_limit:
+            kwargs["limit"] = limit
+        try:
+            result = self.function(self.model, self.tokenizer, **kwargs)
+        except Exception as exc:
+            raise EvaluationError(f"{self.owner} raised {type(exc).__name__}: {exc}") from exc
+        if isinstance(result, Mapping):
+            values = numeric_metrics(result, self.owner)
+            if not values:
+                raise EvaluationError(f"{self.owner} returned no metrics (an empty mapping)")
+            metrics = {f"{self.prefix}/{key}": value for key, value in values.items()}
+        else:
+            metrics = {f"{self.prefix}/score": as_number(result, f"{self.owner}: return value")}
+        return EvalResult(metrics=metrics, seconds=time.perf_counter() - start)
