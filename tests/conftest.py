@@ -37,3 +37,11 @@ def bf16_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build_random_family(
         tmp_path_factory.mktemp("bf16"), sources=2, seed=2, layers=2, dtype=torch.bfloat16
     )
+
+
+@pytest.fixture(scope="session")
+def toy_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The default trained toy zoo (base, ft_a, ft_b), built once per test run (~20 s)."""
+    from evomerge.toy_zoo import build_toy_zoo
+
+    return build_toy_zoo(tmp_path_factory.mktemp("toy") / "zoo")

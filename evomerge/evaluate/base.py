@@ -80,8 +80,11 @@ class Evaluator(ABC):
         """Score the model as it is now; ``limit`` overrides the config's subset size."""
 
     def metric_names(self) -> list[str]:
-        """Every metric key ``evaluate`` returns (may run a one-item evaluation to find out)."""
-        return sorted(self.evaluate(limit=1).metrics)
+        """Every metric key ``evaluate`` returns (runs a two-item evaluation to find out).
+
+        Two items, not one: a standard error needs at least two.
+        """
+        return sorted(self.evaluate(limit=2).metrics)
 
     def check_metrics(self, names: Iterable[str]) -> None:
         """Raise EvaluationError naming any of ``names`` this evaluator does not produce."""
