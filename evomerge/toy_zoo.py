@@ -114,6 +114,21 @@ def facts_jsonl(facts: list[Fact]) -> str:
     return "".join(json.dumps(asdict(f)) + "\n" for f in facts)
 
 
+def heldout_text(facts_per_line: int = 8) -> str:
+    """A held-out text for perplexity: every fact of sets c, a and b, shuffled, 8 to a line.
+
+    Training only ever saw one fact per sequence; here each fact follows others, so the text
+    tests the facts in contexts the models were not trained on.
+    """
+    facts = [fact for name in ("c", "a", "b") for fact in fact_sets()[name]]
+    random.Random(FACTS_SEED + 1).shuffle(facts)
+    lines = [
+        " ".join(f"{f.key} = {f.value}" for f in facts[i : i + facts_per_line])
+        for i in range(0, len(facts), facts_per_line)
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def _encode(tokenizer, facts: list[Fact]) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
     ids = tokenizer([f"{f.key} = {f.value}" for f in facts], add_special_tokens=False).input_ids
     inputs = torch.tensor(ids, dtype=torch.long)

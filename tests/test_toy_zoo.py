@@ -159,3 +159,21 @@ def test_searched_per_layer_merge_beats_every_uniform_merge(toy_zoo):
         strategy.tell(candidates, [-s for s in scores])
     assert uniform < 0.9
     assert best >= uniform + 0.05, (best, uniform)
+
+
+def test_heldout_text_is_committed_and_in_the_zoo_vocabulary(toy_zoo):
+    """The text is every fact of sets c, a, b; each of its words is one known token."""
+    from evomerge.evaluate import build_evaluator
+    from evomerge.toy_zoo import heldout_text
+
+    text = bundled_suites_dir() / "text" / "toy_facts_heldout.txt"
+    assert text.read_text() == heldout_text()
+    words = text.read_text().split()
+    assert len(words) == 3 * 180
+    model = AutoModelForCausalLM.from_pretrained(toy_zoo["ft_a"], dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(toy_zoo["ft_a"])
+    assert tokenizer.unk_token_id not in tokenizer(text.read_text()).input_ids
+    config = {"kind": "perplexity", "file": str(text), "name": "heldout"}
+    result = build_evaluator(config, model, tokenizer).evaluate()
+    assert result.details["tokens"] == len(words) - 1  # overlapping windows score all but one
+    assert 1 < result.metrics["heldout/perplexity"] < float("inf")

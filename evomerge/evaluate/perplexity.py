@@ -36,7 +36,9 @@ class PerplexityConfig(EvaluatorConfig):
 
     kind: Literal["perplexity"] = "perplexity"
     file: Path
-    stride: int = Field(default=512, ge=1)
+    stride: int | None = Field(default=None, ge=1)
+    """Tokens between window starts; None is half of ``max_length`` (half of each window is
+    context for the other half)."""
     max_length: int | None = Field(default=None, ge=2)
     """Tokens per window; None is the model's ``max_position_embeddings`` capped at 4096."""
     name: str = Field(default="perplexity", min_length=1)
@@ -90,13 +92,15 @@ class PerplexityEvaluator(Evaluator):
                 f"perplexity: text file {str(file)!r} has {len(ids)} token(s); need at least 2"
             )
         self.max_length = config.max_length or _model_max_length(model)
-        if config.stride > self.max_length:
+        stride = config.stride or max(1, self.max_length // 2)
+        if stride > self.max_length:
             raise EvaluationError(
-                f"perplexity ({file}): stride ({config.stride}) must not exceed "
+                f"perplexity ({file}): stride ({stride}) must not exceed "
                 f"max_length ({self.max_length})"
             )
+        self.stride = stride
         self.input_ids = torch.tensor(ids, dtype=torch.long)
-        self.windows = sliding_windows(len(ids), self.max_length, config.stride)
+        self.windows = sliding_windows(len(ids), self.max_length, stride)
 
     def evaluate(self, limit: int | float | None = None) -> EvalResult:
         start = time.perf_counter()
