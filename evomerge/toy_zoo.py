@@ -10,6 +10,11 @@ at once, and per-layer coefficients do that better than one uniform weight.
 The facts are fixed (``FACTS_SEED``) and are also the data of the lm-eval suite in
 ``evaluators/toy_facts``; ``seed`` only changes weight initialisation and batch order. Training
 runs single-threaded under a forked RNG, so a seed gives the same bytes on every run.
+
+Differences from ``toy-zoo.md``: 300 keys rather than 180 (two spare sets for up to four
+fine-tunes), and fine-tunes at lr 5e-4 rather than 1e-3. At 1e-3 they forgot 17-22% of the base's
+facts (the design notes 5%); at 5e-4 they keep 95-98%, and the best uniform task-arithmetic merge
+(weight 0.8: a 0.82, b 0.87) stays about 10 points below a per-layer CMA-ES merge.
 """
 
 from __future__ import annotations
@@ -218,38 +223,32 @@ def build_toy_zoo(
                 heads=spec.heads,
             )
             generator = torch.Generator().manual_seed(spec.seed)
-            base = LlamaForCausalLM(config)
-            inputs, labels = _encode(tokenizer, sets[BASE_SET])
-            _train(
-                base,
-                inputs,
-                labels,
-                steps=spec.base_steps,
-                lr=spec.base_lr,
-                weight_decay=spec.weight_decay,
-                batch_size=spec.batch_size,
-                generator=generator,
-                on_step=on_step,
-            )
-            _save(base, tokenizer, staging / "base")
-            accuracy = {"base": _accuracies(base, tokenizer, sets, spec)}
-            for set_name in FINE_TUNE_SETS[: spec.sources]:
-                model = LlamaForCausalLM(config)
-                model.load_state_dict(base.state_dict())
-                inputs, labels = _encode(tokenizer, sets[set_name])
+            accuracy: dict[str, dict] = {}
+
+            def train_and_save(model, name: str, facts: list[Fact], steps: int, lr: float) -> None:  # type: ignore[no-untyped-def]
+                inputs, labels = _encode(tokenizer, facts)
                 _train(
                     model,
                     inputs,
                     labels,
-                    steps=spec.fine_tune_steps,
-                    lr=spec.fine_tune_lr,
+                    steps=steps,
+                    lr=lr,
                     weight_decay=spec.weight_decay,
                     batch_size=spec.batch_size,
                     generator=generator,
                     on_step=on_step,
                 )
-                _save(model, tokenizer, staging / f"ft_{set_name}")
-                accuracy[f"ft_{set_name}"] = _accuracies(model, tokenizer, sets, spec)
+                _save(model, tokenizer, staging / name)
+                accuracy[name] = _accuracies(model, tokenizer, sets, spec)
+
+            base = LlamaForCausalLM(config)
+            train_and_save(base, "base", sets[BASE_SET], spec.base_steps, spec.base_lr)
+            for set_name in FINE_TUNE_SETS[: spec.sources]:
+                model = LlamaForCausalLM(config)
+                model.load_state_dict(base.state_dict())
+                train_and_save(
+                    model, f"ft_{set_name}", sets[set_name], spec.fine_tune_steps, spec.fine_tune_lr
+                )
         manifest = {
             "spec": asdict(spec),
             "fingerprint": spec.fingerprint(),
