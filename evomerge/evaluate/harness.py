@@ -339,11 +339,7 @@ class LmEvalEvaluator(Evaluator):
         if missing:
             raise EvaluationError(_unknown_tasks_message(missing, manager, paths, defaults))
         try:
-            if hasattr(manager, "load"):
-                return manager.load(wanted)
-            from lm_eval.tasks import get_task_dict
-
-            return get_task_dict(wanted, manager)
+            return manager.load(wanted)
         except EvaluationError:
             raise
         except Exception as exc:
