@@ -91,6 +91,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=cmd_demo)
 
+    space = commands.add_parser("space", help="inspect search spaces")
+    space_cmds = space.add_subparsers(dest="space_command", required=True, metavar="ACTION")
+    space_show = space_cmds.add_parser(
+        "show",
+        help="list a search space's genes for a base model and sources",
+        description="Bind a search space (a YAML file, or the name of a ready one in "
+        "search_spaces/) to a base model and print its genes: name, scope, bounds, scale.",
+    )
+    space_show.add_argument("space", help="search space YAML file or ready space name")
+    space_show.add_argument("--base", type=Path, required=True, help="base model folder")
+    space_show.add_argument(
+        "--source",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="source model folder (repeatable; default: two sources named s0, s1)",
+    )
+    space_show.set_defaults(handler=cmd_space_show)
+
     zoo = commands.add_parser(
         "zoo",
         help="train the toy zoo: a tiny model family in which merging visibly matters",
@@ -305,6 +325,27 @@ def _no_transformers_bars() -> Iterator[None]:
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+def cmd_space_show(args: argparse.Namespace) -> int:
+    from evomerge.checkpoint import ModelFolder
+    from evomerge.space import load_space
+
+    space = load_space(args.space)
+    base = ModelFolder(args.base)
+    labels = [ModelFolder(s).label for s in args.source] if args.source else ["s0", "s1"]
+    if space.method == "slerp" and not args.source:
+        labels = ["s0"]
+    bound = space.bind(base, labels)
+    rows = [("gene", "scope", "bounds", "scale"), *bound.table()]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    print(f"{space.name}: {space.method}, {space.description.strip()}".rstrip(", "))
+    for row in rows:
+        print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    fixed = ", ".join(f"{k}={v}" for k, v in space.fixed.items()) or "none"
+    sources = ", ".join(labels) + ("" if args.source else " (placeholders; pass --source)")
+    print(f"dimension {bound.dimension}; sources {sources}; fixed {fixed}; seed {space.seed}")
+    return 0
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:

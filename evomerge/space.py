@@ -1,0 +1,517 @@
+"""Search spaces: which merge coefficients a search may set, and how a genome becomes a recipe.
+
+A space (``search_spaces/*.yaml``) names a merge method and, for each searched parameter, its
+bounds, scale and scope. Bound to concrete models (:meth:`SearchSpace.bind`) it becomes a list
+of genes. A genome is a vector in the unit cube, one entry per gene; :meth:`BoundSpace.decode`
+turns it into an ordinary :class:`~evomerge.merge.recipe.Recipe` (the same file ``evomerge
+merge`` takes) and :meth:`BoundSpace.encode` reads a recipe back into a genome.
+
+Scopes. A parameter's ``scope`` lists what gets its own gene:
+
+- ``source``: one gene per source model (per-source parameters only, e.g. ``weight``);
+- ``group``: one gene per layer group (``layers: per_layer``, ``{groups: N}``, ``{group_size:
+  N}`` or ``global``); tensors outside the layers (embeddings, head, final norm) have no group;
+- ``kind``: one gene per tensor kind listed in ``kinds`` (attention, mlp, norm, embedding, head);
+  tensors of unlisted kinds share one ``rest`` gene.
+
+In a recipe, a group-scoped value is a per-layer list (one entry per layer, so each layer gets its
+group's value exactly), or with ``smoothing: true`` the group genes are the anchors of a gradient
+interpolated across the layers. Tensors outside the layers take a layer list's first entry, as in
+any recipe (the final norm therefore shares the first group's ``norm`` or ``rest`` gene).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.checkpoint import ModelFolder
+from evomerge.errors import ConfigError
+from evomerge.merge.recipe import Recipe, evaluate_setting, load_yaml, parse_recipe
+from evomerge.merge.registry import MergeMethod, ParamSpec, get_method
+from evomerge.merge.tensors import layer_index, layer_position, tensor_kind
+
+SEARCH_SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
+GeneKind = Literal["attention", "mlp", "norm", "embedding", "head"]
+Scope = Literal["source", "group", "kind"]
+REST = "rest"
+
+
+class SearchedParameter(BaseModel):
+    """One searched parameter: bounds, scale, scope, and its value in uniform baselines."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    bounds: tuple[float, float]
+    scale: Literal["linear", "log"] = "linear"
+    scope: list[Scope] = Field(default_factory=lambda: ["source", "group", "kind"])
+    uniform: float | list[float] | None = None
+    """Value(s) of this parameter in the uniform baselines; default the middle of the bounds."""
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchedParameter:
+        low, high = self.bounds
+        if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+            raise ValueError(f"bounds must be two finite numbers, low < high; got {low}, {high}")
+        if self.scale == "log" and low <= 0:
+            raise ValueError(f"a log scale needs positive bounds; got {low}, {high}")
+        if len(set(self.scope)) != len(self.scope):
+            raise ValueError("scope lists an entry twice")
+        for value in self.uniform_values():
+            if not low <= value <= high:
+                raise ValueError(f"uniform value {value} is outside the bounds [{low}, {high}]")
+        return self
+
+    def uniform_values(self) -> list[float]:
+        if self.uniform is None:
+            low, high = self.bounds
+            return [math.sqrt(low * high) if self.scale == "log" else (low + high) / 2]
+        return list(self.uniform) if isinstance(self.uniform, list) else [self.uniform]
+
+    def to_value(self, unit: float) -> float:
+        low, high = self.bounds
+        if self.scale == "log":
+            return math.exp(math.log(low) + unit * (math.log(high) - math.log(low)))
+        return low + unit * (high - low)
+
+    def to_unit(self, value: float) -> float:
+        low, high = self.bounds
+        if self.scale == "log":
+            unit = (math.log(value) - math.log(low)) / (math.log(high) - math.log(low))
+        else:
+            unit = (value - low) / (high - low)
+        return min(1.0, max(0.0, unit))
+
+
+class LayerGroups(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    groups: int | None = Field(default=None, ge=1)
+    group_size: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one(self) -> LayerGroups:
+        if (self.groups is None) == (self.group_size is None):
+            raise ValueError("give exactly one of 'groups' or 'group_size'")
+        return self
+
+
+class SearchSpace(BaseModel):
+    """A search space file (``search_spaces/*.yaml``), before it is bound to models."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(min_length=1)
+    description: str = ""
+    method: str
+    layers: Literal["per_layer", "global"] | LayerGroups = "per_layer"
+    """``per_layer``, ``global``, ``{groups: N}`` (N contiguous groups) or ``{group_size: N}``."""
+    kinds: list[GeneKind] = Field(default_factory=list)
+    parameters: dict[str, SearchedParameter] = Field(min_length=1)
+    fixed: dict[str, Any] = Field(default_factory=dict)
+    smoothing: bool = False
+    seed: int = 0
+    """Seed of random masks (DARE, DELLA) in every recipe of the space."""
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return LayerGroups.model_validate(value)
+        if value not in ("per_layer", "global"):
+            raise ValueError(
+                f"must be per_layer, global, {{groups: N}} or {{group_size: N}}; got {value!r}"
+            )
+        return value
+
+    @field_validator("kinds")
+    @classmethod
+    def _unique_kinds(cls, kinds: list[str]) -> list[str]:
+        if len(set(kinds)) != len(kinds):
+            raise ValueError("a kind is listed twice")
+        return kinds
+
+    def check_method(self) -> MergeMethod:
+        """The method, after checking every parameter against it (names, scopes, ranges)."""
+        method = get_method(self.method)
+        where = f"search space '{self.name}'"
+        for name, searched in self.parameters.items():
+            spec = _param(method, name, where)
+            if spec.kind not in (int, float):
+                raise ConfigError(
+                    f"{where}: parameter '{name}' of {method.name} is not numeric; "
+                    "put it under 'fixed'"
+                )
+            for bound in searched.bounds:
+                try:
+                    spec.check(bound)
+                except ValueError as exc:
+                    raise ConfigError(
+                        f"{where}: bounds of '{name}' {list(searched.bounds)}: {name} {exc}"
+                    ) from None
+            if "source" in searched.scope and spec.scope == "shared":
+                raise ConfigError(
+                    f"{where}: '{name}' is one value for all sources in {method.name}; "
+                    "remove 'source' from its scope"
+                )
+        for name, value in self.fixed.items():
+            spec = _param(method, name, where)
+            if name in self.parameters:
+                raise ConfigError(f"{where}: '{name}' is both searched and fixed")
+            try:
+                spec.check(spec.coerce(value))
+            except ValueError as exc:
+                raise ConfigError(f"{where}: fixed {name}: {exc}") from None
+        return method
+
+    def bind(self, base: ModelFolder, sources: Sequence[str]) -> BoundSpace:
+        """The genes of this space for ``base``'s architecture and these source labels."""
+        method = self.check_method()
+        where = f"search space '{self.name}'"
+        if method.max_sources is not None and len(sources) > method.max_sources:
+            raise ConfigError(
+                f"{where}: {method.name} merges at most {method.max_sources} source(s) "
+                f"besides the base; got {len(sources)}"
+            )
+        if len(sources) < method.min_sources:
+            raise ConfigError(f"{where}: {method.name} needs at least {method.min_sources} sources")
+        num_layers = base.num_layers or 0
+        layer_kinds, outer_kinds = _kinds_present(base)
+        present = layer_kinds | outer_kinds
+        for kind in self.kinds:
+            if kind not in present:
+                raise ConfigError(
+                    f"{where}: kind '{kind}' does not occur in {base.path} "
+                    f"(it has: {', '.join(sorted(present))})"
+                )
+        groups = _layer_groups(self.layers, num_layers, where)
+        genes: list[Gene] = []
+        for name, searched in self.parameters.items():
+            spec = method.param(name)
+            owners = list(sources) if "source" in searched.scope else [None]
+            for owner in owners:
+                for bucket in self._buckets(searched, layer_kinds | outer_kinds):
+                    if bucket is None:
+                        in_layers = bool(layer_kinds)
+                    elif bucket == REST:
+                        in_layers = bool(layer_kinds - set(self.kinds))
+                    else:
+                        in_layers = bucket in layer_kinds
+                    group_count = len(groups) if "group" in searched.scope and in_layers else 1
+                    for group in range(group_count):
+                        genes.append(
+                            Gene(
+                                parameter=name,
+                                source=owner,
+                                kind=bucket,
+                                group=group if group_count > 1 else None,
+                                layers=groups[group] if group_count > 1 else None,
+                                searched=searched,
+                                per_source=spec.scope == "per_source",
+                            )
+                        )
+        return BoundSpace(self, method, base, list(sources), groups, num_layers, genes)
+
+    def _buckets(self, searched: SearchedParameter, present: set[str]) -> list[str | None]:
+        if "kind" not in searched.scope or not self.kinds:
+            return [None]
+        rest = present - set(self.kinds)
+        return [*self.kinds, *([REST] if rest else [])]
+
+
+@dataclass(frozen=True, eq=False)
+class Gene:
+    """One coordinate of the genome (compared and hashed by identity)."""
+
+    parameter: str
+    source: str | None
+    kind: str | None
+    group: int | None
+    layers: tuple[int, ...] | None
+    searched: SearchedParameter
+    per_source: bool
+
+    @property
+    def name(self) -> str:
+        text = self.parameter + (f"[{self.source}]" if self.source is not None else "")
+        if self.kind is not None:
+            text += f"/{self.kind}"
+        if self.layers is not None:
+            first, last = self.layers[0], self.layers[-1]
+            text += f"/L{first}" if first == last else f"/L{first}-{last}"
+        return text
+
+    @property
+    def scope_text(self) -> str:
+        parts = [
+            f"source {self.source}" if self.source is not None else "all sources",
+            f"kind {self.kind}" if self.kind is not None else "all kinds",
+            f"layers {self.layers[0]}-{self.layers[-1]}" if self.layers else "all layers",
+        ]
+        return ", ".join(parts)
+
+
+class BoundSpace:
+    """A search space bound to a base model and source labels: genes, decode, encode."""
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        method: MergeMethod,
+        base: ModelFolder,
+        sources: list[str],
+        groups: list[tuple[int, ...]],
+        num_layers: int,
+        genes: list[Gene],
+    ) -> None:
+        self.space = space
+        self.method = method
+        self.base = base
+        self.sources = sources
+        self.groups = groups
+        self.num_layers = num_layers
+        self.genes = genes
+        self._examples = _example_tensors(base)
+
+    @property
+    def dimension(self) -> int:
+        return len(self.genes)
+
+    def decode(self, genome: Sequence[float], base: str, sources: Sequence[str]) -> Recipe:
+        """The recipe a genome stands for; ``base`` and ``sources`` are the model folders."""
+        unit = np.asarray(genome, dtype=np.float64)
+        if unit.shape != (self.dimension,):
+            raise ConfigError(
+                f"a genome for space '{self.space.name}' has {self.dimension} entries, "
+                f"got shape {list(unit.shape)}"
+            )
+        if len(sources) != len(self.sources):
+            raise ConfigError(f"expected {len(self.sources)} source folders, got {len(sources)}")
+        values = {
+            gene: gene.searched.to_value(float(min(1.0, max(0.0, u))))
+            for gene, u in zip(self.genes, unit, strict=True)
+        }
+        shared: dict[str, Any] = {}
+        per_source: list[dict[str, Any]] = [{} for _ in self.sources]
+        for name, value in self.space.fixed.items():
+            shared[name] = value
+        for name in self.space.parameters:
+            owners = {gene.source for gene in self.genes if gene.parameter == name}
+            for owner in owners:
+                setting = self._setting(name, owner, values)
+                if owner is None:
+                    shared[name] = setting
+                else:
+                    per_source[self.sources.index(owner)][name] = setting
+        return parse_recipe(
+            {
+                "method": self.method.name,
+                "base": base,
+                "sources": [
+                    {"model": folder, "label": label, "parameters": params}
+                    for folder, label, params in zip(sources, self.sources, per_source, strict=True)
+                ],
+                "parameters": shared,
+                "seed": self.space.seed,
+            },
+            where=f"recipe decoded from space '{self.space.name}'",
+        )
+
+    def _setting(self, name: str, owner: str | None, values: dict[Gene, float]) -> Any:
+        genes = [g for g in self.genes if g.parameter == name and g.source == owner]
+        by_bucket: dict[str | None, list[Gene]] = {}
+        for gene in genes:
+            by_bucket.setdefault(gene.kind, []).append(gene)
+
+        def bucket_value(bucket_genes: list[Gene]) -> float | list[float]:
+            if bucket_genes[0].layers is None:
+                return values[bucket_genes[0]]
+            anchors = [values[g] for g in bucket_genes]
+            if self.space.smoothing:
+                return anchors
+            per_layer = [0.0] * self.num_layers
+            for gene, value in zip(bucket_genes, anchors, strict=True):
+                for layer in gene.layers or ():
+                    per_layer[layer] = value
+            return per_layer
+
+        if list(by_bucket) == [None]:
+            return bucket_value(by_bucket[None])
+        conditions = []
+        for bucket, bucket_genes in by_bucket.items():
+            entry: dict[str, Any] = {"value": bucket_value(bucket_genes)}
+            if bucket != REST:
+                entry["kind"] = bucket
+            conditions.append(entry)
+        return conditions
+
+    def encode(self, recipe: Recipe) -> np.ndarray:
+        """The genome of a recipe: each gene's value read at a tensor it governs, then scaled.
+
+        Exact for recipes this space decoded; for other recipes, values outside a gene's
+        bounds are clipped and values that vary inside one gene's scope are sampled at its first
+        layer.
+        """
+        labels = [s.label or Path(s.model).name for s in recipe.sources]
+        unit = np.empty(self.dimension, dtype=np.float64)
+        for index, gene in enumerate(self.genes):
+            tensor, t = self._probe(gene)
+            spec = self.method.param(gene.parameter)
+            value = None
+            if gene.source is not None:
+                if gene.source not in labels:
+                    raise ConfigError(f"the recipe has no source labelled '{gene.source}'")
+                source = recipe.sources[labels.index(gene.source)]
+                value = evaluate_setting(
+                    source.parameters.get(gene.parameter), tensor, t, spec.coerce
+                )
+            if value is None:
+                value = evaluate_setting(
+                    recipe.parameters.get(gene.parameter), tensor, t, spec.coerce
+                )
+            if value is None:
+                value = None if spec.required else spec.default
+            if value is None:
+                raise ConfigError(f"the recipe sets no value for gene {gene.name}")
+            unit[index] = gene.searched.to_unit(float(value))
+        return unit
+
+    def _probe(self, gene: Gene) -> tuple[str, float]:
+        """A tensor name and layer position at which ``gene`` alone decides the value."""
+        if gene.kind is None or gene.kind == REST:
+            excluded = set(self.space.kinds) if gene.kind == REST else set()
+            candidates = [
+                (name, layer)
+                for (kind, layer), name in self._examples.items()
+                if kind not in excluded and (gene.layers is None or layer == gene.layers[0])
+            ]
+        else:
+            candidates = [
+                (name, layer)
+                for (kind, layer), name in self._examples.items()
+                if kind == gene.kind and (gene.layers is None or layer == gene.layers[0])
+            ]
+        if gene.layers is not None:
+            candidates = [c for c in candidates if c[1] is not None]
+        if not candidates:
+            raise ConfigError(f"no tensor of the base model is governed by gene {gene.name}")
+        name = sorted(candidates, key=lambda c: (c[1] is None, c[1] or 0, c[0]))[0][0]
+        if gene.layers is not None and self.space.smoothing and gene.group is not None:
+            count = len(self.groups)
+            return name, gene.group / (count - 1) if count > 1 else 0.0
+        return name, layer_position(name, self.num_layers)
+
+    def uniform_genomes(self) -> list[np.ndarray]:
+        """Genomes of the uniform baselines: each parameter at its ``uniform`` value(s)."""
+        values = {name: p.uniform_values() for name, p in self.space.parameters.items()}
+        count = max(len(v) for v in values.values())
+        genomes = []
+        for index in range(count):
+            genome = np.array(
+                [
+                    gene.searched.to_unit(
+                        values[gene.parameter][min(index, len(values[gene.parameter]) - 1)]
+                    )
+                    for gene in self.genes
+                ]
+            )
+            genomes.append(genome)
+        return genomes
+
+    def table(self) -> list[tuple[str, str, str, str]]:
+        """(name, scope, bounds, scale) per gene, for ``evomerge space show``."""
+        return [
+            (
+                gene.name,
+                gene.scope_text,
+                f"[{gene.searched.bounds[0]:g}, {gene.searched.bounds[1]:g}]",
+                gene.searched.scale,
+            )
+            for gene in self.genes
+        ]
+
+
+def load_space(path_or_name: str | Path) -> SearchSpace:
+    """A space from a YAML file, or a ready one by name (``task_arithmetic_per_layer``)."""
+    path = Path(path_or_name)
+    if not path.exists() and not path.suffix:
+        candidate = SEARCH_SPACES_DIR / f"{path_or_name}.yaml"
+        if candidate.exists():
+            path = candidate
+        else:
+            ready = sorted(p.stem for p in SEARCH_SPACES_DIR.glob("*.yaml"))
+            raise ConfigError(
+                f"no search space file {path_or_name}; ready spaces: {', '.join(ready)}"
+            )
+    return parse_space(load_yaml(path), where=str(path))
+
+
+def parse_space(data: dict[str, Any], where: str = "search space") -> SearchSpace:
+    from evomerge.merge.recipe import pydantic_message
+
+    try:
+        space = SearchSpace.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {pydantic_message(exc)}") from None
+    try:
+        space.check_method()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return space
+
+
+def _param(method: MergeMethod, name: str, where: str) -> ParamSpec:
+    try:
+        return method.param(name)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _kinds_present(base: ModelFolder) -> tuple[set[str], set[str]]:
+    """Kinds of floating-point tensors inside the layers, and outside them."""
+    inside: set[str] = set()
+    outside: set[str] = set()
+    for name, info in base.tensors.items():
+        if not info.dtype.is_floating_point:
+            continue
+        (inside if layer_index(name) is not None else outside).add(tensor_kind(name))
+    return inside, outside
+
+
+def _example_tensors(base: ModelFolder) -> dict[tuple[str, int | None], str]:
+    """One tensor name per (kind, layer), the first in name order."""
+    examples: dict[tuple[str, int | None], str] = {}
+    for name in sorted(base.tensors):
+        if base.tensors[name].dtype.is_floating_point:
+            examples.setdefault((tensor_kind(name), layer_index(name)), name)
+    return examples
+
+
+def _layer_groups(layers: str | LayerGroups, num_layers: int, where: str) -> list[tuple[int, ...]]:
+    """Contiguous layer groups."""
+    if num_layers == 0:
+        return [()]
+    if layers == "global":
+        return [tuple(range(num_layers))]
+    if layers == "per_layer":
+        return [(i,) for i in range(num_layers)]
+    assert isinstance(layers, LayerGroups)
+    if layers.groups is not None:
+        if layers.groups > num_layers:
+            raise ConfigError(
+                f"{where}: {layers.groups} layer groups but the model has {num_layers} layers"
+            )
+        count = layers.groups
+        return [
+            tuple(i for i in range(num_layers) if i * count // num_layers == g)
+            for g in range(count)
+        ]
+    size = layers.group_size or 1
+    if size > num_layers:
+        raise ConfigError(
+            f"{where}: group_size {size} is larger than the model's {num_layers} layers"
+        )
+    return [tuple(range(s, min(s + size, num_layers))) for s in range(0, num_layers, size)]
