@@ -1,0 +1,292 @@
+"""CMA-ES (pycma) with IPOP/BIPOP restarts, kind ``cma``.
+
+Generations: pycma samples a whole generation at once; ``ask()`` hands its solutions out one
+at a time. When all of them are out but some are not yet told, ``ask()`` returns None (a
+generation boundary); the last result of the generation completes it (``es.tell``), and the
+next ``ask()`` samples the next generation. Once the last run stops, ``finished`` is True and
+``ask()`` returns None for good.
+
+Fitness: pycma minimizes ``-scalarize(objectives, values)``. A failed proposal gets the worst
+fitness told in its generation; a generation in which every proposal failed is discarded
+(never told to pycma) and re-sampled.
+
+Runs and restarts: a run stops when pycma's own criteria fire (``es.stop()``), when every
+fitness of a generation is equal (``tie_restart``; common with small evaluation sets), or
+after ``max_generations_per_run``. A restart starts again from ``x0``. IPOP: run ``k`` has
+``popsize * incpopsize**k`` and ``sigma0``. BIPOP alternates: odd runs are large (the IPOP
+schedule over the large runs only), even runs (after the first) are small, with
+``u ~ U(0, 1)``: popsize ``int(popsize * (0.5 * last_large / popsize) ** (u ** 2))`` and step
+``sigma0 * 10 ** (-2 u)``. Run ``k`` seeds its random numbers from ``(seed, k)``.
+
+Randomness: pycma draws from numpy's global RNG. The proposer keeps its own copy of that
+generator's state and swaps it in around every pycma call (so other users of ``np.random``
+do not change the proposals, and vice versa; not thread-safe).
+
+State: a pickle of the pycma ``CMAEvolutionStrategy``, the current generation's solutions and
+told fitnesses, the run bookkeeping and the private RNG state. No files are written
+(pycma's logging is off).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from evomerge.errors import ConfigError
+from evomerge.optimize.base import Proposer, ProposerConfig
+from evomerge.optimize.registry import register_proposer
+
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="Could not import matplotlib")
+    import cma
+    from cma.utilities.utils import SolutionDict
+
+T = TypeVar("T")
+
+
+class CMAConfig(ProposerConfig):
+    """pycma CMA-ES over the unit cube; ``sigma0`` and ``x0`` are in unit-cube coordinates."""
+
+    kind: Literal["cma"] = "cma"
+    sigma0: float = Field(default=0.25, gt=0, allow_inf_nan=False)
+    x0: list[float] | float | None = None
+    """Start (and restart) point: None is 0.5 for every gene; a list has one value per gene."""
+    popsize: int | None = Field(default=None, ge=2)
+    """None is pycma's default, ``4 + int(3 ln d)``."""
+    restarts: int = Field(default=0, ge=0)
+    restart_strategy: Literal["ipop", "bipop"] = "ipop"
+    incpopsize: float = Field(default=2.0, ge=1, allow_inf_nan=False)
+    tie_restart: bool = True
+    """Stop a run when all fitnesses of a generation are equal."""
+    max_generations_per_run: int | None = Field(default=None, ge=1)
+
+    @field_validator("x0")
+    @classmethod
+    def _x0_in_cube(cls, value: list[float] | float | None) -> list[float] | float | None:
+        values = value if isinstance(value, list) else [] if value is None else [value]
+        if not values and isinstance(value, list):
+            raise ValueError("x0 must not be empty")
+        for v in values:
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"x0 values must be within [0, 1], got {v}")
+        return value
+
+
+def _global_randn(*shape: int) -> np.ndarray:
+    """pycma's ``randn`` option: pickles by name, so a restored strategy still draws from the
+    global generator (into which the proposer swaps its own state)."""
+    return np.random.randn(*shape)
+
+
+def _rehash_solution_dicts(root: Any) -> None:
+    """Re-key every pycma ``SolutionDict`` reachable from ``root``.
+
+    pycma keys solutions by ``hash(x.tobytes())``, and bytes hash differently in another
+    process (hash randomization): without re-keying, a strategy unpickled elsewhere no longer
+    finds the genotypes of the solutions it handed out, and its next update differs slightly.
+    """
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, SolutionDict):
+            new = {old: obj.key(x) for old, x in obj._unhashed_keys.items()}
+            obj.data = {new.get(k, k): v for k, v in obj.data.items()}
+            obj.data_with_same_key = {new.get(k, k): v for k, v in obj.data_with_same_key.items()}
+            obj._unhashed_keys = {new[k]: x for k, x in obj._unhashed_keys.items()}
+        if isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, list | tuple):
+            stack.extend(obj)
+        elif type(obj).__module__.startswith("cma.") and hasattr(obj, "__dict__"):
+            stack.extend(vars(obj).values())
+
+
+def _run_seed(seed: int, run: int, stream: int = 0) -> int:
+    return int(np.random.SeedSequence([seed, run, stream]).generate_state(1)[0]) or 1
+
+
+@register_proposer("cma", CMAConfig)
+class CMAProposer(Proposer):
+    """CMA-ES; see the module docstring for generations, failures, restarts and state."""
+
+    multi_objective = False
+    config: CMAConfig
+
+    def __init__(self, config: CMAConfig, dimension: int, objectives: Any) -> None:
+        super().__init__(config, dimension, objectives)
+        if isinstance(config.x0, list) and len(config.x0) != self.dimension:
+            raise ConfigError(
+                f"proposer (cma): x0 has {len(config.x0)} values but genomes have "
+                f"{self.dimension} genes"
+            )
+        self.restarts_done = 0
+        self.runs: list[dict[str, Any]] = []
+        """One record per finished run: popsize, sigma0, generations, stop reason."""
+        self._finished = False
+        self._start_run(0)
+
+    # -- runs ------------------------------------------------------------------------------
+
+    @property
+    def base_popsize(self) -> int:
+        return self.config.popsize or 4 + int(3 * math.log(self.dimension))
+
+    def regime(self, run: int) -> tuple[int, float]:
+        """(popsize, sigma0) of run ``run`` (0 is the first run)."""
+        base, inc, sigma0 = self.base_popsize, self.config.incpopsize, self.config.sigma0
+        if self.config.restart_strategy == "ipop" or run == 0:
+            return round(base * inc**run), sigma0
+        n_large = (run + 1) // 2
+        if run % 2 == 1:
+            return round(base * inc**n_large), sigma0
+        u = np.random.default_rng(_run_seed(self.config.seed, run, 1)).random()
+        popsize = int(base * (0.5 * inc**n_large) ** (u**2))
+        return max(2, popsize), sigma0 * 10 ** (-2 * u)
+
+    def _start_run(self, run: int) -> None:
+        popsize, sigma0 = self.regime(run)
+        x0 = self.config.x0
+        if x0 is None:
+            x0 = 0.5
+        x0_vec = list(x0) if isinstance(x0, list) else [float(x0)] * self.dimension
+        options = {
+            "bounds": [0.0, 1.0],
+            "popsize": popsize,
+            "seed": math.nan,  # seeding is ours: the private RNG state below
+            "randn": _global_randn,
+            "verbose": -9,
+            "verb_log": 0,
+            "verb_disp": 0,
+        }
+        self._run = run
+        self._generation = 0
+        self._run_popsize, self._run_sigma0 = popsize, sigma0
+        self._rng_state = np.random.RandomState(_run_seed(self.config.seed, run)).get_state()
+        self._es = self._call(cma.CMAEvolutionStrategy, x0_vec, sigma0, options)
+        self._solutions: list[np.ndarray] = []
+        self._handed = 0
+        self._fitness: dict[int, float | None] = {}
+
+    def _end_run(self, reason: str) -> None:
+        self.runs.append(
+            {
+                "run": self._run,
+                "popsize": self._run_popsize,
+                "sigma0": self._run_sigma0,
+                "generations": self._generation,
+                "reason": reason,
+            }
+        )
+        if self.restarts_done < self.config.restarts:
+            self.restarts_done += 1
+            self._start_run(self._run + 1)
+        else:
+            self._finished = True
+            self._solutions = []
+
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` with the proposer's RNG state swapped into ``np.random``."""
+        outer = np.random.get_state()
+        np.random.set_state(self._rng_state)
+        try:
+            return fn(*args)
+        finally:
+            self._rng_state = np.random.get_state()
+            np.random.set_state(outer)
+
+    # -- ask/tell --------------------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    @property
+    def generation(self) -> int:
+        """Generations completed in the current run."""
+        return self._generation
+
+    @property
+    def popsize(self) -> int:
+        """Population size of the current run."""
+        return self._run_popsize
+
+    def _propose(self) -> tuple[np.ndarray, Any] | None:
+        if self._finished:
+            return None
+        if not self._solutions:
+            self._solutions = self._call(self._es.ask)
+            self._handed = 0
+            self._fitness = {}
+        if self._handed == len(self._solutions):
+            return None  # generation boundary: wait for the pending results
+        index = self._handed
+        self._handed += 1
+        return self._solutions[index], (self._run, self._generation, index)
+
+    def _observe(self, token: Any, genome: np.ndarray, values: tuple[float, ...]) -> None:
+        self._record(token, -self.score(values))
+
+    def _observe_failure(self, token: Any, genome: np.ndarray) -> None:
+        self._record(token, None)
+
+    def _record(self, token: tuple[int, int, int], fitness: float | None) -> None:
+        run, generation, index = token
+        if (run, generation) != (self._run, self._generation):  # cannot happen: ask() waits
+            raise RuntimeError(f"cma: result for generation {token} arrived too late")
+        self._fitness[index] = fitness
+        if len(self._fitness) == len(self._solutions):
+            self._complete_generation()
+
+    def _complete_generation(self) -> None:
+        told = [self._fitness[i] for i in range(len(self._solutions))]
+        ok = [f for f in told if f is not None]
+        if not ok:  # nothing to learn from: sample this generation again
+            self._solutions = []
+            return
+        worst = max(ok)
+        fitnesses = [worst if f is None else f for f in told]
+        self._call(self._es.tell, self._solutions, fitnesses)
+        self._generation += 1
+        self._solutions = []
+        limit = self.config.max_generations_per_run
+        stop = self._call(self._es.stop)
+        if self.config.tie_restart and max(fitnesses) == min(fitnesses):
+            self._end_run("tie")
+        elif limit is not None and self._generation >= limit:
+            self._end_run("max_generations")
+        elif stop:
+            self._end_run(", ".join(sorted(stop)))
+
+    # -- state -----------------------------------------------------------------------------
+
+    _STATE_FIELDS = (
+        "_es",
+        "_rng_state",
+        "_run",
+        "_generation",
+        "_run_popsize",
+        "_run_sigma0",
+        "_solutions",
+        "_handed",
+        "_fitness",
+        "_finished",
+        "restarts_done",
+        "runs",
+    )
+
+    def _get_state(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._STATE_FIELDS}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        for name in self._STATE_FIELDS:
+            setattr(self, name, state[name])
+        _rehash_solution_dicts(self._es)

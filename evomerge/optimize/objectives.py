@@ -1,0 +1,89 @@
+"""Objectives: which metric to optimize, in which direction, and how objectives combine.
+
+Proposers receive raw metric values (one per objective, in order) and apply directions
+themselves. Single-objective proposers optimize :func:`scalarize`, a quantity to maximize.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from evomerge.errors import ConfigError
+
+
+class Objective(BaseModel):
+    """One metric to optimize; ``weight`` matters only when objectives are scalarized."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metric: str = Field(min_length=1)
+    direction: Literal["maximize", "minimize"] = "maximize"
+    weight: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    """Non-negative (``direction`` says which way is better); 0 ignores the objective."""
+
+    @property
+    def sign(self) -> float:
+        """+1 for maximize, -1 for minimize: ``sign * value`` is always to be maximized."""
+        return 1.0 if self.direction == "maximize" else -1.0
+
+
+def parse_objectives(
+    data: Sequence[Objective | Mapping[str, Any]], where: str = "objectives"
+) -> list[Objective]:
+    """Objectives (or mappings of their fields) as a validated, non-empty list."""
+    if isinstance(data, str | bytes | Mapping) or not isinstance(data, Sequence):
+        raise ConfigError(f"{where}: expected a list of objectives, got {data!r}")
+    if not data:
+        raise ConfigError(f"{where}: at least one objective is needed")
+    out: list[Objective] = []
+    for i, item in enumerate(data):
+        if isinstance(item, Objective):
+            out.append(item)
+            continue
+        try:
+            out.append(Objective.model_validate(item))
+        except ValidationError as exc:
+            from evomerge.merge.recipe import pydantic_message
+
+            raise ConfigError(f"{where}[{i}]: {pydantic_message(exc)}") from None
+    return out
+
+
+def _check_lengths(objectives: Sequence[Objective], values: Sequence[float]) -> None:
+    if len(values) != len(objectives):
+        raise ValueError(f"expected {len(objectives)} objective value(s), got {len(values)}")
+
+
+def scalarize(objectives: Sequence[Objective], values: Sequence[float]) -> float:
+    """``sum(weight * sign * value)``: one number to maximize."""
+    _check_lengths(objectives, values)
+    return math.fsum(o.weight * o.sign * float(v) for o, v in zip(objectives, values))
+
+
+def dominates(a: Sequence[float], b: Sequence[float], objectives: Sequence[Objective]) -> bool:
+    """Whether ``a`` is at least as good as ``b`` in every objective and better in one."""
+    _check_lengths(objectives, a)
+    _check_lengths(objectives, b)
+    better = False
+    for o, x, y in zip(objectives, a, b):
+        sx, sy = o.sign * float(x), o.sign * float(y)
+        if sx < sy:
+            return False
+        better = better or sx > sy
+    return better
+
+
+def pareto_front(points: Sequence[Sequence[float]], objectives: Sequence[Objective]) -> list[int]:
+    """Indices of the non-dominated points, in order; of equal points only the first is kept."""
+    front: list[int] = []
+    for i, p in enumerate(points):
+        if any(dominates(q, p, objectives) for q in points):
+            continue
+        if any(list(map(float, points[j])) == list(map(float, p)) for j in front):
+            continue
+        front.append(i)
+    return front
