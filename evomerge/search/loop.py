@@ -1,0 +1,222 @@
+"""The search loop in one process: propose, merge in place, evaluate, tell, until the budget.
+
+The study service runs the same steps on Ray workers against a database; this module is the
+logic it reuses. Baselines come first: every source alone and the space's uniform merges, so
+each search contains its reference points. Baselines are recorded, not told to the proposer
+(they are not points it chose, and several lie outside the space's genome, e.g. a source
+alone). They count towards the evaluation budget.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from evomerge.checkpoint import ModelFolder
+from evomerge.errors import ConfigError, EvaluationError, EvomergeError
+from evomerge.evaluate import Evaluator, build_evaluator
+from evomerge.merge.engine import InPlaceMerger
+from evomerge.merge.recipe import Recipe, plan_recipe
+from evomerge.optimize import Objective, Proposer, pareto_front, scalarize
+from evomerge.space import BoundSpace
+
+Role = Literal["source", "uniform", "proposal"]
+
+
+@dataclass
+class Trial:
+    """One evaluated candidate."""
+
+    number: int
+    role: Role
+    label: str
+    genome: np.ndarray | None
+    recipe: Recipe | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    values: list[float] | None = None
+    status: Literal["complete", "failed"] = "complete"
+    error: str | None = None
+    merge_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    proposal_id: int | None = None
+
+
+@dataclass
+class SearchResult:
+    objectives: list[Objective]
+    trials: list[Trial]
+
+    @property
+    def complete(self) -> list[Trial]:
+        return [t for t in self.trials if t.status == "complete"]
+
+    def best(self, role: Role | None = None) -> Trial:
+        """The complete trial with the highest scalarized objective (optionally of one role)."""
+        pool = [t for t in self.complete if role is None or t.role == role]
+        if not pool:
+            raise ConfigError("no complete trial" + (f" of role {role}" if role else ""))
+        return max(pool, key=lambda t: scalarize(self.objectives, t.values or []))
+
+    def pareto(self) -> list[Trial]:
+        """The complete trials no other complete trial dominates."""
+        pool = self.complete
+        return [pool[i] for i in pareto_front([t.values or [] for t in pool], self.objectives)]
+
+
+class EvaluatorSuite:
+    """Several evaluators on one model; their metrics merged, a clash is an error."""
+
+    def __init__(self, evaluators: Sequence[Evaluator]) -> None:
+        self.evaluators = list(evaluators)
+
+    def evaluate(self, limit: int | float | None = None) -> tuple[dict[str, float], float]:
+        metrics: dict[str, float] = {}
+        seconds = 0.0
+        for evaluator in self.evaluators:
+            result = evaluator.evaluate(limit)
+            clash = set(result.metrics) & set(metrics)
+            if clash:
+                raise EvaluationError(f"two evaluators both produce metric {sorted(clash)[0]}")
+            metrics.update(result.metrics)
+            seconds += result.seconds
+        return metrics, seconds
+
+    def check_metrics(self, names: Sequence[str]) -> None:
+        available = sorted({m for e in self.evaluators for m in e.metric_names()})
+        missing = [name for name in names if name not in available]
+        if missing:
+            raise EvaluationError(
+                f"no evaluator produces metric(s) {', '.join(missing)}; "
+                f"available: {', '.join(available)}"
+            )
+
+
+def objective_values(objectives: Sequence[Objective], metrics: Mapping[str, float]) -> list[float]:
+    values = []
+    for objective in objectives:
+        value = metrics.get(objective.metric)
+        if value is None:
+            raise EvaluationError(f"the evaluation produced no metric {objective.metric}")
+        if not math.isfinite(value):
+            raise EvaluationError(f"metric {objective.metric} is {value}")
+        values.append(value)
+    return values
+
+
+class InProcessSearch:
+    """Holds the sources in memory and one model object; evaluates candidates in place."""
+
+    def __init__(
+        self,
+        space: BoundSpace,
+        base: Path,
+        sources: Sequence[Path],
+        objectives: Sequence[Objective],
+        evaluators: Sequence[Mapping[str, Any]],
+        *,
+        limit: int | float | None = None,
+        device: str = "cpu",
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.space = space
+        self.base = Path(base)
+        self.sources = [Path(s) for s in sources]
+        self.objectives = list(objectives)
+        self.limit = limit
+        self.folders = [ModelFolder(self.base), *(ModelFolder(s) for s in self.sources)]
+        self.merger = InPlaceMerger(self.folders, device=device)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.base, dtype=torch.float32, trust_remote_code=False
+        ).to(device)
+        self.model.eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base)
+        self.suite = EvaluatorSuite(
+            [build_evaluator(config, self.model, self.tokenizer) for config in evaluators]
+        )
+        self.suite.check_metrics([o.metric for o in self.objectives])
+
+    def recipe(self, genome: np.ndarray) -> Recipe:
+        return self.space.decode(genome, str(self.base), [str(s) for s in self.sources])
+
+    def _score(self, trial: Trial, load: Callable[[], None]) -> Trial:
+        start = time.perf_counter()
+        try:
+            load()
+            trial.merge_seconds = time.perf_counter() - start
+            trial.metrics, trial.eval_seconds = self.suite.evaluate(self.limit)
+            trial.values = objective_values(self.objectives, trial.metrics)
+        except (EvomergeError, RuntimeError, ValueError) as exc:
+            trial.status = "failed"
+            trial.error = f"{type(exc).__name__}: {exc}"
+        return trial
+
+    def evaluate_genome(self, number: int, role: Role, label: str, genome: np.ndarray) -> Trial:
+        recipe = self.recipe(genome)
+        trial = Trial(number, role, label, genome.copy(), recipe)
+        plan = plan_recipe(recipe, self.folders)
+        return self._score(trial, lambda: self.merger.merge_into(plan, self.model))
+
+    def evaluate_source(self, number: int, index: int) -> Trial:
+        trial = Trial(number, "source", self.folders[index + 1].label, None, None)
+
+        def load() -> None:
+            with torch.no_grad():
+                for name, tensor in self.merger.tensors[index + 1].items():
+                    self.model.get_parameter(name).copy_(tensor)
+
+        return self._score(trial, load)
+
+    def baselines(self, start: int = 0) -> list[Trial]:
+        trials = [self.evaluate_source(start + i, i) for i in range(len(self.sources))]
+        for index, genome in enumerate(self.space.uniform_genomes()):
+            trials.append(
+                self.evaluate_genome(start + len(trials), "uniform", f"uniform {index}", genome)
+            )
+        return trials
+
+    def run(
+        self,
+        proposer: Proposer,
+        budget: int,
+        *,
+        baselines: bool = True,
+        on_trial: Callable[[Trial], None] | None = None,
+    ) -> SearchResult:
+        """Baselines, then proposals until ``budget`` evaluations or the proposer is done.
+
+        A failed candidate is recorded and told to the proposer as failed.
+        """
+        if budget < 1:
+            raise ConfigError(f"the budget must be at least 1 evaluation, got {budget}")
+        trials: list[Trial] = []
+        if baselines:
+            for trial in self.baselines():
+                if len(trials) >= budget:
+                    break
+                trials.append(trial)
+                if on_trial:
+                    on_trial(trial)
+        while len(trials) < budget:
+            proposal = proposer.ask()
+            if proposal is None:
+                break
+            trial = self.evaluate_genome(
+                len(trials), "proposal", f"proposal {proposal.id}", proposal.genome
+            )
+            trial.proposal_id = proposal.id
+            if trial.status == "complete":
+                proposer.tell(proposal.id, trial.values or [])
+            else:
+                proposer.tell_failed(proposal.id, trial.error or "")
+            trials.append(trial)
+            if on_trial:
+                on_trial(trial)
+        return SearchResult(self.objectives, trials)
