@@ -91,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=cmd_demo)
 
+    search = commands.add_parser(
+        "search",
+        help="run a search described in a YAML file, in this process",
+        description="Run a search (models, search space, proposer, objectives, evaluators, "
+        "budget) in this process: baselines first, then proposals merged in place and "
+        "evaluated. Results go to the config's output folder.",
+    )
+    search.add_argument("config", type=Path, help="search YAML file")
+    search.add_argument("--quiet", action="store_true", help="no progress bar")
+    search.set_defaults(handler=cmd_search)
+
     space = commands.add_parser("space", help="inspect search spaces")
     space_cmds = space.add_subparsers(dest="space_command", required=True, metavar="ACTION")
     space_show = space_cmds.add_parser(
@@ -327,6 +338,39 @@ def _no_transformers_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from evomerge.optimize import scalarize
+    from evomerge.progress import progress_bar
+    from evomerge.search.config import load_search_config, run_search_file
+
+    config, _ = load_search_config(args.config)
+    best: list[float] = []
+    done = [0]
+    with (
+        _no_transformers_bars(),
+        progress_bar("searching", config.budget, enabled=not args.quiet) as advance,
+    ):
+
+        def on_trial(trial: Any) -> None:
+            done[0] += 1
+            if trial.status == "complete":
+                best.append(max([*best[-1:], scalarize(config.objectives, trial.values)]))
+            advance(done[0], config.budget)
+
+        result, output = run_search_file(args.config, on_trial=on_trial)
+    names = [o.metric for o in config.objectives]
+    print(f"{len(result.trials)} evaluations, {len(result.trials) - len(result.complete)} failed")
+    print("  " + "  ".join(f"{n:>18}" for n in names) + "  trial")
+    shown = [t for t in result.trials if t.role != "proposal" and t.status == "complete"]
+    if result.complete:
+        shown.append(result.best())
+    for trial in shown:
+        cells = "  ".join(f"{v:>18.4f}" for v in trial.values or [])
+        print(f"  {cells}  {trial.label}{' (best)' if trial is shown[-1] else ''}")
+    print(f"Pareto front: {len(result.pareto())} trial(s); results in {output}")
+    return 0
+
+
 def cmd_space_show(args: argparse.Namespace) -> int:
     from evomerge.checkpoint import ModelFolder
     from evomerge.space import load_space
@@ -503,25 +547,9 @@ def load_evaluator_file(path: Path) -> list[dict[str, Any]]:
             f"{path} must hold one evaluator mapping (with a 'kind') or a list of them"
         )
     folder = path.expanduser().resolve().parent
-    return [_anchor_paths(dict(item), folder) for item in items]
+    from evomerge.evaluate.registry import anchor_evaluator_paths
 
-
-def _anchor_paths(mapping: dict[str, Any], folder: Path) -> dict[str, Any]:
-    def anchor(value: Any) -> Any:
-        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-            return str(folder / value)
-        return value
-
-    if "file" in mapping:
-        mapping["file"] = anchor(mapping["file"])
-    if isinstance(mapping.get("include_paths"), list):
-        mapping["include_paths"] = [anchor(p) for p in mapping["include_paths"]]
-    function = mapping.get("function")
-    if mapping.get("kind") == "python" and isinstance(function, str) and ":" in function:
-        module, _, name = function.rpartition(":")
-        if module.endswith(".py") or "/" in module or "\\" in module:
-            mapping["function"] = f"{anchor(module)}:{name}"
-    return mapping
+    return [anchor_evaluator_paths(dict(item), folder) for item in items]
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

@@ -57,7 +57,7 @@ class ToyZooSpec:
     seed: int = 0
     sources: int = 2
     layers: int = 4
-    hidden: int = 64
+    hidden: int = 128
     intermediate: int = 256
     heads: int = 4
     base_steps: int = 400

@@ -109,3 +109,75 @@ def test_budget_must_be_positive(toy_zoo):
         search.run(proposer, budget=0)
     result = search.run(proposer, budget=3)  # fewer than the baselines: they are cut short
     assert [t.role for t in result.trials] == ["source", "source", "uniform"]
+
+
+def _write_config(folder, zoo, **changes):  # type: ignore[no-untyped-def]
+    import yaml
+
+    config = {
+        "name": "toy",
+        "base": str(zoo["base"]),
+        "sources": [str(zoo["ft_a"]), str(zoo["ft_b"])],
+        "space": "task_arithmetic_global",
+        "proposer": {"kind": "random", "seed": 0},
+        "objectives": [
+            {"metric": "toy_facts_a/acc", "weight": 0.5},
+            {"metric": "toy_facts_b/acc", "weight": 0.5},
+        ],
+        "evaluators": [{"kind": "lm_eval", "tasks": ["toy_facts_a", "toy_facts_b"]}],
+        "budget": 12,
+        **changes,
+    }
+    path = folder / "search.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_search_command_writes_results_and_the_best_recipe_scores_as_recorded(
+    toy_zoo, tmp_path, capsys
+):
+    import json
+
+    from evomerge.cli import main
+    from evomerge.evaluate import build_evaluator
+    from evomerge.evaluate.model_loading import load_model_for_eval
+
+    path = _write_config(tmp_path, toy_zoo)
+    assert main(["search", str(path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "12 evaluations, 0 failed" in out and "(best)" in out
+    results = tmp_path / "toy-results"
+    trials = [json.loads(line) for line in (results / "trials.jsonl").read_text().splitlines()]
+    assert len(trials) == 12 and [t["role"] for t in trials[:2]] == ["source", "source"]
+    best = max(
+        (t for t in trials if t["genome"] is not None),
+        key=lambda t: sum(t["values"]),
+    )
+    assert main(["merge", str(results / "best_recipe.yaml"), str(tmp_path / "merged")]) == 0
+    model, tokenizer = load_model_for_eval(tmp_path / "merged")
+    evaluator = build_evaluator(FACTS_AB[0], model, tokenizer)
+    # The exported checkpoint is the model that was evaluated.
+    assert evaluator.evaluate().metrics == best["metrics"]
+    front = json.loads((results / "pareto.json").read_text())
+    assert front and all(t["status"] == "complete" for t in front)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"budget": 0}, "budget"),
+        ({"proposer": {"kind": "annealing"}}, "annealing"),
+        ({"objectives": []}, "objectives"),
+        ({"evaluators": [{"kind": "lm_eval", "tasks": []}]}, "tasks"),
+        ({"space": "no_such_space"}, "ready spaces"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_bad_search_config_is_one_line(toy_zoo, tmp_path, capsys, changes, message):
+    from evomerge.cli import main
+
+    path = _write_config(tmp_path, toy_zoo, **changes)
+    assert main(["search", str(path), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "toy-results").exists()

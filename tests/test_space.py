@@ -81,8 +81,12 @@ def test_groups_smoothing_and_log_scale(family):
     }
     space = parse_space(data).bind(base, ["a", "b"])
     assert [g.name for g in space.genes] == [
-        "weight[a]/L0-1", "weight[a]/L2-3", "weight[b]/L0-1", "weight[b]/L2-3", "gamma",
-    ]  # fmt: skip
+        "weight[a]/L0-1",
+        "weight[a]/L2-3",
+        "weight[b]/L0-1",
+        "weight[b]/L2-3",
+        "gamma",
+    ]
     recipe = space.decode([0.0, 1.0, 0.5, 0.5, 0.5], str(family["base"]), ["x", "y"])
     assert recipe.sources[0].parameters["weight"] == [0.0, 1.0]  # anchors of a gradient
     assert recipe.parameters["gamma"] == pytest.approx(0.01)  # geometric middle of the bounds
@@ -120,8 +124,7 @@ BAD = [
 
 @pytest.mark.parametrize(("change", "message"), BAD)
 def test_bad_space_is_named(change, message):
-    data = {"name": "bad", "method": "ties",
-            "parameters": {"weight": {"bounds": [0, 1]}}, **change}  # fmt: skip
+    data = {"name": "bad", "method": "ties", "parameters": {"weight": {"bounds": [0, 1]}}, **change}
     with pytest.raises(ConfigError, match=message):
         parse_space(data)
 
@@ -138,15 +141,30 @@ def test_bad_binding_is_named(family):
 
 
 def test_kind_missing_from_the_architecture(tied_family):
-    data = {"name": "b", "method": "ties", "kinds": ["head"],
-            "parameters": {"weight": {"bounds": [0, 1]}}}  # fmt: skip
+    data = {
+        "name": "b",
+        "method": "ties",
+        "kinds": ["head"],
+        "parameters": {"weight": {"bounds": [0, 1]}},
+    }
     with pytest.raises(ConfigError, match="kind 'head' does not occur"):
         parse_space(data).bind(ModelFolder(tied_family["base"]), ["a"])
 
 
 def test_space_show_prints_the_genes(family, capsys):
-    code = main(["space", "show", "task_arithmetic_per_layer", "--base", str(family["base"]),
-                 "--source", str(family["ft_0"]), "--source", str(family["ft_1"])])  # fmt: skip
+    code = main(
+        [
+            "space",
+            "show",
+            "task_arithmetic_per_layer",
+            "--base",
+            str(family["base"]),
+            "--source",
+            str(family["ft_0"]),
+            "--source",
+            str(family["ft_1"]),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "dimension 28" in out

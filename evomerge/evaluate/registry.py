@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
@@ -73,3 +74,24 @@ def build_evaluator(
     """Build the evaluator ``config`` describes around ``model`` and ``tokenizer``."""
     parsed = parse_evaluator_config(config)
     return evaluator_class(parsed.kind)(parsed, model, tokenizer)
+
+
+def anchor_evaluator_paths(mapping: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Resolve an evaluator mapping's relative paths (``file``, ``include_paths``, a python
+    ``function`` given as ``path.py:name``) against ``folder``, the config file's folder."""
+
+    def anchor(value: Any) -> Any:
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            return str(folder / value)
+        return value
+
+    if "file" in mapping:
+        mapping["file"] = anchor(mapping["file"])
+    if isinstance(mapping.get("include_paths"), list):
+        mapping["include_paths"] = [anchor(p) for p in mapping["include_paths"]]
+    function = mapping.get("function")
+    if mapping.get("kind") == "python" and isinstance(function, str) and ":" in function:
+        module, _, name = function.rpartition(":")
+        if module.endswith(".py") or "/" in module or "\\" in module:
+            mapping["function"] = f"{anchor(module)}:{name}"
+    return mapping
