@@ -1,8 +1,10 @@
-"""`evomerge demo`: build the toy zoo, score merges of it with lm-eval, export the best one.
+"""`evomerge demo`: train the toy zoo, search for a per-layer merge, export the best one.
 
-Until the study service lands, the demo shows the pieces a search is made of: a trained model
-family, in-place merges scored by lm-eval on one reusable model object, and the streaming
-export of the chosen recipe, which scores exactly like the merge that was evaluated.
+Until the study service lands, the demo runs the search in this process: the baselines (each
+fine-tune alone, uniform task-arithmetic merges), then CMA-ES over per-layer task-arithmetic
+recipes, every candidate merged in place into one model object and scored by lm-eval. The best
+recipe is exported by the streaming merge and reloaded with transformers, and it scores exactly
+as it did in the search.
 """
 
 from __future__ import annotations
@@ -11,37 +13,27 @@ from pathlib import Path
 
 import yaml
 
-UNIFORM_WEIGHTS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-METRICS = ("toy_facts_a/acc", "toy_facts_b/acc", "toy_facts_c/acc")
-
-
-def uniform_recipe(zoo: Path, weight: float) -> dict:
-    return {
-        "method": "task_arithmetic",
-        "base": str(zoo / "base"),
-        "sources": [
-            {"model": str(zoo / "ft_a"), "parameters": {"weight": weight}},
-            {"model": str(zoo / "ft_b"), "parameters": {"weight": weight}},
-        ],
-    }
-
-
-def _row(label: str, metrics: dict[str, float]) -> str:
-    cells = "  ".join(f"{metrics[m]:.2f}" for m in METRICS)
-    return f"  {label:<28} {cells}   {(metrics[METRICS[0]] + metrics[METRICS[1]]) / 2:.3f}"
+BUDGET = 120
+OBJECTIVES = (
+    {"metric": "toy_facts_a/acc", "weight": 0.5},
+    {"metric": "toy_facts_b/acc", "weight": 0.5},
+)
 
 
 def run_demo(workdir: Path) -> None:
-    """Build ``workdir/zoo`` if missing, score sources and uniform merges, export the best."""
+    """Build ``workdir/zoo`` if missing, search, export the best merge to ``workdir/merged``."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from evomerge.checkpoint import ModelFolder
     from evomerge.evaluate import build_evaluator
-    from evomerge.merge.engine import InPlaceMerger, merge_to_folder
-    from evomerge.merge.recipe import open_recipe_models, parse_recipe, plan_recipe
+    from evomerge.merge.engine import merge_to_folder
+    from evomerge.merge.recipe import plan_recipe
+    from evomerge.optimize import Objective, build_proposer, parse_proposer_config
     from evomerge.progress import progress_bar
+    from evomerge.search import InProcessSearch
+    from evomerge.space import load_space
     from evomerge.toy_zoo import ToyZooSpec, build_toy_zoo, total_training_steps
 
     hf_logging.disable_progress_bar()
@@ -49,7 +41,7 @@ def run_demo(workdir: Path) -> None:
     zoo = workdir / "zoo"
     spec = ToyZooSpec()
     if not (zoo / "toy_zoo.json").exists():
-        print(f"training the toy zoo into {zoo} (about 20 s) ...")
+        print(f"training the toy zoo into {zoo} (about 30 s) ...")
     with progress_bar("training", total_training_steps(spec)) as advance:
         done = [0]
 
@@ -57,43 +49,60 @@ def run_demo(workdir: Path) -> None:
             done[0] += 1
             advance(done[0], total_training_steps(spec))
 
-        build_toy_zoo(zoo, spec, on_step=step)
+        paths = build_toy_zoo(zoo, spec, on_step=step)
 
-    def plan(recipe: dict):  # type: ignore[no-untyped-def]
-        parsed = parse_recipe(recipe)
-        return plan_recipe(parsed, open_recipe_models(parsed))
-
-    plans = {w: plan(uniform_recipe(zoo, w)) for w in UNIFORM_WEIGHTS}
-    merger = InPlaceMerger([ModelFolder(p) for p in plans[UNIFORM_WEIGHTS[0]].models])
-    model = AutoModelForCausalLM.from_pretrained(zoo / "base", dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(zoo / "base")
-    evaluator = build_evaluator({"kind": "lm_eval", "tasks": ["toy_facts"]}, model, tokenizer)
-
-    print("\nlm-eval accuracy on the fact sets (one model object, merged in place each time):")
-    print(f"  {'model':<28} {'a':>4}  {'b':>4}  {'c':>4}   mean(a, b)")
-    for index, name in enumerate(("base", "ft_a", "ft_b")):
-        with torch.no_grad():
-            for param_name, tensor in merger.tensors[index].items():
-                model.get_parameter(param_name).copy_(tensor)
-        print(_row(name, evaluator.evaluate().metrics))
-    scores = {}
-    for weight, candidate in plans.items():
-        merger.merge_into(candidate, model)
-        scores[weight] = evaluator.evaluate().metrics
-        print(_row(f"task_arithmetic w={weight}", scores[weight]))
-
-    best = max(scores, key=lambda w: scores[w][METRICS[0]] + scores[w][METRICS[1]])
-    recipe_file = workdir / "recipe.yaml"
-    recipe_file.write_text(yaml.safe_dump(uniform_recipe(zoo, best), sort_keys=False))
-    out = merge_to_folder(plans[best], workdir / "merged", force=True)
-    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    check = build_evaluator({"kind": "lm_eval", "tasks": ["toy_facts"]}, exported, tokenizer)
-    same = check.evaluate().metrics == scores[best]
-    print(
-        f"\nbest uniform weight {best}: recipe {recipe_file}, exported to {out}; "
-        f"reloaded with transformers it scores {'exactly the same' if same else 'DIFFERENTLY'}."
+    objectives = [Objective(**o) for o in OBJECTIVES]
+    evaluators = [{"kind": "lm_eval", "tasks": ["toy_facts_a", "toy_facts_b", "toy_facts_c"]}]
+    space = load_space("task_arithmetic_per_layer").bind(
+        ModelFolder(paths["base"]), ["ft_a", "ft_b"]
+    )
+    search = InProcessSearch(
+        space, paths["base"], [paths["ft_a"], paths["ft_b"]], objectives, evaluators
+    )
+    x0 = space.uniform_genomes()[1].tolist()
+    proposer = build_proposer(
+        parse_proposer_config({"kind": "cma", "seed": 0, "sigma0": 0.2, "x0": x0}),
+        space.dimension,
+        objectives,
     )
     print(
-        "No uniform weight keeps both fine-tunes' facts; the search (CMA-ES / Optuna over "
-        "per-layer recipes, with the study service) finds per-layer merges that do."
+        f"searching {space.dimension} per-layer task-arithmetic weights with CMA-ES: "
+        f"{BUDGET} candidates, each merged in place and scored by lm-eval ..."
+    )
+    with progress_bar("searching", BUDGET) as advance:
+        count = [0]
+
+        def on_trial(_trial: object) -> None:
+            count[0] += 1
+            advance(count[0], BUDGET)
+
+        result = search.run(proposer, BUDGET, on_trial=on_trial)
+
+    print(f"\n  {'model':<34} {'a':>5} {'b':>5} {'c':>5}   mean(a, b)")
+    best = result.best(role="proposal")
+    rows = [t for t in result.trials if t.role != "proposal"] + [best]
+    for trial in rows:
+        m = trial.metrics
+        label = "searched (best of CMA-ES)" if trial is best else trial.label
+        print(
+            f"  {label:<34} {m['toy_facts_a/acc']:5.2f} {m['toy_facts_b/acc']:5.2f} "
+            f"{m['toy_facts_c/acc']:5.2f}   {(trial.values[0] + trial.values[1]) / 2:.3f}"
+        )
+
+    recipe_file = workdir / "best_recipe.yaml"
+    recipe_file.write_text(
+        yaml.safe_dump(best.recipe.model_dump(exclude_defaults=True), sort_keys=False)
+    )
+    plan = plan_recipe(best.recipe, search.folders)
+    out = merge_to_folder(plan, workdir / "merged", force=True)
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    check = build_evaluator(evaluators[0], exported, search.tokenizer).evaluate().metrics
+    same = check == best.metrics
+    print(
+        f"\nbest recipe: {recipe_file}\nexported with the streaming merge to {out}; reloaded "
+        f"with transformers it scores {'exactly as in the search' if same else 'DIFFERENTLY'}."
+    )
+    print(
+        "Next: the study service runs this search on Ray workers with a resumable database "
+        "(evomerge search/resume/pareto/export)."
     )

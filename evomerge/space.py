@@ -404,22 +404,27 @@ class BoundSpace:
             return name, gene.group / (count - 1) if count > 1 else 0.0
         return name, layer_position(name, self.num_layers)
 
-    def uniform_genomes(self) -> list[np.ndarray]:
-        """Genomes of the uniform baselines: each parameter at its ``uniform`` value(s)."""
+    def uniform_baselines(self) -> list[tuple[str, np.ndarray]]:
+        """(label, genome) of each uniform baseline: every gene of a parameter at one value.
+
+        A parameter with several ``uniform`` values gives several baselines; parameters with
+        fewer values repeat their last one.
+        """
         values = {name: p.uniform_values() for name, p in self.space.parameters.items()}
         count = max(len(v) for v in values.values())
-        genomes = []
+        baselines = []
         for index in range(count):
+            chosen = {name: v[min(index, len(v) - 1)] for name, v in values.items()}
             genome = np.array(
-                [
-                    gene.searched.to_unit(
-                        values[gene.parameter][min(index, len(values[gene.parameter]) - 1)]
-                    )
-                    for gene in self.genes
-                ]
+                [gene.searched.to_unit(chosen[gene.parameter]) for gene in self.genes]
             )
-            genomes.append(genome)
-        return genomes
+            label = "uniform " + ", ".join(f"{name}={value:g}" for name, value in chosen.items())
+            baselines.append((label, genome))
+        return baselines
+
+    def uniform_genomes(self) -> list[np.ndarray]:
+        """Genomes of the uniform baselines (see :meth:`uniform_baselines`)."""
+        return [genome for _, genome in self.uniform_baselines()]
 
     def table(self) -> list[tuple[str, str, str, str]]:
         """(name, scope, bounds, scale) per gene, for ``evomerge space show``."""

@@ -176,10 +176,8 @@ class InProcessSearch:
 
     def baselines(self, start: int = 0) -> list[Trial]:
         trials = [self.evaluate_source(start + i, i) for i in range(len(self.sources))]
-        for index, genome in enumerate(self.space.uniform_genomes()):
-            trials.append(
-                self.evaluate_genome(start + len(trials), "uniform", f"uniform {index}", genome)
-            )
+        for label, genome in self.space.uniform_baselines():
+            trials.append(self.evaluate_genome(start + len(trials), "uniform", label, genome))
         return trials
 
     def run(
