@@ -11,10 +11,15 @@ The facts are fixed (``FACTS_SEED``) and are also the data of the lm-eval suite 
 ``evaluators/toy_facts``; ``seed`` only changes weight initialisation and batch order. Training
 runs single-threaded under a forked RNG, so a seed gives the same bytes on every run.
 
-Differences from ``toy-zoo.md``: 300 keys rather than 180 (two spare sets for up to four
-fine-tunes), and fine-tunes at lr 5e-4 rather than 1e-3. At 1e-3 they forgot 17-22% of the base's
-facts (the design notes 5%); at 5e-4 they keep 95-98%, and the best uniform task-arithmetic merge
-(weight 0.8: a 0.82, b 0.87) stays about 10 points below a per-layer CMA-ES merge.
+Differences from ``toy-zoo.md``, each measured:
+
+- 300 keys rather than 180: two spare fact sets for up to four fine-tunes.
+- Fine-tunes at lr 5e-4 rather than 1e-3. At 1e-3 they forgot 17-22% of the base's facts (the
+  design notes 5%); at 5e-4 they keep 87-97%.
+- Hidden size 128 rather than 64. At 64, per-layer CMA-ES topped out at 0.93-0.94 mean accuracy
+  on sets a and b within 400 evaluations (several seeds and zoo variants), only 5-10 points above
+  the best uniform merge. At 128 it passes 0.95 within a few dozen evaluations, while the best
+  uniform task-arithmetic merge stays at 0.88. Building takes about 30 s instead of 18 s.
 """
 
 from __future__ import annotations
