@@ -1,0 +1,108 @@
+"""The study database's own tables (SQLAlchemy). All names start with ``evomerge_`` so they
+never collide with Optuna's tables (``studies``, ``trials``, ...) in a shared database."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+SCHEMA_VERSION = 1
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Meta(Base):
+    """Key/value facts about the database itself (``schema_version``)."""
+
+    __tablename__ = "evomerge_meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))
+
+
+class StudyRow(Base):
+    __tablename__ = "evomerge_studies"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(256), unique=True)
+    config: Mapped[str] = mapped_column(Text)
+    """The study config as JSON, so ``resume`` needs only the storage URL and the name."""
+    budget: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="created")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    trials: Mapped[list[TrialRow]] = relationship(back_populates="study")
+
+
+class TrialRow(Base):
+    __tablename__ = "evomerge_trials"
+    __table_args__ = (UniqueConstraint("study_id", "number"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("evomerge_studies.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    role: Mapped[str] = mapped_column(String(16))
+    label: Mapped[str] = mapped_column(String(256))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    genome: Mapped[str | None] = mapped_column(Text, nullable=True)
+    recipe: Mapped[str | None] = mapped_column(Text, nullable=True)
+    proposal_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    merge_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    eval_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    study: Mapped[StudyRow] = relationship(back_populates="trials")
+    metrics: Mapped[list[MetricRow]] = relationship(back_populates="trial")
+
+
+class MetricRow(Base):
+    """One metric of one trial at one fidelity (``rank``: documents per task; None = all)."""
+
+    __tablename__ = "evomerge_metrics"
+    __table_args__ = (UniqueConstraint("trial_id", "fidelity", "name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trial_id: Mapped[int] = mapped_column(ForeignKey("evomerge_trials.id"), index=True)
+    fidelity: Mapped[str] = mapped_column(String(32))
+    rank: Mapped[float] = mapped_column(Float)
+    name: Mapped[str] = mapped_column(String(256))
+    value: Mapped[float] = mapped_column(Float)
+    trial: Mapped[TrialRow] = relationship(back_populates="metrics")
+
+
+class SnapshotRow(Base):
+    """A proposer state after ``told`` results, written by the driver."""
+
+    __tablename__ = "evomerge_snapshots"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("evomerge_studies.id"), index=True)
+    told: Mapped[int] = mapped_column(Integer)
+    state: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ExportRow(Base):
+    __tablename__ = "evomerge_exports"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("evomerge_studies.id"), index=True)
+    trial_number: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    verified: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,156 @@
+"""The study database on SQLite and on PostgreSQL: real databases, no mocks."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+import sqlalchemy
+
+from evomerge.errors import ConfigError
+from evomerge.optimize import Objective
+from evomerge.study import StorageError, StudyStore, mask_url
+from evomerge.study.schema import SCHEMA_VERSION
+
+POSTGRES = os.environ.get(
+    "EVOMERGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+OBJECTIVES = [Objective(metric="a/acc"), Objective(metric="b/acc")]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):  # type: ignore[no-untyped-def]
+    """A fresh database: an SQLite file, or a PostgreSQL schema dropped afterwards."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'study.db'}"
+        return
+    schema = f"evomerge_test_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(POSTGRES)
+    with admin.begin() as connection:
+        connection.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))
+    yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
+    with admin.begin() as connection:
+        connection.execute(sqlalchemy.text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.dispose()
+
+
+def test_studies_trials_metrics_round_trip(url):
+    store = StudyStore(url)
+    store.create_study("one", {"budget": 5, "space": "x"}, budget=5)
+    store.create_study("two", {"budget": 3}, budget=3)
+    assert store.study_config("one") == {"budget": 5, "space": "x"}
+    store.add_trial("one", 0, role="source", label="ft_a")
+    store.add_trial(
+        "one", 1, role="proposal", label="p0", genome=[0.25, 0.5], recipe={"m": 1}, proposal_id=0
+    )
+    store.finish_trial(
+        "one",
+        0,
+        state="COMPLETE",
+        metrics={"a/acc": 1.0, "b/acc": 0.1},
+        worker="w0",
+        merge_seconds=0.01,
+        eval_seconds=0.2,
+    )
+    store.finish_trial("one", 1, state="FAILED", error="RuntimeError: NaN in layers.0")
+    trials = store.trials("one")
+    assert [t.number for t in trials] == [0, 1]
+    assert trials[0].metrics == {"a/acc": 1.0, "b/acc": 0.1} and trials[0].fidelity == "full"
+    assert trials[1].genome == [0.25, 0.5] and trials[1].recipe == {"m": 1}
+    assert trials[1].state == "FAILED" and "NaN" in (trials[1].error or "")
+    assert store.trials("two") == []
+    summary = {s["name"]: s for s in store.studies()}
+    assert (
+        summary["one"]["trials"] == {"COMPLETE": 1, "FAILED": 1} and summary["two"]["budget"] == 3
+    )
+
+
+def test_pareto_is_computed_from_the_highest_fidelity(url):
+    store = StudyStore(url)
+    store.create_study("s", {}, budget=10)
+    points = {0: (1.0, 0.1), 1: (0.1, 1.0), 2: (0.5, 0.5), 3: (0.4, 0.4), 4: (0.9, 0.9)}
+    for number, (a, b) in points.items():
+        store.add_trial("s", number, role="proposal", label=f"p{number}")
+        store.finish_trial(
+            "s", number, state="COMPLETE", metrics={"a/acc": a, "b/acc": b}, limit=10
+        )
+    front = {t.number for t in store.pareto("s", OBJECTIVES)}
+    assert front == {0, 1, 4}
+    # Trial 4 re-scored on all documents drops; the full-fidelity numbers now count.
+    store.add_metrics("s", 4, {"a/acc": 0.45, "b/acc": 0.45}, limit=None)
+    assert {t.number for t in store.pareto("s", OBJECTIVES)} == {0, 1, 2}
+    assert store.trials("s")[4].fidelity == "full"
+
+
+def test_requeue_and_snapshots(url):
+    store = StudyStore(url)
+    store.create_study("s", {}, budget=4)
+    for number in range(3):
+        store.add_trial("s", number, role="proposal", label=f"p{number}")
+    store.finish_trial("s", 0, state="COMPLETE", metrics={"a/acc": 1.0, "b/acc": 0.0})
+    assert store.requeue_running("s") == [1, 2]
+    assert {t.state for t in store.trials("s")[1:]} == {"QUEUED"}
+    assert store.latest_snapshot("s") is None
+    for told in range(5):
+        store.save_snapshot("s", bytes([told]) * 1000, told=told)
+    assert store.latest_snapshot("s") == (bytes([4]) * 1000, 4)
+    with StudyStore(url).engine.connect() as connection:
+        kept = connection.execute(sqlalchemy.text("SELECT count(*) FROM evomerge_snapshots"))
+        assert kept.scalar() == 2  # older snapshots are pruned
+
+
+def test_clear_errors(url, tmp_path):
+    store = StudyStore(url)
+    store.create_study("s", {}, budget=1)
+    with pytest.raises(ConfigError, match="already exists"):
+        store.create_study("s", {}, budget=1)
+    with pytest.raises(ConfigError, match=r"no study 'missing'.*it has: s"):
+        store.trials("missing")
+    with pytest.raises(ConfigError, match="no trial 7"):
+        store.finish_trial("s", 7, state="COMPLETE")
+
+
+def test_no_collision_with_optuna_tables_in_one_database(url):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    store = StudyStore(url)
+    store.create_study("shared", {}, budget=1)
+    study = optuna.create_study(storage=url, study_name="shared")
+    study.add_trial(optuna.trial.create_trial(value=1.0))
+    store.add_trial("shared", 0, role="source", label="x")
+    names = set(sqlalchemy.inspect(store.engine).get_table_names())
+    assert {"studies", "trials"} <= names  # Optuna's tables
+    assert {n for n in names if n.startswith("evomerge_")} == {
+        "evomerge_meta",
+        "evomerge_studies",
+        "evomerge_trials",
+        "evomerge_metrics",
+        "evomerge_snapshots",
+        "evomerge_exports",
+    }
+    assert len(study.trials) == 1 and len(store.trials("shared")) == 1
+
+
+def test_newer_schema_is_refused(url):
+    store = StudyStore(url)
+    with store.engine.begin() as connection:
+        connection.execute(
+            sqlalchemy.text("UPDATE evomerge_meta SET value = :v WHERE key = 'schema_version'"),
+            {"v": str(SCHEMA_VERSION + 1)},
+        )
+    with pytest.raises(StorageError, match="newer evomerge"):
+        StudyStore(url)
+
+
+def test_unreachable_database_and_masked_password(tmp_path):
+    with pytest.raises(StorageError, match="does not exist"):
+        StudyStore(tmp_path / "missing" / "study.db")
+    url = "postgresql+psycopg://user:s3cret@127.0.0.1:1/nowhere"
+    with pytest.raises(StorageError) as caught:
+        StudyStore(url)
+    assert "s3cret" not in str(caught.value) and "***" in str(caught.value)
+    assert mask_url(url) == "postgresql+psycopg://user:***@127.0.0.1:1/nowhere"
+    store = StudyStore(tmp_path / "plain.db")  # a plain path is an SQLite file
+    assert store.is_sqlite and (tmp_path / "plain.db").exists()
