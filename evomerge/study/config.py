@@ -1,0 +1,146 @@
+"""The study YAML: one file that says everything a study needs, stored in the database.
+
+Relative paths (models, a space file, evaluator files) are resolved against the YAML's folder
+when the study is created; the stored config holds absolute paths, so ``resume`` needs only
+the storage URL and the study name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from evomerge.errors import ConfigError
+from evomerge.evaluate.registry import anchor_evaluator_paths, parse_evaluator_config
+from evomerge.merge.recipe import load_yaml, pydantic_message
+from evomerge.optimize import Objective, parse_proposer_config
+
+DEFAULT_STORAGE = "evomerge_studies.db"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BudgetConfig(_Strict):
+    """When the study ends: after ``trials`` finished trials and/or ``hours`` of wall time."""
+
+    trials: int | None = Field(default=None, ge=1)
+    hours: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _some(self) -> BudgetConfig:
+        if self.trials is None and self.hours is None:
+            raise ValueError("give 'trials', 'hours' or both")
+        return self
+
+
+class FidelityConfig(_Strict):
+    """Cheap fidelity first: every candidate scored on ``limit`` documents per task; the best
+    ``promote`` fraction of every ``batch`` finished trials re-scored on all documents."""
+
+    limit: int | float = Field(gt=0)
+    promote: float = Field(default=0.0, ge=0, le=1)
+    batch: int = Field(default=10, ge=1)
+
+
+class ClusterConfig(_Strict):
+    """Ray: a local instance unless ``address`` names a cluster; one actor per worker."""
+
+    address: str | None = None
+    workers: int = Field(default=2, ge=1)
+    cpus_per_worker: float = Field(default=1, gt=0)
+    gpus_per_worker: float = Field(default=0, ge=0)
+    trial_timeout: float | None = Field(default=None, gt=0)
+    """Seconds a trial may run before its worker is killed and the trial fails."""
+    max_attempts: int = Field(default=2, ge=1)
+    """How often a trial is tried when its worker dies."""
+
+
+class ExportConfig(_Strict):
+    dtype: str | None = None
+    shard_size: str = "5GB"
+    verify: bool = False
+
+
+class StudyConfig(_Strict):
+    name: str = Field(min_length=1, max_length=200)
+    storage: str | None = None
+    """A SQLAlchemy URL or a file path (SQLite); default ``evomerge_studies.db`` beside the YAML."""
+    base: str
+    sources: list[str] = Field(min_length=1)
+    space: str | dict[str, Any]
+    proposer: dict[str, Any] = Field(default_factory=lambda: {"kind": "cma"})
+    objectives: list[Objective] = Field(min_length=1)
+    evaluators: list[dict[str, Any]] = Field(min_length=1)
+    budget: int | BudgetConfig
+    fidelity: FidelityConfig | None = None
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    baselines: bool = True
+    device: str = "cpu"
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget(cls, value: Any) -> Any:
+        # Validate the mapping form directly so errors name its fields, not the int branch.
+        return BudgetConfig.model_validate(value) if isinstance(value, dict) else value
+
+    @property
+    def budget_trials(self) -> int | None:
+        return self.budget if isinstance(self.budget, int) else self.budget.trials
+
+    @property
+    def budget_hours(self) -> float | None:
+        return None if isinstance(self.budget, int) else self.budget.hours
+
+
+def parse_study_config(data: dict[str, Any], where: str, folder: Path | None = None) -> StudyConfig:
+    """Validate a study mapping; with ``folder``, resolve its relative paths against it."""
+    try:
+        config = StudyConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {pydantic_message(exc)}") from None
+    if isinstance(config.budget, int) and config.budget < 1:
+        raise ConfigError(f"{where}: budget: must be at least 1 trial, got {config.budget}")
+    if folder is not None:
+        config = _resolved(config, folder)
+    for index, evaluator in enumerate(config.evaluators):
+        parse_evaluator_config(evaluator, where=f"{where}: evaluators[{index}]")
+    parse_proposer_config(config.proposer, where=f"{where}: proposer")
+    return config
+
+
+def load_study_config(path: Path) -> StudyConfig:
+    return parse_study_config(load_yaml(path), str(path), path.expanduser().resolve().parent)
+
+
+def _resolved(config: StudyConfig, folder: Path) -> StudyConfig:
+    def path(value: str) -> str:
+        candidate = Path(value).expanduser()
+        return str(candidate if candidate.is_absolute() else (folder / candidate).resolve())
+
+    space = config.space
+    if isinstance(space, str) and (folder / space).exists():
+        space = path(space)
+    storage = config.storage or DEFAULT_STORAGE
+    if "://" not in storage:
+        storage = path(storage)
+    return config.model_copy(
+        update={
+            "base": path(config.base),
+            "sources": [path(s) for s in config.sources],
+            "space": space,
+            "storage": storage,
+            "evaluators": [anchor_evaluator_paths(dict(e), folder) for e in config.evaluators],
+        }
+    )
