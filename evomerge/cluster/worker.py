@@ -1,0 +1,235 @@
+"""The worker side of the study service: one model held in memory, candidates merged into it.
+
+A :class:`MergeWorker` loads the base and source tensors once, one model object, its tokenizer
+and the evaluators; then :meth:`MergeWorker.run` merges each candidate recipe straight into the
+model's parameters and evaluates it. Nothing is written to disk per candidate. It is a plain
+class: the pool (:mod:`evomerge.cluster.pool`) runs it as a Ray actor, a test or a debugging
+session can run it in process.
+
+Which models a recipe may name: the worker holds ``spec.base`` and ``spec.sources``. A recipe
+may use any of them: its ``base`` (if it has one) and each of its ``sources`` must be one of the
+held folders (the same path string, or the same folder once resolved), every model at most once.
+So a task-arithmetic recipe over base + sources works, and so does a linear recipe (no base)
+over the sources or a subset of them, all without reading anything again. The recipe's
+``tokenizer_source`` is not used: the worker evaluates with the base's tokenizer.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from evomerge.checkpoint import ModelFolder, check_compatible
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.merge.engine import InPlaceMerger
+from evomerge.merge.recipe import Recipe, parse_recipe, plan_recipe
+
+Status = Literal["complete", "failed"]
+
+
+class WorkerSpec(BaseModel):
+    """What every worker of a pool holds: the models, the evaluators, the device."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: str = Field(description="base model folder (its config and tokenizer are used)")
+    sources: list[str] = Field(min_length=1, description="source model folders")
+    evaluators: list[dict[str, Any]] = Field(
+        min_length=1, description="evaluator mappings, as in a search config"
+    )
+    device: str = "cpu"
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads; None: the CPUs Ray gave the actor, else 1"
+    )
+
+
+@dataclass(frozen=True)
+class CandidateTask:
+    """One candidate to score: ``key`` is the trial number, ``recipe`` a recipe mapping
+    (``Recipe.model_dump(exclude_defaults=True)``), ``limit`` the evaluators' subset size."""
+
+    key: int
+    recipe: dict[str, Any]
+    limit: int | float | None = None
+    attempt: int = 1
+
+
+@dataclass
+class CandidateResult:
+    """What became of a task. A failed result carries ``error`` as ``"{type}: {message}"``."""
+
+    key: int
+    status: Status
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    merge_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    worker: str = ""
+    attempt: int = 1
+
+
+def failed_result(task: CandidateTask, error: str, worker: str) -> CandidateResult:
+    return CandidateResult(
+        key=task.key, status="failed", error=error, worker=worker, attempt=task.attempt
+    )
+
+
+def _ray_assigned_cpus() -> float | None:
+    """The CPUs Ray assigned to the current actor, or None outside a Ray worker."""
+    import sys
+
+    if "ray" not in sys.modules:  # not running under Ray: do not import it for nothing
+        return None
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    try:
+        context = ray.get_runtime_context()
+        if context.worker.mode != ray.WORKER_MODE:
+            return None
+        return float(context.get_assigned_resources().get("CPU", 0.0)) or None
+    except Exception:  # an old or unusual Ray: fall back to the default
+        return None
+
+
+def _same_folder(a: str, b: Path) -> bool:
+    try:
+        return Path(a).expanduser().resolve() == b
+    except OSError:
+        return False
+
+
+class _ResidentView(InPlaceMerger):
+    """An InPlaceMerger over some of another merger's resident models (shared, not copied)."""
+
+    def __init__(self, parent: InPlaceMerger, indices: tuple[int, ...]) -> None:
+        self.models = [parent.models[i] for i in indices]
+        self.paths = tuple(parent.paths[i] for i in indices)
+        self.device = parent.device
+        self.tensors = [parent.tensors[i] for i in indices]
+
+
+class MergeWorker:
+    """Holds the models and evaluators; scores candidate recipes one at a time."""
+
+    def __init__(self, spec: WorkerSpec | dict[str, Any], worker_id: str) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from evomerge.evaluate import build_evaluator
+        from evomerge.search.loop import EvaluatorSuite
+
+        start = time.perf_counter()
+        self.spec = spec if isinstance(spec, WorkerSpec) else WorkerSpec.model_validate(spec)
+        self.worker_id = worker_id
+        threads = self.spec.torch_threads
+        if threads is None:
+            cpus = _ray_assigned_cpus()
+            threads = max(1, round(cpus)) if cpus else 1
+        torch.set_num_threads(threads)
+        self.torch_threads = threads
+        self.folders = [
+            ModelFolder(self.spec.base, label="base"),
+            *(ModelFolder(s) for s in self.spec.sources),
+        ]
+        check_compatible(self.folders)
+        self.merger = InPlaceMerger(self.folders, device=self.spec.device)
+        self._views: dict[tuple[int, ...], InPlaceMerger] = {
+            tuple(range(len(self.folders))): self.merger
+        }
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.spec.base, dtype=torch.float32, trust_remote_code=False
+        ).to(self.spec.device)
+        self.model.eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.spec.base)
+        self.suite = EvaluatorSuite(
+            [build_evaluator(config, self.model, self.tokenizer) for config in self.spec.evaluators]
+        )
+        self.load_seconds = time.perf_counter() - start
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "worker": self.worker_id,
+            "load_seconds": self.load_seconds,
+            "device": self.spec.device,
+            "pid": os.getpid(),
+            "torch_threads": self.torch_threads,
+        }
+
+    def _held_index(self, path: str, what: str) -> int:
+        for index, held in enumerate([self.spec.base, *self.spec.sources]):
+            if path == held:
+                return index
+        for index, folder in enumerate(self.folders):
+            if _same_folder(path, folder.path):
+                return index
+        held = ", ".join(str(f.path) for f in self.folders)
+        raise ConfigError(f"{what} {path} is not a model this worker holds ({held})")
+
+    def _resolve(self, recipe: Recipe) -> tuple[InPlaceMerger, list[ModelFolder]]:
+        """The merger and the opened folders (labelled as the recipe names them) to plan with."""
+        indices: list[int] = []
+        labels: list[str] = []
+        if recipe.base is not None:
+            indices.append(self._held_index(recipe.base, "the recipe's base"))
+            labels.append("base")
+        for number, source in enumerate(recipe.sources):
+            index = self._held_index(source.model, f"sources[{number}].model")
+            if index in indices:
+                raise ConfigError(
+                    f"sources[{number}].model {source.model} is named twice in the recipe"
+                )
+            indices.append(index)
+            label = source.label or self.folders[index].path.name
+            labels.append(f"{label}#{number}" if label in labels else label)
+        key = tuple(indices)
+        if key not in self._views:
+            self._views[key] = _ResidentView(self.merger, key)
+        folders = []
+        for index, label in zip(indices, labels):
+            folder = copy.copy(self.folders[index])
+            folder.label = label
+            folders.append(folder)
+        return self._views[key], folders
+
+    def run(self, task: CandidateTask) -> CandidateResult:
+        """Merge ``task.recipe`` into the model and evaluate it; errors a candidate can cause
+        (bad recipe, NaN/Inf, out of memory, a failing evaluator) give a failed result."""
+        start = time.perf_counter()
+        merge_seconds: float | None = None
+        try:
+            recipe = parse_recipe(task.recipe, where=f"trial {task.key} recipe")
+            merger, folders = self._resolve(recipe)
+            plan = plan_recipe(recipe, folders)
+            merger.merge_into(plan, self.model)
+            merge_seconds = time.perf_counter() - start
+            metrics, eval_seconds = self.suite.evaluate(task.limit)
+        except (EvomergeError, RuntimeError, ValueError) as exc:
+            if self.spec.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            elapsed = time.perf_counter() - start
+            return CandidateResult(
+                key=task.key,
+                status="failed",
+                error=f"{type(exc).__name__}: {exc}",
+                merge_seconds=elapsed if merge_seconds is None else merge_seconds,
+                eval_seconds=0.0 if merge_seconds is None else elapsed - merge_seconds,
+                worker=self.worker_id,
+                attempt=task.attempt,
+            )
+        return CandidateResult(
+            key=task.key,
+            status="complete",
+            metrics=metrics,
+            merge_seconds=merge_seconds,
+            eval_seconds=eval_seconds,
+            worker=self.worker_id,
+            attempt=task.attempt,
+        )
