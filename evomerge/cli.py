@@ -102,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--quiet", action="store_true", help="no progress bar")
     search.set_defaults(handler=cmd_search)
 
+    studies = commands.add_parser("studies", help="list the studies in a study database")
+    studies.add_argument("--storage", required=True, help="database URL or SQLite file")
+    studies.set_defaults(handler=cmd_studies)
+    pareto = commands.add_parser("pareto", help="the Pareto front of a study, as a table")
+    pareto.add_argument("--storage", required=True, help="database URL or SQLite file")
+    pareto.add_argument("--study", required=True, help="study name")
+    pareto.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    pareto.set_defaults(handler=cmd_pareto)
+
     space = commands.add_parser("space", help="inspect search spaces")
     space_cmds = space.add_subparsers(dest="space_command", required=True, metavar="ACTION")
     space_show = space_cmds.add_parser(
@@ -368,6 +377,66 @@ def cmd_search(args: argparse.Namespace) -> int:
         cells = "  ".join(f"{v:>18.4f}" for v in trial.values or [])
         print(f"  {cells}  {trial.label}{' (best)' if trial is shown[-1] else ''}")
     print(f"Pareto front: {len(result.pareto())} trial(s); results in {output}")
+    return 0
+
+
+def _open_store(storage: str):  # type: ignore[no-untyped-def]
+    from evomerge.study import StudyStore
+
+    return StudyStore(storage)
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    from evomerge.study import mask_url
+
+    store = _open_store(args.storage)
+    rows = store.studies()
+    if not rows:
+        print(f"no studies in {mask_url(store.url)}")
+        return 0
+    print(f"{'study':<24} {'status':<9} {'finished':>9} {'failed':>7} {'running':>8}  created")
+    for row in rows:
+        trials = row["trials"]
+        finished = trials.get("COMPLETE", 0) + trials.get("FAILED", 0)
+        print(
+            f"{row['name']:<24} {row['status']:<9} {finished:>4}/{row['budget']:<4} "
+            f"{trials.get('FAILED', 0):>7} {trials.get('RUNNING', 0):>8}  {row['created_at'][:19]}"
+        )
+    return 0
+
+
+def cmd_pareto(args: argparse.Namespace) -> int:
+    from evomerge.optimize import Objective
+
+    store = _open_store(args.storage)
+    config = store.study_config(args.study)
+    objectives = [Objective.model_validate(o) for o in config["objectives"]]
+    front = store.pareto(args.study, objectives)
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "trial": t.number,
+                        "role": t.role,
+                        "label": t.label,
+                        "fidelity": t.fidelity,
+                        "values": t.values(objectives),
+                        "metrics": t.metrics,
+                    }
+                    for t in front
+                ],
+                indent=2,
+            )
+        )
+        return 0
+    names = [o.metric for o in objectives]
+    width = max(12, *(len(n) for n in names))
+    print(f"{'trial':>5}  " + "  ".join(f"{n:>{width}}" for n in names) + "  fidelity  label")
+    for trial in front:
+        cells = "  ".join(f"{v:>{width}.4f}" for v in trial.values(objectives) or [])
+        print(f"{trial.number:>5}  {cells}  {trial.fidelity or '-':<8}  {trial.label}")
+    print(f"{len(front)} trial(s) on the Pareto front of study '{args.study}'")
     return 0
 
 
