@@ -454,6 +454,17 @@ def load_space(path_or_name: str | Path) -> SearchSpace:
     return parse_space(load_yaml(path), where=str(path))
 
 
+def space_from_setting(setting: str | dict[str, Any], folder: Path | None = None) -> SearchSpace:
+    """A config's ``space`` value: an inline mapping, a file (relative to ``folder``), or the
+    name of a ready space."""
+    if isinstance(setting, dict):
+        return parse_space(setting, where="space")
+    candidate = Path(setting).expanduser()
+    if folder is not None and not candidate.is_absolute() and (folder / candidate).exists():
+        candidate = folder / candidate
+    return load_space(candidate if candidate.exists() else setting)
+
+
 def parse_space(data: dict[str, Any], where: str = "search space") -> SearchSpace:
     from evomerge.merge.recipe import pydantic_message
 

@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from bench_report import markers, write_section  # noqa: E402
 
-MARK_BEGIN = "<!-- bench_eval:begin -->"
-MARK_END = "<!-- bench_eval:end -->"
+MARK_BEGIN, MARK_END = markers("bench_eval")
 
 
 class ForwardTimer:
@@ -153,13 +153,7 @@ def main() -> int:
     report = "\n".join(lines)
     print(report)
     if args.write:
-        text = args.write.read_text() if args.write.exists() else ""
-        if MARK_BEGIN in text and MARK_END in text:
-            head, rest = text.split(MARK_BEGIN, 1)
-            text = head + report + rest.split(MARK_END, 1)[1]
-        else:
-            text = text.rstrip("\n") + "\n\n" + report + "\n"
-        args.write.write_text(text)
+        write_section(args.write, "bench_eval", report)
     return 0
 
 

@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from bench_report import markers, write_section  # noqa: E402
 
-MARK_BEGIN = "<!-- bench_search:begin -->"
-MARK_END = "<!-- bench_search:end -->"
+MARK_BEGIN, MARK_END = markers("bench_search")
 CHECKPOINTS = (10, 25, 50, 100, 200)
 TARGET = 0.95
 PLOT_ROWS, PLOT_COLS = 21, 50  # one row per 0.025 from 0.5 to 1.0
@@ -396,13 +396,7 @@ def main() -> int:
     print(report)
     print(f"saved {args.png}" if png else "matplotlib not importable: no PNG", file=sys.stderr)
     if args.write:
-        text = args.write.read_text() if args.write.exists() else ""
-        if MARK_BEGIN in text and MARK_END in text:
-            head, rest = text.split(MARK_BEGIN, 1)
-            text = head + report + rest.split(MARK_END, 1)[1]
-        else:
-            text = text.rstrip("\n") + "\n\n" + report + "\n"
-        args.write.write_text(text)
+        write_section(args.write, "bench_search", report)
     return 0
 
 

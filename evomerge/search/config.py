@@ -27,7 +27,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -35,9 +34,9 @@ from evomerge.checkpoint import ModelFolder
 from evomerge.errors import ConfigError
 from evomerge.evaluate.registry import anchor_evaluator_paths, parse_evaluator_config
 from evomerge.merge.recipe import load_yaml, pydantic_message
-from evomerge.optimize import Objective, build_proposer, parse_proposer_config
-from evomerge.search.loop import InProcessSearch, SearchResult, Trial
-from evomerge.space import BoundSpace, load_space, parse_space
+from evomerge.optimize import Objective, parse_proposer_config
+from evomerge.search.loop import InProcessSearch, SearchResult, Trial, build_space_proposer
+from evomerge.space import space_from_setting
 
 
 class SearchConfig(BaseModel):
@@ -78,30 +77,13 @@ def _resolve(path: str, folder: Path) -> Path:
     return resolved if resolved.is_absolute() else folder / resolved
 
 
-def bind_space(config: SearchConfig, folder: Path, base: ModelFolder) -> BoundSpace:
-    if isinstance(config.space, dict):
-        space = parse_space(config.space, where="space")
-    else:
-        candidate = _resolve(config.space, folder)
-        space = load_space(candidate if candidate.exists() else config.space)
-    labels = [ModelFolder(_resolve(s, folder)).label for s in config.sources]
-    return space.bind(base, labels)
-
-
-def proposer_settings(config: SearchConfig, space: BoundSpace) -> dict[str, Any]:
-    """The proposer mapping; CMA-ES starts from the mean of the uniform baselines by default."""
-    settings = dict(config.proposer)
-    if settings.get("kind", "cma") == "cma" and settings.get("x0") is None:
-        settings["x0"] = np.mean(space.uniform_genomes(), axis=0).tolist()
-    return settings
-
-
 def run_search_file(path: Path, *, on_trial=None) -> tuple[SearchResult, Path]:  # type: ignore[no-untyped-def]
     """Run the search a file describes; write its results; return them and the output folder."""
     config, folder = load_search_config(path)
     base = _resolve(config.base, folder)
     sources = [_resolve(s, folder) for s in config.sources]
-    space = bind_space(config, folder, ModelFolder(base))
+    labels = [ModelFolder(s).label for s in sources]
+    space = space_from_setting(config.space, folder).bind(ModelFolder(base), labels)
     search = InProcessSearch(
         space,
         base,
@@ -111,9 +93,7 @@ def run_search_file(path: Path, *, on_trial=None) -> tuple[SearchResult, Path]: 
         limit=config.limit,
         device=config.device,
     )
-    proposer = build_proposer(
-        parse_proposer_config(proposer_settings(config, space)), space.dimension, config.objectives
-    )
+    proposer = build_space_proposer(config.proposer, space, config.objectives)
     output = _resolve(config.output, folder) if config.output else folder / f"{config.name}-results"
     result = search.run(proposer, config.budget, baselines=config.baselines, on_trial=on_trial)
     write_results(result, output)

@@ -24,7 +24,14 @@ from evomerge.errors import ConfigError, EvaluationError, EvomergeError
 from evomerge.evaluate import Evaluator, build_evaluator
 from evomerge.merge.engine import InPlaceMerger
 from evomerge.merge.recipe import Recipe, plan_recipe
-from evomerge.optimize import Objective, Proposer, pareto_front, scalarize
+from evomerge.optimize import (
+    Objective,
+    Proposer,
+    build_proposer,
+    pareto_front,
+    parse_proposer_config,
+    scalarize,
+)
 from evomerge.space import BoundSpace
 
 Role = Literal["source", "uniform", "proposal"]
@@ -68,6 +75,17 @@ class SearchResult:
         """The complete trials no other complete trial dominates."""
         pool = self.complete
         return [pool[i] for i in pareto_front([t.values or [] for t in pool], self.objectives)]
+
+
+def build_space_proposer(
+    settings: Mapping[str, Any], space: BoundSpace, objectives: Sequence[Objective]
+) -> Proposer:
+    """The proposer a search config asks for; CMA-ES starts from the mean of the space's
+    uniform baselines unless ``x0`` is given."""
+    settings = dict(settings)
+    if settings.get("kind", "cma") == "cma" and settings.get("x0") is None:
+        settings["x0"] = np.mean(space.uniform_genomes(), axis=0).tolist()
+    return build_proposer(parse_proposer_config(settings), space.dimension, list(objectives))
 
 
 class EvaluatorSuite:

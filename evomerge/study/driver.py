@@ -20,26 +20,10 @@ import numpy as np
 from evomerge.checkpoint import ModelFolder
 from evomerge.cluster.worker import CandidateResult, CandidateTask, WorkerSpec
 from evomerge.errors import ConfigError
-from evomerge.optimize import Proposer, build_proposer, parse_proposer_config
-from evomerge.space import BoundSpace, load_space, parse_space
+from evomerge.search.loop import build_space_proposer
+from evomerge.space import space_from_setting
 from evomerge.study.config import StudyConfig
 from evomerge.study.store import StudyStore
-
-
-def bind_study_space(config: StudyConfig) -> BoundSpace:
-    if isinstance(config.space, dict):
-        space = parse_space(config.space, where="space")
-    else:
-        space = load_space(config.space)
-    labels = [ModelFolder(s).label for s in config.sources]
-    return space.bind(ModelFolder(config.base), labels)
-
-
-def _proposer(config: StudyConfig, space: BoundSpace) -> Proposer:
-    settings = dict(config.proposer)
-    if settings.get("kind", "cma") == "cma" and settings.get("x0") is None:
-        settings["x0"] = np.mean(space.uniform_genomes(), axis=0).tolist()
-    return build_proposer(parse_proposer_config(settings), space.dimension, config.objectives)
 
 
 def _ensure_ray(config: StudyConfig) -> None:
@@ -68,8 +52,9 @@ class StudyDriver:
         self.store = store
         self.config = config
         self.name = config.name
-        self.space = bind_study_space(config)
-        self.proposer = _proposer(config, self.space)
+        labels = [ModelFolder(s).label for s in config.sources]
+        self.space = space_from_setting(config.space).bind(ModelFolder(config.base), labels)
+        self.proposer = build_space_proposer(config.proposer, self.space, config.objectives)
         self.limit = config.fidelity.limit if config.fidelity else None
         self.budget = config.budget_trials or 10**9
         self.next_number = 0
@@ -161,7 +146,7 @@ class StudyDriver:
     def run(self, on_result: Callable[[CandidateResult], None] | None = None) -> None:
         from evomerge.cluster.pool import WorkerPool, dispatch
 
-        if self._exists():
+        if self.store.has_study(self.name):
             if self.store.trials(self.name):
                 raise ConfigError(
                     f"study '{self.name}' already has trials; resuming is not implemented yet"
@@ -203,6 +188,3 @@ class StudyDriver:
                 should_stop=lambda: deadline is not None and time.monotonic() > deadline,
             )
         self.store.set_status(self.name, "finished")
-
-    def _exists(self) -> bool:
-        return any(s["name"] == self.name for s in self.store.studies())

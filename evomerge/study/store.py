@@ -163,6 +163,10 @@ class StudyStore:
                 )
             session.add(StudyRow(name=name, config=json.dumps(config), budget=budget))
 
+    def has_study(self, name: str) -> bool:
+        with self.session() as session:
+            return session.scalar(select(StudyRow.id).where(StudyRow.name == name)) is not None
+
     def _study(self, session: Session, name: str) -> StudyRow:
         row = session.scalar(select(StudyRow).where(StudyRow.name == name))
         if row is None:
