@@ -213,7 +213,9 @@ def test_a_failing_candidate_fails_alone(family, evaluators_file, ray_cluster):
         assert pool.in_flight() == 0 and pool.idle() == 2 and pool.restarts == 0
         # Once should_stop() is true, no task is asked for.
         dispatch(pool, lambda: pytest.fail("asked for a task"), results.append, lambda: True)
-    assert nones >= 2
+    # At least the final None; a None at the boundary itself happens only if the two results
+    # arrive in separate waits, which depends on timing (asserting it made the test flaky).
+    assert nones >= 1
     assert [r.key for r in results[:2]] in ([1, 2], [2, 1])  # the boundary held
     by_key = {r.key: r for r in results}
     assert sorted(by_key) == [1, 2, 3, 4]
