@@ -144,6 +144,69 @@ def test_newer_schema_is_refused(url):
         StudyStore(url)
 
 
+def test_one_driver_holds_a_study_at_a_time(url):
+    import socket
+    import subprocess
+    from datetime import timedelta
+
+    from evomerge.study.schema import StudyRow, utcnow
+    from evomerge.study.store import StudyBusy
+
+    store = StudyStore(url)
+    store.create_study("toy", {}, budget=3)
+    store.create_study("other", {}, budget=3)
+    store.acquire("toy", "hostA:1:a")
+    with pytest.raises(StudyBusy, match=r"hostA:1:a, alive 0 s ago"):
+        store.acquire("toy", "hostB:2:b")
+    store.acquire("other", "hostB:2:b")  # another study in the same database: no conflict
+    store.acquire("toy", "hostA:1:a")  # the holder may re-acquire
+    assert store.heartbeat("toy", "hostA:1:a") and not store.heartbeat("toy", "hostB:2:b")
+
+    def age_lease(seconds: float) -> None:
+        with store.session() as session:
+            session.execute(
+                sqlalchemy.update(StudyRow)
+                .where(StudyRow.name == "toy")
+                .values(heartbeat_at=utcnow() - timedelta(seconds=seconds))
+            )
+
+    age_lease(59)
+    with pytest.raises(StudyBusy):
+        store.acquire("toy", "hostB:2:b")
+    age_lease(61)  # no heartbeat for longer than the lease: the holder is presumed dead
+    store.acquire("toy", "hostB:2:b")
+    assert not store.heartbeat("toy", "hostA:1:a")  # the old holder learns it lost the lease
+    store.release("toy", "hostA:1:a")  # and cannot release the new holder's lease
+    assert store.study("toy")["owner"] == "hostB:2:b"
+    store.release("toy", "hostB:2:b")
+    assert store.study("toy")["owner"] is None
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    store.acquire("toy", f"{socket.gethostname()}:{gone.pid}:x")  # a process of this host...
+    store.acquire("toy", "hostC:3:c")  # ...that is gone frees its lease at once
+
+
+def test_an_earlier_schema_is_refused_and_left_untouched(tmp_path):
+    path = tmp_path / "old.db"
+    engine = sqlalchemy.create_engine(f"sqlite:///{path}")
+    with engine.begin() as connection:  # what a schema-1 build left: no newer tables or columns
+        connection.execute(sqlalchemy.text("CREATE TABLE evomerge_meta (key TEXT, value TEXT)"))
+        connection.execute(
+            sqlalchemy.text("INSERT INTO evomerge_meta VALUES ('schema_version', '1')")
+        )
+        connection.execute(sqlalchemy.text("CREATE TABLE evomerge_studies (id INTEGER)"))
+    with pytest.raises(StorageError, match=r"schema 1; this one needs 2.*new database"):
+        StudyStore(path)
+    with engine.begin() as connection:
+        meta = connection.execute(sqlalchemy.text("SELECT * FROM evomerge_meta")).all()
+    assert meta == [("schema_version", "1")]
+    assert set(sqlalchemy.inspect(engine).get_table_names()) == {
+        "evomerge_meta",
+        "evomerge_studies",
+    }
+
+
 def test_unreachable_database_and_masked_password(tmp_path):
     with pytest.raises(StorageError, match="does not exist"):
         StudyStore(tmp_path / "missing" / "study.db")
@@ -154,3 +217,29 @@ def test_unreachable_database_and_masked_password(tmp_path):
     assert mask_url(url) == "postgresql+psycopg://user:***@127.0.0.1:1/nowhere"
     store = StudyStore(tmp_path / "plain.db")  # a plain path is an SQLite file
     assert store.is_sqlite and (tmp_path / "plain.db").exists()
+
+
+def _open_after(barrier, url):  # type: ignore[no-untyped-def]
+    barrier.wait()
+    try:
+        StudyStore(url)
+    except Exception as exc:  # reported to the parent
+        return f"{type(exc).__name__}: {exc}"
+    return "ok"
+
+
+def test_processes_opening_a_new_database_at_once_all_succeed(url):
+    """A driver starting while ``evomerge status`` polls: both create the schema at once."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(6, mp_context=context) as pool:
+        barrier = manager.Barrier(6)
+        outcomes = list(pool.map(_open_after, [barrier] * 6, [url] * 6))
+    assert outcomes == ["ok"] * 6
+    engine = sqlalchemy.create_engine(url)
+    with engine.begin() as connection:
+        meta = connection.execute(sqlalchemy.text("SELECT * FROM evomerge_meta")).all()
+    engine.dispose()
+    assert meta == [("schema_version", str(SCHEMA_VERSION))]

@@ -137,6 +137,11 @@ class Proposer(ABC):
         return sorted(self._pending)
 
     @property
+    def next_id(self) -> int:
+        """The id the next proposal will get (ids count up from 0, one per proposal)."""
+        return self._next_id
+
+    @property
     def finished(self) -> bool:
         """True when the proposer will never propose again."""
         return False

@@ -18,7 +18,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: trials record what the proposer was told and load seconds, studies their wall time
+and the driver that holds them (a lease with a heartbeat).
+Schema 1 was only ever written by development builds; it is refused, not migrated."""
 
 
 def utcnow() -> datetime:
@@ -45,6 +48,12 @@ class StudyRow(Base):
     """The study config as JSON, so ``resume`` needs only the storage URL and the name."""
     budget: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default="created")
+    owner: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    """The driver running the study now (``host:pid:token``), None when none is."""
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    """When the owner last said it is alive; a lease older than the timeout is free."""
+    elapsed_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    """Wall time the driver has spent on the study, over all runs (the ``hours`` budget)."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     trials: Mapped[list[TrialRow]] = relationship(back_populates="study")
@@ -65,6 +74,14 @@ class TrialRow(Base):
     worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    tell_seq: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """For a proposal: how many results the proposer had been told before this one."""
+    asks_before_tell: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """For a proposal: how many proposals had been asked when this one was told."""
+    told_values: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """For a proposal: the objective values told (JSON), null if it was told as failed."""
+    load_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """How long the worker that ran the trial took to load its models (once, at its start)."""
     merge_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     eval_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -88,7 +105,8 @@ class MetricRow(Base):
 
 
 class SnapshotRow(Base):
-    """A proposer state after ``told`` results, written by the driver."""
+    """A proposer state after ``told`` results (successes and failures), written by the
+    driver now and then; results told later are replayed from the trials on resume."""
 
     __tablename__ = "evomerge_snapshots"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -10,19 +10,30 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import socket
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, delete, event, func, select
+from sqlalchemy import create_engine, delete, event, func, insert, inspect, select, update
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    IntegrityError,
+    OperationalError,
+    SQLAlchemyError,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from evomerge.errors import ConfigError, EvomergeError
+from evomerge.failpoints import failpoint
 from evomerge.optimize import Objective, pareto_front, scalarize
 from evomerge.study.schema import (
     SCHEMA_VERSION,
@@ -43,6 +54,33 @@ class StorageError(EvomergeError):
     """The database cannot be opened, is of another schema version, or lost a write."""
 
 
+class StudyBusy(ConfigError):
+    """Another driver holds the study."""
+
+
+LEASE_SECONDS = 60.0
+"""A driver's lease on its study lapses this long after its last heartbeat."""
+
+
+def _same_owner(owner: str | None) -> Any:
+    return StudyRow.owner.is_(None) if owner is None else StudyRow.owner == owner
+
+
+def _dead_here(owner: str) -> bool:
+    """Whether ``owner`` (``host:pid:token``) was a process of this host that is gone."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 def mask_url(url: str) -> str:
     """The URL with any password replaced by ``***`` (for messages and logs)."""
     return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", url)
@@ -60,7 +98,17 @@ def fidelity_name(limit: int | float | None) -> tuple[str, float]:
     """``("full", inf)`` for all documents, ``("limit=10", 10)`` for a subset."""
     if limit is None:
         return "full", math.inf
-    return f"limit={limit:g}", float(limit)
+    return f"limit={limit:.12g}", float(limit)
+
+
+@dataclass(frozen=True)
+class Told:
+    """What a proposer was told about a proposal: the ``seq``-th result it got, after
+    ``asks_before`` proposals had been asked; ``values`` None means told as failed."""
+
+    seq: int
+    asks_before: int
+    values: list[float] | None
 
 
 @dataclass(frozen=True)
@@ -81,6 +129,10 @@ class TrialView:
     metrics: dict[str, float]
     merge_seconds: float | None
     eval_seconds: float | None
+    load_seconds: float | None = None
+    created_at: datetime | None = None
+    finished_at: datetime | None = None
+    told: Told | None = None
 
     def values(self, objectives: Sequence[Objective]) -> list[float] | None:
         try:
@@ -105,13 +157,13 @@ class StudyStore:
                 raise StorageError(f"folder {folder} for the SQLite database does not exist")
         try:
             self.engine = self._engine()
-            Base.metadata.create_all(self.engine)
             self._check_version()
         except OperationalError as exc:
             raise StorageError(
                 f"cannot open the study database {mask_url(self.url)}: {_first_line(exc)}"
             ) from None
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._ids: dict[str, int] = {}
 
     def _engine(self) -> Engine:
         if not self.is_sqlite:
@@ -129,16 +181,41 @@ class StudyStore:
         return engine
 
     def _check_version(self) -> None:
-        with Session(self.engine) as session, session.begin():
-            row = session.get(Meta, "schema_version")
-            if row is None:
-                session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+        """Refuse a database of another schema version before touching it; stamp a new one.
+
+        Several processes may open a new database at once (a driver starting while
+        ``evomerge status`` polls it): the one that loses the race to create a table or the
+        version row finds the winner's and goes on."""
+        for attempt in range(_SCHEMA_RACE_ATTEMPTS):
+            try:
+                self._refuse_other_versions()
+                Base.metadata.create_all(self.engine)
+                with Session(self.engine) as session, session.begin():
+                    if session.get(Meta, "schema_version") is None:
+                        session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
                 return
-            if int(row.value) > SCHEMA_VERSION:
-                raise StorageError(
-                    f"{mask_url(self.url)} was written by a newer evomerge (schema "
-                    f"{row.value}; this one knows {SCHEMA_VERSION}); upgrade evomerge"
-                )
+            except DBAPIError as exc:
+                if attempt + 1 == _SCHEMA_RACE_ATTEMPTS or not _lost_creation_race(exc):
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+
+    def _refuse_other_versions(self) -> None:
+        if not inspect(self.engine).has_table(Meta.__tablename__):
+            return
+        with Session(self.engine) as session:
+            row = session.get(Meta, "schema_version")
+        version = int(row.value) if row is not None else None
+        if version is not None and version > SCHEMA_VERSION:
+            raise StorageError(
+                f"{mask_url(self.url)} was written by a newer evomerge (schema "
+                f"{version}; this one knows {SCHEMA_VERSION}); upgrade evomerge"
+            )
+        if version is not None and version < SCHEMA_VERSION:
+            raise StorageError(
+                f"{mask_url(self.url)} was written by an earlier development version of "
+                f"evomerge (schema {version}; this one needs {SCHEMA_VERSION}) and cannot "
+                "be upgraded; keep using that version for it, or start a new database"
+            )
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -177,9 +254,66 @@ class StudyStore:
             )
         return row
 
+    def _study_id(self, session: Session, name: str) -> int:
+        """The study's row id (cached: studies are never renamed or deleted)."""
+        if name not in self._ids:
+            self._ids[name] = self._study(session, name).id
+        return self._ids[name]
+
     def study_config(self, name: str) -> dict[str, Any]:
         with self.session() as session:
             return json.loads(self._study(session, name).config)
+
+    def study(self, name: str) -> dict[str, Any]:
+        """One study's row: name, status, budget, elapsed_seconds, created_at, owner,
+        heartbeat_at."""
+        with self.session() as session:
+            return _study_fields(self._study(session, name))
+
+    # -- the driver lease: one driver per study -------------------------------------------------
+
+    def acquire(self, name: str, owner: str, stale_after: float = LEASE_SECONDS) -> None:
+        """Make ``owner`` the study's driver, or raise :class:`StudyBusy` naming the driver that
+        holds it. A lease is free when released, when its heartbeat is older than
+        ``stale_after`` seconds, or when it belongs to a process of this host that is gone."""
+        with self.session() as session:
+            row = self._study(session, name)
+            held, beat = row.owner, _aware(row.heartbeat_at)
+            age = None if beat is None else (utcnow() - beat).total_seconds()
+            free = held is None or held == owner or _dead_here(held)
+            if not free and age is not None and age <= stale_after:
+                raise StudyBusy(
+                    f"study '{name}' is being run by another driver ({held}, alive "
+                    f"{age:.0f} s ago); wait for it to finish or stop it, or, if it died on "
+                    f"another machine, retry after {stale_after:.0f} s without a heartbeat"
+                )
+            taken = session.execute(
+                update(StudyRow)
+                .where(StudyRow.id == row.id, _same_owner(held))
+                .values(owner=owner, heartbeat_at=utcnow())
+            ).rowcount
+            if taken != 1:  # another driver took it between the read and the write
+                raise StudyBusy(f"study '{name}' was just taken by another driver")
+
+    def heartbeat(self, name: str, owner: str) -> bool:
+        """Renew ``owner``'s lease; False if it no longer holds it."""
+        with self.session() as session:
+            return (
+                session.execute(
+                    update(StudyRow)
+                    .where(StudyRow.name == name, StudyRow.owner == owner)
+                    .values(heartbeat_at=utcnow())
+                ).rowcount
+                == 1
+            )
+
+    def release(self, name: str, owner: str) -> None:
+        with self.session() as session:
+            session.execute(
+                update(StudyRow)
+                .where(StudyRow.name == name, StudyRow.owner == owner)
+                .values(owner=None, heartbeat_at=None)
+            )
 
     def set_status(self, name: str, status: str) -> None:
         with self.session() as session:
@@ -198,13 +332,7 @@ class StudyStore:
             ):
                 counts.setdefault(study_id, {})[state] = count
             return [
-                {
-                    "name": row.name,
-                    "status": row.status,
-                    "budget": row.budget,
-                    "created_at": row.created_at.isoformat(),
-                    "trials": counts.get(row.id, {}),
-                }
+                {**_study_fields(row), "trials": counts.get(row.id, {})}
                 for row in session.scalars(select(StudyRow).order_by(StudyRow.created_at))
             ]
 
@@ -223,10 +351,9 @@ class StudyStore:
         state: str = "RUNNING",
     ) -> None:
         with self.session() as session:
-            row = self._study(session, study)
-            session.add(
-                TrialRow(
-                    study_id=row.id,
+            session.execute(
+                insert(TrialRow).values(
+                    study_id=self._study_id(session, study),
                     number=number,
                     role=role,
                     label=label,
@@ -234,6 +361,8 @@ class StudyStore:
                     genome=None if genome is None else json.dumps([float(g) for g in genome]),
                     recipe=None if recipe is None else json.dumps(recipe),
                     proposal_id=proposal_id,
+                    attempts=0,
+                    created_at=utcnow(),
                 )
             )
 
@@ -250,22 +379,76 @@ class StudyStore:
         error: str | None = None,
         merge_seconds: float | None = None,
         eval_seconds: float | None = None,
+        load_seconds: float | None = None,
+        told: Told | None = None,
+        snapshot: tuple[bytes, int] | None = None,
+        elapsed_seconds: float | None = None,
     ) -> None:
-        """Record a result and its metrics in one transaction."""
+        """Record a result and its metrics in one transaction, with what the proposer was told
+        (``told``), optionally its state afterwards (``snapshot``: state, results told) and the
+        study's wall time so far: a killed driver leaves the trials and the proposer consistent."""
         if state not in TERMINAL:
             raise ValueError(f"a finished trial is COMPLETE or FAILED, not {state}")
         fidelity, rank = fidelity_name(limit)
+        values: dict[str, Any] = {
+            "state": state,
+            "worker": worker,
+            "attempts": attempts,
+            "error": error,
+            "merge_seconds": merge_seconds,
+            "eval_seconds": eval_seconds,
+            "load_seconds": load_seconds,
+            "finished_at": utcnow(),
+        }
+        if told is not None:
+            values["tell_seq"] = told.seq
+            values["asks_before_tell"] = told.asks_before
+            values["told_values"] = None if told.values is None else json.dumps(told.values)
         with self.session() as session:
-            trial = self._trial(session, study, number)
-            trial.state = state
-            trial.worker = worker
-            trial.attempts = attempts
-            trial.error = error
-            trial.merge_seconds = merge_seconds
-            trial.eval_seconds = eval_seconds
-            trial.finished_at = utcnow()
-            for name, value in (metrics or {}).items():
-                session.add(_metric(trial.id, fidelity, rank, name, value))
+            study_id = self._study_id(session, study)
+            trial_id = self._update_trial(session, study, study_id, number, values)
+            self._insert_metrics(session, trial_id, fidelity, rank, metrics or {})
+            if elapsed_seconds is not None:
+                session.execute(
+                    update(StudyRow)
+                    .where(StudyRow.id == study_id)
+                    .values(elapsed_seconds=elapsed_seconds)
+                )
+            if snapshot is not None:
+                self._add_snapshot(session, study_id, *snapshot)
+                failpoint("in_snapshot")  # killed before the commit: neither is written
+
+    def _update_trial(
+        self, session: Session, study: str, study_id: int, number: int, values: dict[str, Any]
+    ) -> int:
+        trial_id = session.execute(
+            update(TrialRow)
+            .where(TrialRow.study_id == study_id, TrialRow.number == number)
+            .values(**values)
+            .returning(TrialRow.id)
+        ).scalar_one_or_none()
+        if trial_id is None:
+            raise ConfigError(f"study '{study}' has no trial {number}")
+        return trial_id
+
+    @staticmethod
+    def _insert_metrics(
+        session: Session, trial_id: int, fidelity: str, rank: float, metrics: Mapping[str, float]
+    ) -> None:
+        if metrics:
+            session.execute(
+                insert(MetricRow),
+                [
+                    {
+                        "trial_id": trial_id,
+                        "fidelity": fidelity,
+                        "rank": rank,
+                        "name": name,
+                        "value": float(value),
+                    }
+                    for name, value in metrics.items()
+                ],
+            )
 
     def add_metrics(
         self, study: str, number: int, metrics: Mapping[str, float], limit: int | float | None
@@ -274,8 +457,7 @@ class StudyStore:
         fidelity, rank = fidelity_name(limit)
         with self.session() as session:
             trial = self._trial(session, study, number)
-            for name, value in metrics.items():
-                session.add(_metric(trial.id, fidelity, rank, name, value))
+            self._insert_metrics(session, trial.id, fidelity, rank, metrics)
 
     def _trial(self, session: Session, study: str, number: int) -> TrialRow:
         row = self._study(session, study)
@@ -297,9 +479,14 @@ class StudyStore:
                 trial.state = "QUEUED"
             return sorted(t.number for t in trials)
 
+    def set_elapsed(self, study: str, seconds: float) -> None:
+        with self.session() as session:
+            self._study(session, study).elapsed_seconds = seconds
+
     def set_state(self, study: str, number: int, state: str) -> None:
         with self.session() as session:
-            self._trial(session, study, number).state = state
+            study_id = self._study_id(session, study)
+            self._update_trial(session, study, study_id, number, {"state": state})
 
     def trials(self, study: str, states: Sequence[str] | None = None) -> list[TrialView]:
         """Trials by number, each with its metrics at the highest fidelity it reached."""
@@ -337,6 +524,16 @@ class StudyStore:
                     metrics=metrics.get(t.id, {}),
                     merge_seconds=t.merge_seconds,
                     eval_seconds=t.eval_seconds,
+                    load_seconds=t.load_seconds,
+                    created_at=_aware(t.created_at),
+                    finished_at=_aware(t.finished_at),
+                    told=None
+                    if t.tell_seq is None
+                    else Told(
+                        t.tell_seq,
+                        t.asks_before_tell or 0,
+                        None if t.told_values is None else json.loads(t.told_values),
+                    ),
                 )
                 for t in trials
             ]
@@ -352,20 +549,32 @@ class StudyStore:
 
     # -- proposer snapshots and exports ------------------------------------------------------------
 
-    def save_snapshot(self, study: str, state: bytes, told: int, keep: int = 2) -> None:
-        """Store a proposer state; only the newest ``keep`` are kept (states can be large)."""
+    def save_snapshot(self, study: str, state: bytes, told: int) -> None:
+        """Store a proposer state; only the newest two are kept (states can be large)."""
         with self.session() as session:
-            row = self._study(session, study)
-            session.add(SnapshotRow(study_id=row.id, told=told, state=state))
-            session.flush()
-            old = session.scalars(
-                select(SnapshotRow.id)
-                .where(SnapshotRow.study_id == row.id)
-                .order_by(SnapshotRow.id.desc())
-                .offset(keep)
-            ).all()
-            if old:
-                session.execute(delete(SnapshotRow).where(SnapshotRow.id.in_(old)))
+            self._add_snapshot(session, self._study(session, study).id, state, told)
+
+    @staticmethod
+    def _add_snapshot(
+        session: Session, study_id: int, state: bytes, told: int, keep: int = 2
+    ) -> None:
+        session.execute(
+            insert(SnapshotRow).values(
+                study_id=study_id, told=told, state=state, created_at=utcnow()
+            )
+        )
+        newest = (
+            select(SnapshotRow.id)
+            .where(SnapshotRow.study_id == study_id)
+            .order_by(SnapshotRow.id.desc())
+            .limit(keep)
+            .scalar_subquery()
+        )
+        session.execute(
+            delete(SnapshotRow).where(
+                SnapshotRow.study_id == study_id, SnapshotRow.id.not_in(newest)
+            )
+        )
 
     def latest_snapshot(self, study: str) -> tuple[bytes, int] | None:
         with self.session() as session:
@@ -386,10 +595,35 @@ class StudyStore:
             )
 
 
-def _metric(trial_id: int, fidelity: str, rank: float, name: str, value: float) -> MetricRow:
-    return MetricRow(trial_id=trial_id, fidelity=fidelity, rank=rank, name=name, value=float(value))
+def _study_fields(row: StudyRow) -> dict[str, Any]:
+    return {
+        "name": row.name,
+        "status": row.status,
+        "budget": row.budget,
+        "elapsed_seconds": row.elapsed_seconds,
+        "created_at": row.created_at.isoformat(),
+        "owner": row.owner,
+        "heartbeat_at": _aware(row.heartbeat_at),
+    }
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes; every stored time is UTC."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=timezone.utc)
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", None) or exc)
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+_SCHEMA_RACE_ATTEMPTS = 8
+
+
+def _lost_creation_race(exc: DBAPIError) -> bool:
+    """Whether creating the schema failed because another process created it first."""
+    if isinstance(exc, IntegrityError):
+        return True  # the version row, or PostgreSQL's catalog entry for a new table
+    return "already exists" in str(exc.orig)
