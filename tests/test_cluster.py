@@ -297,6 +297,32 @@ def test_one_slow_candidate_does_not_idle_the_other_workers(family, evaluators_f
     assert slow_result.eval_seconds >= 2.5
 
 
+def test_dispatch_asks_one_task_ahead_and_hands_back_what_it_never_ran(
+    family, evaluators_file, ray_cluster
+):
+    asked: list[CandidateTask] = []
+
+    def next_task() -> CandidateTask:
+        nap = 8 if len(asked) == 1 else 2  # 0.8 s for the second task, 0.2 s for the others
+        asked.append(CandidateTask(len(asked), _linear(family, 0.5), limit=nap))
+        return asked[-1]
+
+    results: list[CandidateResult] = []
+    asked_at_first_result: list[int] = []
+
+    def on_result(result: CandidateResult) -> None:
+        asked_at_first_result.append(len(asked))
+        results.append(result)
+
+    with WorkerPool(_family_spec(family, evaluators_file, "nap"), workers=2) as pool:
+        unused = dispatch(pool, next_task, on_result, should_stop=lambda: len(asked) >= 5)
+    # Two running plus one asked for while both workers were busy, before any result was in.
+    assert asked_at_first_result[0] == 3
+    # The fifth was asked for ahead, then the run stopped: it is handed back, never run.
+    assert unused == [asked[4]]
+    assert sorted(r.key for r in results) == [0, 1, 2, 3]
+
+
 @pytest.mark.timeout(60)
 def test_asking_for_missing_gpus_fails_fast(family, evaluators_file, ray_cluster):
     spec = _family_spec(family, evaluators_file, "picky")

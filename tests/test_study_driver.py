@@ -5,15 +5,14 @@ from __future__ import annotations
 import pytest
 import ray
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.evaluate import build_evaluator
-from evomerge.evaluate.model_loading import load_model_for_eval
-from evomerge.merge.engine import merge_to_folder
-from evomerge.merge.recipe import open_recipe_models, parse_recipe, plan_recipe
 from evomerge.optimize import Objective
 from evomerge.study import StudyStore
 from evomerge.study.config import parse_study_config
 from evomerge.study.driver import StudyDriver
+from evomerge.study.export import export_trial
 from tests.test_study_store import url  # noqa: F401  (the SQLite / PostgreSQL fixture)
 
 EVALUATOR = {"kind": "lm_eval", "tasks": ["toy_facts_a", "toy_facts_b"]}
@@ -54,12 +53,81 @@ def test_study_completes_its_budget_and_the_export_scores_as_recorded(toy_zoo, u
     assert [t.role for t in trials[:5]] == ["source", "source", "uniform", "uniform", "uniform"]
     assert trials[0].metrics["toy_facts_a/acc"] == 1.0  # ft_a alone
     assert len({t.worker for t in trials}) == 2  # both workers got work
+    assert all(t.load_seconds and t.load_seconds > 0 for t in trials)  # the worker's start-up
+    assert all(t.merge_seconds and t.eval_seconds for t in trials)
     assert store.studies()[0]["status"] == "finished"
     objectives = [Objective(metric="toy_facts_a/acc"), Objective(metric="toy_facts_b/acc")]
     front = store.pareto("toy", objectives)
     assert front
-    best = next(t for t in front if t.recipe is not None and t.role != "source")
-    recipe = parse_recipe(best.recipe)
-    out = merge_to_folder(plan_recipe(recipe, open_recipe_models(recipe)), tmp_path / "merged")
-    model, tokenizer = load_model_for_eval(out)
+    best = next(t for t in front if t.role != "source")
+    result = export_trial(store, "toy", f"pareto:{front.index(best) + 1}", tmp_path / "merged")
+    assert result.number == best.number and not result.verified
+    model = AutoModelForCausalLM.from_pretrained(result.path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(result.path)
     assert build_evaluator(EVALUATOR, model, tokenizer).evaluate().metrics == best.metrics
+
+
+DIE_ONCE = '''
+import os
+
+
+def die_once(model, tokenizer, armed, limit=None):
+    """The first call after the test arms it kills its worker process mid-trial."""
+    try:
+        os.rename(armed, armed + ".fired")
+    except FileNotFoundError:
+        return {"alive": 1.0}
+    os._exit(1)
+'''
+
+
+def _config(toy_zoo, storage, tmp_path, **changes):  # type: ignore[no-untyped-def]
+    (tmp_path / "die.py").write_text(DIE_ONCE)
+    data = {
+        "name": "toy",
+        "storage": storage,
+        "base": str(toy_zoo["base"]),
+        "sources": [str(toy_zoo["ft_a"]), str(toy_zoo["ft_b"])],
+        "space": "task_arithmetic_global",
+        "proposer": {"kind": "random", "seed": 0},
+        "objectives": [{"metric": "toy_facts_a/acc"}, {"metric": "toy_facts_b/acc"}],
+        "evaluators": [
+            EVALUATOR,
+            {
+                "kind": "python",
+                "function": f"{tmp_path / 'die.py'}:die_once",
+                "options": {"armed": str(tmp_path / "armed")},
+            },
+        ],
+        "budget": 10,
+        "cluster": {"workers": 2},
+    }
+    data.update(changes)
+    return parse_study_config(data, "study")
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_killed_mid_trial_is_replaced_and_the_trial_run_again(toy_zoo, tmp_path):
+    db = str(tmp_path / "s.db")
+    config = _config(toy_zoo, db, tmp_path, baselines=False)
+    (tmp_path / "armed").touch()
+    store = StudyStore(db)
+    StudyDriver(store, config).run()
+    assert (tmp_path / "armed.fired").exists()  # a worker did die
+    trials = store.trials("toy")
+    assert len(trials) == 10 and {t.state for t in trials} == {"COMPLETE"}
+    assert sorted(t.attempts for t in trials) == [1] * 9 + [2]  # the killed trial ran again once
+
+
+@pytest.mark.timeout(300)
+def test_an_hours_budget_stops_the_study_and_counts_time_over_runs(toy_zoo, tmp_path):
+    db = str(tmp_path / "s.db")
+    config = _config(toy_zoo, db, tmp_path, budget={"hours": 8 / 3600}, baselines=False)
+    store = StudyStore(db)
+    summary = StudyDriver(store, config).run()
+    assert summary.status == "finished" and "hours" in summary.reason
+    elapsed = store.studies()[0]["elapsed_seconds"]
+    assert 8 <= elapsed < 60  # worker start-up counts against the hours too
+    ran = len(store.trials("toy"))
+    again = StudyDriver.for_stored(store, "toy").run()  # the time is used up already
+    assert again.ran == 0 and len(store.trials("toy")) == ran

@@ -367,7 +367,7 @@ def dispatch(
     on_result: Callable[[CandidateResult], None],
     should_stop: Callable[[], bool] = lambda: False,
     poll_seconds: float = 1.0,
-) -> None:
+) -> list[CandidateTask]:
     """Keep every worker of a started ``pool`` busy until there is nothing left to do.
 
     Whenever a worker is free, ``next_task()`` is asked for a task; each result goes to
@@ -378,16 +378,33 @@ def dispatch(
     ``next_task`` returns None and nothing is in flight, or, once ``should_stop()`` is true,
     after the results in flight have been delivered (no new task is asked for).
     ``should_stop`` is checked at least every ``poll_seconds``.
+
+    A free worker should not wait for the driver: while every worker is busy, one task is asked
+    for ahead of time, and a freed worker gets it before the result that freed it goes to
+    ``on_result``. Returns the tasks asked for but never submitted (at most that one, when
+    ``should_stop`` ended the run), so the caller can put them back.
     """
-    while True:
-        exhausted = False
+    ahead: list[CandidateTask] = []
+
+    def fill() -> bool:
+        """Give every free worker a task; True if ``next_task`` had none to give."""
         while pool.idle() > 0 and not should_stop():
-            task = next_task()
+            task = ahead.pop() if ahead else next_task()
             if task is None:
-                exhausted = True
-                break
+                return True
             pool.submit(task)
+        return False
+
+    while True:
+        exhausted = fill()
         if pool.in_flight() == 0 and (exhausted or should_stop()):
-            return
-        for result in pool.wait(timeout=poll_seconds):
+            return ahead
+        if not exhausted and not ahead and pool.idle() == 0 and not should_stop():
+            task = next_task()
+            if task is not None:
+                ahead.append(task)
+        results = pool.wait(timeout=poll_seconds)
+        if results:
+            fill()
+        for result in results:
             on_result(result)

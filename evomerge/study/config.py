@@ -88,6 +88,9 @@ class StudyConfig(_Strict):
     export: ExportConfig = Field(default_factory=ExportConfig)
     baselines: bool = True
     device: str = "cpu"
+    snapshot_every: int = Field(default=50, ge=1)
+    """Write the proposer's whole state every this many results (and every 30 s); results told
+    since are replayed from the trials on resume."""
 
     @field_validator("budget", mode="before")
     @classmethod

@@ -1,161 +1,620 @@
 """The study driver: baselines, then ask, dispatch to Ray workers, record, tell, until the budget.
 
-The driver is the only writer of the study database. Each trial is written as RUNNING when it
-is handed to a worker and finished (COMPLETE or FAILED, with metrics and timings) in one
-transaction when its result arrives; the proposer's state is snapshotted after every tell.
-The budget counts finished trials (complete or failed). Resuming a stopped study is not
-implemented yet: a study name that already has trials is refused.
+The driver is the only writer of the study database.
+
+- A trial is written as RUNNING when it is handed to a worker. Its result, its metrics, the
+  study's wall time and what the proposer was told (the values, and how many results and
+  proposals came before) are written in one transaction, every ``snapshot_every`` results or
+  ``SNAPSHOT_SECONDS`` with the proposer's whole state. A driver killed at any moment leaves
+  the database consistent: the results told after the newest snapshot, and the asks between
+  them, can be replayed in their order.
+- The budget counts finished trials (COMPLETE or FAILED); baselines count, promotions do not.
+- Fidelity: with ``fidelity.limit``, proposals are scored on that many documents per task
+  (baselines always on all of them); of every ``batch`` completed proposals the best
+  ``promote`` fraction is re-scored on all documents, and that becomes its highest fidelity.
+- Resume (``StudyDriver(..., resume=True)``): the proposer is restored from its newest
+  snapshot and told, in order, the results recorded after it, each after replaying the asks
+  that preceded it (a restored proposer proposes exactly the same genomes; this is checked).
+  Trials left RUNNING or QUEUED are re-run with the recipe they were given, each matched to its
+  proposal (pending, or asked again by the replay), so none is counted twice.
+- Ctrl-C (KeyboardInterrupt) stops at once: the results already in are recorded, the trials in
+  flight go back to QUEUED and the study is marked ``stopped``, ready for ``resume``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import os
+import re
+import socket
+import threading
 import time
+import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from evomerge.checkpoint import ModelFolder
 from evomerge.cluster.worker import CandidateResult, CandidateTask, WorkerSpec
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.failpoints import failpoint
+from evomerge.optimize import dominates, pareto_front, scalarize
 from evomerge.search.loop import build_space_proposer
 from evomerge.space import space_from_setting
-from evomerge.study.config import StudyConfig
-from evomerge.study.store import StudyStore
+from evomerge.study.config import StudyConfig, parse_study_config
+from evomerge.study.store import (
+    LEASE_SECONDS,
+    TERMINAL,
+    StorageError,
+    StudyBusy,
+    StudyStore,
+    Told,
+    TrialView,
+    mask_url,
+)
+
+SNAPSHOT_SECONDS = 30.0
 
 
-def _ensure_ray(config: StudyConfig) -> None:
+def _ensure_ray(config: StudyConfig) -> bool:
+    """Connect to Ray: ``cluster.address``, else ``RAY_ADDRESS`` (a driver submitted as a Ray
+    Job), else a new local instance. True if this call connected."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if config.cluster.address:
-        ray.init(address=config.cluster.address, log_to_driver=False)
+    cluster = config.cluster
+    address = cluster.address or os.environ.get("RAY_ADDRESS")  # set inside a Ray Job
+    if address:
+        _check_reachable(address, "cluster.address" if cluster.address else "RAY_ADDRESS")
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = "cluster.address" if cluster.address else "RAY_ADDRESS"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EvomergeError(
+                f"cannot join the Ray cluster at {address} ({where}): {first}"
+            ) from None
     else:
         ray.init(
-            num_cpus=max(
-                os.cpu_count() or 1, int(config.cluster.workers * config.cluster.cpus_per_worker)
-            ),
+            address="local",  # never a cluster some `ray start` left running on this machine
+            num_cpus=max(os.cpu_count() or 1, math.ceil(cluster.workers * cluster.cpus_per_worker)),
             include_dashboard=False,
             object_store_memory=100_000_000,
             log_to_driver=False,
+            logging_level=logging.ERROR,  # a private local instance: no start-up chatter
         )
+    return True
+
+
+def _check_reachable(address: str, where: str) -> None:
+    """Fail in seconds, not minutes, when a ``host:port`` address does not answer."""
+    match = re.fullmatch(r"([\w.-]+):(\d+)", address)
+    if match is None:  # "auto", "ray://...": Ray resolves these itself
+        return
+    try:
+        socket.create_connection((match[1], int(match[2])), timeout=5).close()
+    except OSError as exc:
+        raise EvomergeError(
+            f"cannot join the Ray cluster at {address} ({where}): {exc.strerror or exc}; "
+            "is `ray start --head` running there?"
+        ) from None
+
+
+@dataclass
+class _Trial:
+    """A trial waiting for a worker; ``number`` is None until it is first written."""
+
+    role: str
+    label: str
+    recipe: dict[str, Any]
+    genome: list[float] | None = None
+    proposal_id: int | None = None
+    number: int | None = None
+
+
+@dataclass(frozen=True)
+class _Job:
+    number: int
+    proposal_id: int | None
+    promotion: bool = False
+
+
+@dataclass(frozen=True)
+class StudyProgress:
+    """What a progress display shows, after every result."""
+
+    finished: int
+    failed: int
+    budget: int | None
+    best: float | None
+    """The best weighted objective value of a complete trial so far."""
+    pareto_size: int
+    elapsed_seconds: float
+    budget_seconds: float | None
+    run_finished: int
+    """Trials finished by this run (for throughput: earlier runs may have been long ago)."""
+    run_seconds: float
+
+    @property
+    def trials_per_hour(self) -> float:
+        return 3600 * self.run_finished / self.run_seconds if self.run_seconds > 0 else 0.0
+
+    @property
+    def eta_seconds(self) -> float | None:
+        """Seconds to the end of the budget at this run's pace (None: unknown)."""
+        left = []
+        if self.budget is not None and self.run_finished:
+            left.append((self.budget - self.finished) * self.run_seconds / self.run_finished)
+        if self.budget_seconds is not None:
+            left.append(self.budget_seconds - self.elapsed_seconds)
+        return max(0.0, min(left)) if left else None
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    finished: int
+    budget: int | None
+    ran: int
+    """Trials finished by this run."""
+    status: str
+    """``finished`` (budget reached, time up, or the proposer has converged) or ``stopped``."""
+    reason: str
 
 
 class StudyDriver:
-    """Runs one study against one database."""
+    """Runs one study against one database: a new one, or with ``resume=True`` a stored one."""
 
-    def __init__(self, store: StudyStore, config: StudyConfig) -> None:
+    def __init__(self, store: StudyStore, config: StudyConfig, *, resume: bool = False) -> None:
         self.store = store
         self.config = config
         self.name = config.name
+        self.resume = resume
         labels = [ModelFolder(s).label for s in config.sources]
         self.space = space_from_setting(config.space).bind(ModelFolder(config.base), labels)
-        self.proposer = build_space_proposer(config.proposer, self.space, config.objectives)
         self.limit = config.fidelity.limit if config.fidelity else None
-        self.budget = config.budget_trials or 10**9
+        self.budget = config.budget_trials
         self.next_number = 0
         self.finished = 0
-        self.in_flight: dict[int, int | None] = {}  # trial number -> proposal id
-        self.queue: deque[tuple[str, str, dict[str, Any], list[float] | None]] = deque()
+        self.failed = 0
+        self.jobs: dict[int, _Job] = {}
+        self._next_job = 0
+        self.queue: deque[_Trial] = deque()
+        self.promotions: deque[int] = deque()
+        self.batch: list[tuple[float, int]] = []
+        self.recipes: dict[int, dict[str, Any]] = {}
+        """Trial number -> recipe, for promotions."""
+        self.values: dict[int, list[float]] = {}
+        self.front: list[int] = []
+        self.best: float | None = None
+        self.elapsed_before = 0.0
+        self.started = time.monotonic()
+        self._snapshot_told = 0
+        self._snapshot_at = self.started
+        self.ran = 0
+        self.worker_load_seconds: dict[str, float] = {}
+        """Worker id -> seconds it took to load its models (filled in by ``run``)."""
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        """This driver's name in the study's lease (one driver per study at a time)."""
+        self.lease_lost = False
+        if resume:
+            store.acquire(self.name, self.owner)  # before touching anything of the study
+            try:
+                self._restore()
+            except BaseException:
+                store.release(self.name, self.owner)
+                raise
+        else:
+            self.proposer = build_space_proposer(config.proposer, self.space, config.objectives)
 
-    def _baselines(self) -> None:
+    @classmethod
+    def for_stored(cls, store: StudyStore, name: str) -> StudyDriver:
+        """The driver that resumes study ``name`` from its stored config."""
+        where = f"study '{name}' in {mask_url(store.url)}"
+        config = parse_study_config(store.study_config(name), where)
+        return cls(store, config, resume=True)
+
+    # -- trials --------------------------------------------------------------------------------
+
+    def _baselines(self) -> list[_Trial]:
+        out = []
         for source in self.config.sources:
             recipe = {
                 "method": "linear",
                 "sources": [{"model": source, "parameters": {"weight": 1.0}}],
             }
-            self.queue.append(("source", ModelFolder(source).label, recipe, None))
+            out.append(_Trial("source", ModelFolder(source).label, recipe))
         for label, genome in self.space.uniform_baselines():
-            recipe = self._recipe(genome)
-            self.queue.append(("uniform", label, recipe, genome.tolist()))
+            out.append(_Trial("uniform", label, self._recipe(genome), genome.tolist()))
+        return out if self.config.baselines else []
 
     def _recipe(self, genome: np.ndarray) -> dict[str, Any]:
         recipe = self.space.decode(genome, self.config.base, self.config.sources)
         return recipe.model_dump(exclude_defaults=True)
 
-    def _task(
-        self,
-        role: str,
-        label: str,
-        recipe: dict,
-        genome: list[float] | None,
-        proposal_id: int | None = None,
-    ) -> CandidateTask:
-        number = self.next_number
-        self.next_number += 1
-        self.store.add_trial(
-            self.name,
-            number,
-            role=role,
-            label=label,
-            genome=genome,
-            recipe=recipe,
-            proposal_id=proposal_id,
-        )
-        self.in_flight[number] = proposal_id
-        return CandidateTask(key=number, recipe=recipe, limit=self.limit)
+    def _job(self, job: _Job) -> int:
+        key = self._next_job
+        self._next_job += 1
+        self.jobs[key] = job
+        return key
+
+    def _dispatch(self, trial: _Trial) -> CandidateTask:
+        if trial.number is None:
+            trial.number = self.next_number
+            self.next_number += 1
+            self.store.add_trial(
+                self.name,
+                trial.number,
+                role=trial.role,
+                label=trial.label,
+                genome=trial.genome,
+                recipe=trial.recipe,
+                proposal_id=trial.proposal_id,
+            )
+            failpoint("after_add_trial")
+        else:
+            self.store.set_state(self.name, trial.number, "RUNNING")
+        self.recipes[trial.number] = trial.recipe
+        key = self._job(_Job(trial.number, trial.proposal_id))
+        limit = self.limit if trial.role == "proposal" else None
+        return CandidateTask(key=key, recipe=trial.recipe, limit=limit)
+
+    def _trials_in_flight(self) -> int:
+        return sum(not job.promotion for job in self.jobs.values())
 
     def next_task(self) -> CandidateTask | None:
-        if self.finished + len(self.in_flight) >= self.budget:
+        """The next task for a free worker: promotions first, then queued trials, then a new
+        proposal; None when the budget is used up or the proposer must wait for results."""
+        if self.promotions:
+            number = self.promotions.popleft()
+            recipe = self.recipes[number]
+            return CandidateTask(key=self._job(_Job(number, None, True)), recipe=recipe)
+        if self.budget is not None and self.finished + self._trials_in_flight() >= self.budget:
             return None
         if self.queue:
-            return self._task(*self.queue.popleft())
+            return self._dispatch(self.queue.popleft())
         proposal = self.proposer.ask()
         if proposal is None:
             return None
-        recipe = self._recipe(proposal.genome)
-        return self._task(
-            "proposal", f"proposal {proposal.id}", recipe, proposal.genome.tolist(), proposal.id
-        )
+        return self._dispatch(self._proposal_trial(proposal.id, proposal.genome))
+
+    def _proposal_trial(self, proposal_id: int, genome: np.ndarray) -> _Trial:
+        recipe = self._recipe(genome)
+        return _Trial("proposal", f"proposal {proposal_id}", recipe, genome.tolist(), proposal_id)
+
+    # -- results -------------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.monotonic() - self.started
 
     def on_result(self, result: CandidateResult) -> None:
-        proposal_id = self.in_flight.pop(result.key)
+        job = self.jobs.pop(result.key)
+        if job.promotion:
+            self._promoted(job.number, result)
+            return
         values = None
         state, error = result.status.upper(), result.error
         if state == "COMPLETE":
             try:
-                values = [result.metrics[o.metric] for o in self.config.objectives]
+                values = [float(result.metrics[o.metric]) for o in self.config.objectives]
             except KeyError as exc:
                 state, error = "FAILED", f"EvaluationError: no metric {exc.args[0]}"
             if values is not None and not all(np.isfinite(values)):
                 state, error, values = "FAILED", f"EvaluationError: objective values {values}", None
+        told = snapshot = None
+        if job.proposal_id is not None:
+            told = Told(
+                self.proposer.n_told + self.proposer.n_failed, self.proposer.next_id, values
+            )
+            if values is not None:
+                self.proposer.tell(job.proposal_id, values)
+                failpoint("after_tell")
+            else:
+                self.proposer.tell_failed(job.proposal_id, error or "")
+            snapshot = self._snapshot_due()
         self.store.finish_trial(
             self.name,
-            result.key,
+            job.number,
             state=state,
             metrics=result.metrics,
-            limit=self.limit,
+            limit=self.limit if job.proposal_id is not None else None,
             worker=result.worker,
             attempts=result.attempt,
             error=error,
             merge_seconds=result.merge_seconds,
             eval_seconds=result.eval_seconds,
+            load_seconds=self.worker_load_seconds.get(result.worker),
+            told=told,
+            snapshot=snapshot,
+            elapsed_seconds=self.elapsed(),
         )
         self.finished += 1
-        if proposal_id is not None:
-            if values is not None:
-                self.proposer.tell(proposal_id, values)
-            else:
-                self.proposer.tell_failed(proposal_id, error or "")
-            self.store.save_snapshot(self.name, self.proposer.state_dict(), self.proposer.n_told)
+        self.ran += 1
+        if values is None:
+            self.failed += 1
+            return
+        self._observe(job.number, values)
+        if job.proposal_id is not None and self._promoting():
+            self.batch.append((scalarize(self.config.objectives, values), job.number))
+            if len(self.batch) >= self.config.fidelity.batch:  # type: ignore[union-attr]
+                self._promote_batch()
+        if self.budget is not None and self.finished >= self.budget and self.batch:
+            self._promote_batch()  # the last, partial batch
 
-    def run(self, on_result: Callable[[CandidateResult], None] | None = None) -> None:
+    def _snapshot_due(self) -> tuple[bytes, int] | None:
+        """The proposer's state, every ``snapshot_every`` results or ``SNAPSHOT_SECONDS``:
+        an Optuna sampler's state holds every trial, too big to write with every result.
+        Results told since the newest snapshot are replayed from the trials on resume."""
+        told = self.proposer.n_told + self.proposer.n_failed
+        now = time.monotonic()
+        every = self.config.snapshot_every
+        if told - self._snapshot_told < every and now - self._snapshot_at < SNAPSHOT_SECONDS:
+            return None
+        self._snapshot_told, self._snapshot_at = told, now
+        return self.proposer.state_dict(), told
+
+    def _promoting(self) -> bool:
+        return self.config.fidelity is not None and self.config.fidelity.promote > 0
+
+    def _promote_batch(self) -> None:
+        fraction = self.config.fidelity.promote  # type: ignore[union-attr]
+        count = math.ceil(fraction * len(self.batch) - 1e-9)
+        best = sorted(self.batch, key=lambda item: (-item[0], item[1]))[:count]
+        self.promotions.extend(number for _, number in best)
+        self.batch = []
+
+    def _promoted(self, number: int, result: CandidateResult) -> None:
+        if result.status != "complete":
+            return  # the trial keeps its cheap-fidelity metrics; a later export re-scores
+        self.store.add_metrics(self.name, number, result.metrics, None)
+        try:
+            values = [float(result.metrics[o.metric]) for o in self.config.objectives]
+        except KeyError:
+            return
+        self._observe(number, values, rebuild=True)
+
+    def _observe(self, number: int, values: list[float], rebuild: bool = False) -> None:
+        """Track best-so-far and the Pareto front for the progress display."""
+        objectives = self.config.objectives
+        self.values[number] = values
+        if rebuild:
+            self.best = max(scalarize(objectives, v) for v in self.values.values())
+            numbers = list(self.values)
+            front = pareto_front([self.values[n] for n in numbers], objectives)
+            self.front = [numbers[i] for i in front]
+            return
+        score = scalarize(objectives, values)
+        self.best = score if self.best is None else max(self.best, score)
+        # As pareto_front does: a point equal to one on the front does not join it.
+        if any(
+            self.values[n] == values or dominates(self.values[n], values, objectives)
+            for n in self.front
+        ):
+            return
+        self.front = [n for n in self.front if not dominates(values, self.values[n], objectives)]
+        self.front.append(number)
+
+    def progress(self) -> StudyProgress:
+        hours = self.config.budget_hours
+        return StudyProgress(
+            finished=self.finished,
+            failed=self.failed,
+            budget=self.budget,
+            best=self.best,
+            pareto_size=len(self.front),
+            elapsed_seconds=self.elapsed(),
+            budget_seconds=None if hours is None else hours * 3600,
+            run_finished=self.ran,
+            run_seconds=time.monotonic() - self.started,
+        )
+
+    # -- resume --------------------------------------------------------------------------------
+
+    def _restore(self) -> None:
+        trials = self.store.trials(self.name)
+        self.elapsed_before = float(self.store.study(self.name)["elapsed_seconds"] or 0.0)
+        self.next_number = max((t.number for t in trials), default=-1) + 1
+        snapshot = self.store.latest_snapshot(self.name)
+        self.proposer = build_space_proposer(
+            self.config.proposer,
+            self.space,
+            self.config.objectives,
+            state=None if snapshot is None else snapshot[0],
+        )
+        self.recipes = {t.number: t.recipe or {} for t in trials}
+        for trial in trials:
+            if trial.state in TERMINAL:
+                self.finished += 1
+                values = trial.values(self.config.objectives)
+                if trial.state == "COMPLETE" and values is not None:
+                    self._observe(trial.number, values)
+                else:
+                    self.failed += 1
+        self.store.requeue_running(self.name)
+        by_proposal = {t.proposal_id: t for t in trials if t.proposal_id is not None}
+        self._replay_tells(trials, by_proposal)
+        waiting = [t for t in trials if t.state not in TERMINAL]
+        requeued = [self._stored(t) for t in waiting if t.proposal_id is None]
+        done = {(t.role, t.label) for t in trials}
+        missing = [b for b in self._baselines() if (b.role, b.label) not in done]
+        requeued += self._replay([t for t in waiting if t.proposal_id is not None], by_proposal)
+        self.queue.extend(sorted(requeued, key=lambda t: t.number))
+        self.queue.extend(missing)
+        self._restore_promotions(trials)
+        self._snapshot_told = self.proposer.n_told + self.proposer.n_failed
+
+    def _replay_tells(self, trials: list[TrialView], by_proposal: dict[int, TrialView]) -> None:
+        """Tell the restored proposer the results recorded after its snapshot, in their order,
+        each after the asks that preceded it (so it ends in the state it had at the stop)."""
+        start = self.proposer.n_told + self.proposer.n_failed
+        later = sorted(
+            (t for t in trials if t.told is not None and t.told.seq >= start),
+            key=lambda t: t.told.seq,  # type: ignore[union-attr]
+        )
+        for trial in later:
+            told = trial.told
+            assert told is not None and trial.proposal_id is not None
+            while self.proposer.next_id < told.asks_before:
+                self._ask_again(by_proposal)
+            if told.values is None:
+                self.proposer.tell_failed(trial.proposal_id, trial.error or "")
+            else:
+                self.proposer.tell(trial.proposal_id, told.values)
+
+    def _ask_again(self, by_proposal: dict[int, TrialView]) -> TrialView:
+        """Replay one ask; the stored trial it must reproduce (its genome is checked)."""
+        wanted = self.proposer.next_id
+        proposal = self.proposer.ask()
+        trial = by_proposal.get(wanted)
+        if proposal is None or trial is None:
+            raise StorageError(
+                f"study '{self.name}': replaying the proposer's asks after its snapshot did not "
+                f"reproduce proposal {wanted}"
+            )
+        if not np.allclose(proposal.genome, trial.genome or [], rtol=0, atol=1e-12):
+            raise StorageError(
+                f"study '{self.name}': the restored proposer proposes another genome for "
+                f"proposal {proposal.id} (trial {trial.number}) than the stored one"
+            )
+        return trial
+
+    @staticmethod
+    def _stored(trial: TrialView) -> _Trial:
+        return _Trial(
+            trial.role,
+            trial.label,
+            trial.recipe or {},
+            trial.genome,
+            trial.proposal_id,
+            trial.number,
+        )
+
+    def _replay(self, waiting: list[TrialView], by_proposal: dict[int, TrialView]) -> list[_Trial]:
+        """Match unfinished proposal trials to the restored proposer's proposals: pending ones
+        directly, the ones asked after the last recorded tell by asking them again."""
+        pending = set(self.proposer.pending)
+        matched, later = [], {}
+        for trial in waiting:
+            assert trial.proposal_id is not None
+            if trial.proposal_id in pending:
+                matched.append(self._stored(trial))
+            elif trial.proposal_id >= self.proposer.next_id:
+                later[trial.proposal_id] = trial
+            else:
+                raise StorageError(
+                    f"study '{self.name}': trial {trial.number} is unfinished but its proposal "
+                    f"{trial.proposal_id} is not pending in the newest proposer snapshot"
+                )
+        while later and self.proposer.next_id <= max(later):
+            trial = self._ask_again(by_proposal)
+            matched.append(self._stored(later.pop(trial.proposal_id)))  # type: ignore[arg-type]
+        return matched
+
+    def _restore_promotions(self, trials: list[TrialView]) -> None:
+        """Promotions decided before the stop but not done; the current, partial batch."""
+        if not self._promoting():
+            return
+        done = sorted(
+            (t for t in trials if t.role == "proposal" and t.state == "COMPLETE"),
+            key=lambda t: (t.finished_at or t.created_at, t.number),
+        )
+        size = self.config.fidelity.batch  # type: ignore[union-attr]
+        for start in range(0, len(done), size):
+            group = done[start : start + size]
+            objectives = self.config.objectives
+            self.batch = [
+                (scalarize(objectives, t.values(objectives) or []), t.number)
+                for t in group
+                if t.values(objectives) is not None
+            ]
+            if len(group) < size and (self.budget is None or self.finished < self.budget):
+                break  # the current batch: it fills up as results arrive
+            before = len(self.promotions)
+            self._promote_batch()
+            chosen = list(self.promotions)[before:]
+            fidelity = {t.number: t.fidelity for t in group}
+            for number in chosen:
+                if fidelity[number] == "full":
+                    self.promotions.remove(number)
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Create the study (or mark a resumed one running); ``run`` calls it first."""
+        if self.resume:
+            self.store.set_status(self.name, "running")
+            return
+        if self.store.has_study(self.name):
+            raise ConfigError(
+                f"study '{self.name}' already exists in {mask_url(self.store.url)}; resume it "
+                f"(evomerge resume --storage ... --study {self.name}) or choose another name"
+            )
+        self.store.create_study(self.name, self.config.model_dump(mode="json"), self.budget or 0)
+        self.store.acquire(self.name, self.owner)
+        self.queue.extend(self._baselines())
+        self.store.set_status(self.name, "running")
+
+    def run(
+        self,
+        on_result: Callable[[CandidateResult], None] | None = None,
+        on_progress: Callable[[StudyProgress], None] | None = None,
+    ) -> RunSummary:
+        """Run until the budget (trials or hours) is used up or the proposer has converged.
+        Ctrl-C stops at once and leaves the study ready to resume (the summary says so)."""
+        self.begin()
+        self.started = time.monotonic()
+        budget_seconds = self.config.budget_hours * 3600 if self.config.budget_hours else None
+
+        def time_up() -> bool:
+            return budget_seconds is not None and self.elapsed() >= budget_seconds
+
+        with self._lease():
+            return self._run(on_result, on_progress, time_up)
+
+    @contextlib.contextmanager
+    def _lease(self) -> Iterator[None]:
+        """Renew the study's lease every ``LEASE_SECONDS / 6`` while running; release it after.
+        A driver that finds its lease taken (it was stalled past the timeout and another driver
+        took over) stops dispatching."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(LEASE_SECONDS / 6):
+                try:
+                    if not self.store.heartbeat(self.name, self.owner):
+                        self.lease_lost = True
+                        return
+                except StorageError:  # the database is down: the next write will say so
+                    pass
+
+        thread = threading.Thread(target=beat, name="evomerge-lease", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            with contextlib.suppress(StorageError):
+                self.store.release(self.name, self.owner)
+
+    def _run(
+        self,
+        on_result: Callable[[CandidateResult], None] | None,
+        on_progress: Callable[[StudyProgress], None] | None,
+        time_up: Callable[[], bool],
+    ) -> RunSummary:
         from evomerge.cluster.pool import WorkerPool, dispatch
 
-        if self.store.has_study(self.name):
-            if self.store.trials(self.name):
-                raise ConfigError(
-                    f"study '{self.name}' already has trials; resuming is not implemented yet"
-                )
-        else:
-            self.store.create_study(self.name, self.config.model_dump(mode="json"), self.budget)
-        if self.config.baselines:
-            self._baselines()
-        _ensure_ray(self.config)
+        used_up = self.budget is not None and self.finished >= self.budget
+        if time_up() or (used_up and not self.promotions):
+            return self._finish(time_up)  # nothing left to do: no need to start workers
+        started_ray = False
         cluster = self.config.cluster
         spec = WorkerSpec(
             base=self.config.base,
@@ -163,28 +622,73 @@ class StudyDriver:
             evaluators=self.config.evaluators,
             device=self.config.device,
         )
-        deadline = (
-            time.monotonic() + self.config.budget_hours * 3600 if self.config.budget_hours else None
-        )
-        self.store.set_status(self.name, "running")
 
         def handle(result: CandidateResult) -> None:
+            if result.worker not in self.worker_load_seconds and result.worker in pool.infos:
+                self.worker_load_seconds[result.worker] = pool.infos[result.worker]["load_seconds"]
             self.on_result(result)
             if on_result is not None:
                 on_result(result)
+            if on_progress is not None:
+                on_progress(self.progress())
 
-        with WorkerPool(
-            spec,
-            cluster.workers,
-            cpus_per_worker=cluster.cpus_per_worker,
-            gpus_per_worker=cluster.gpus_per_worker,
-            max_attempts=cluster.max_attempts,
-            trial_timeout=cluster.trial_timeout,
-        ) as pool:
-            dispatch(
-                pool,
-                self.next_task,
-                handle,
-                should_stop=lambda: deadline is not None and time.monotonic() > deadline,
+        if on_progress is not None:
+            on_progress(self.progress())
+        try:
+            started_ray = _ensure_ray(self.config)
+            with WorkerPool(
+                spec,
+                cluster.workers,
+                cpus_per_worker=cluster.cpus_per_worker,
+                gpus_per_worker=cluster.gpus_per_worker,
+                max_attempts=cluster.max_attempts,
+                trial_timeout=cluster.trial_timeout,
+            ) as pool:
+                unused = dispatch(
+                    pool, self.next_task, handle, should_stop=lambda: time_up() or self.lease_lost
+                )
+            if not self.lease_lost:
+                self._put_back(unused)
+        except KeyboardInterrupt:
+            self._stopped()
+            return RunSummary(self.finished, self.budget, self.ran, "stopped", "interrupted")
+        except BaseException:
+            with contextlib.suppress(StorageError):  # the error that stopped us matters more
+                self._stopped()
+            raise
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+        if self.lease_lost:  # the other driver owns the study now: leave its state alone
+            raise StudyBusy(
+                f"study '{self.name}': another driver took it over while this one was stalled; "
+                "this driver stopped (its finished results are recorded)"
             )
+        return self._finish(time_up)
+
+    def _finish(self, time_up: Callable[[], bool]) -> RunSummary:
+        self.store.set_elapsed(self.name, self.elapsed())
+        if self.budget is not None and self.finished >= self.budget:
+            reason = f"budget of {self.budget} trials reached"
+        elif time_up():
+            reason = f"budget of {self.config.budget_hours:g} hours reached"
+        else:
+            reason = "the proposer has converged (no more proposals)"
         self.store.set_status(self.name, "finished")
+        return RunSummary(self.finished, self.budget, self.ran, "finished", reason)
+
+    def _put_back(self, tasks: list[CandidateTask]) -> None:
+        """Trials asked for ahead but never run (the time ran out): back to QUEUED, so a
+        resume with more time runs them; a promotion is simply dropped."""
+        for task in tasks:
+            job = self.jobs.pop(task.key)
+            if not job.promotion:
+                self.store.set_state(self.name, job.number, "QUEUED")
+
+    def _stopped(self) -> None:
+        """Leave the study resumable: unfinished trials back to QUEUED, status ``stopped``."""
+        self.store.requeue_running(self.name)
+        self.store.set_elapsed(self.name, self.elapsed())
+        self.store.set_status(self.name, "stopped")
