@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,25 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=cmd_demo)
 
-    search = commands.add_parser(
-        "search",
-        help="run a search described in a YAML file, in this process",
-        description="Run a search (models, search space, proposer, objectives, evaluators, "
-        "budget) in this process: baselines first, then proposals merged in place and "
-        "evaluated. Results go to the config's output folder.",
-    )
-    search.add_argument("config", type=Path, help="search YAML file")
-    search.add_argument("--quiet", action="store_true", help="no progress bar")
-    search.set_defaults(handler=cmd_search)
+    from evomerge.study import export as study_export
+    from evomerge.study import launch as study_launch
+    from evomerge.study import report as study_report
 
-    studies = commands.add_parser("studies", help="list the studies in a study database")
-    studies.add_argument("--storage", required=True, help="database URL or SQLite file")
-    studies.set_defaults(handler=cmd_studies)
-    pareto = commands.add_parser("pareto", help="the Pareto front of a study, as a table")
-    pareto.add_argument("--storage", required=True, help="database URL or SQLite file")
-    pareto.add_argument("--study", required=True, help="study name")
-    pareto.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    pareto.set_defaults(handler=cmd_pareto)
+    study_launch.add_commands(commands)
+    study_report.add_commands(commands)
+    study_export.add_commands(commands)
 
     space = commands.add_parser("space", help="inspect search spaces")
     space_cmds = space.add_subparsers(dest="space_command", required=True, metavar="ACTION")
@@ -333,113 +320,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _no_transformers_bars() -> Iterator[None]:
-    """Hide transformers' own progress bars (shard writing, weight loading) for a while."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-def cmd_search(args: argparse.Namespace) -> int:
-    from evomerge.optimize import scalarize
-    from evomerge.progress import progress_bar
-    from evomerge.search.config import load_search_config, run_search_file
-
-    config, _ = load_search_config(args.config)
-    best: list[float] = []
-    done = [0]
-    with (
-        _no_transformers_bars(),
-        progress_bar("searching", config.budget, enabled=not args.quiet) as advance,
-    ):
-
-        def on_trial(trial: Any) -> None:
-            done[0] += 1
-            if trial.status == "complete":
-                best.append(max([*best[-1:], scalarize(config.objectives, trial.values)]))
-            advance(done[0], config.budget)
-
-        result, output = run_search_file(args.config, on_trial=on_trial)
-    names = [o.metric for o in config.objectives]
-    print(f"{len(result.trials)} evaluations, {len(result.trials) - len(result.complete)} failed")
-    print("  " + "  ".join(f"{n:>18}" for n in names) + "  trial")
-    shown = [t for t in result.trials if t.role != "proposal" and t.status == "complete"]
-    if result.complete:
-        shown.append(result.best())
-    for trial in shown:
-        cells = "  ".join(f"{v:>18.4f}" for v in trial.values or [])
-        print(f"  {cells}  {trial.label}{' (best)' if trial is shown[-1] else ''}")
-    print(f"Pareto front: {len(result.pareto())} trial(s); results in {output}")
-    return 0
-
-
-def _open_store(storage: str):  # type: ignore[no-untyped-def]
-    from evomerge.study import StudyStore
-
-    return StudyStore(storage)
-
-
-def cmd_studies(args: argparse.Namespace) -> int:
-    from evomerge.study import mask_url
-
-    store = _open_store(args.storage)
-    rows = store.studies()
-    if not rows:
-        print(f"no studies in {mask_url(store.url)}")
-        return 0
-    print(f"{'study':<24} {'status':<9} {'finished':>9} {'failed':>7} {'running':>8}  created")
-    for row in rows:
-        trials = row["trials"]
-        finished = trials.get("COMPLETE", 0) + trials.get("FAILED", 0)
-        print(
-            f"{row['name']:<24} {row['status']:<9} {finished:>4}/{row['budget']:<4} "
-            f"{trials.get('FAILED', 0):>7} {trials.get('RUNNING', 0):>8}  {row['created_at'][:19]}"
-        )
-    return 0
-
-
-def cmd_pareto(args: argparse.Namespace) -> int:
-    from evomerge.optimize import Objective
-
-    store = _open_store(args.storage)
-    config = store.study_config(args.study)
-    objectives = [Objective.model_validate(o) for o in config["objectives"]]
-    front = store.pareto(args.study, objectives)
-    if args.json:
-        print(
-            json.dumps(
-                [
-                    {
-                        "trial": t.number,
-                        "role": t.role,
-                        "label": t.label,
-                        "fidelity": t.fidelity,
-                        "values": t.values(objectives),
-                        "metrics": t.metrics,
-                    }
-                    for t in front
-                ],
-                indent=2,
-            )
-        )
-        return 0
-    names = [o.metric for o in objectives]
-    width = max(12, *(len(n) for n in names))
-    print(f"{'trial':>5}  " + "  ".join(f"{n:>{width}}" for n in names) + "  fidelity  label")
-    for trial in front:
-        cells = "  ".join(f"{v:>{width}.4f}" for v in trial.values(objectives) or [])
-        print(f"{trial.number:>5}  {cells}  {trial.fidelity or '-':<8}  {trial.label}")
-    print(f"{len(front)} trial(s) on the Pareto front of study '{args.study}'")
-    return 0
-
-
 def cmd_space_show(args: argparse.Namespace) -> int:
     from evomerge.checkpoint import ModelFolder
     from evomerge.space import load_space
@@ -462,7 +342,7 @@ def cmd_space_show(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
-    from evomerge.progress import progress_bar
+    from evomerge.progress import no_transformers_bars, progress_bar
     from evomerge.toy_zoo import ToyZooSpec, build_toy_zoo, read_manifest, total_training_steps
 
     spec = ToyZooSpec(seed=args.seed, sources=args.sources)
@@ -476,7 +356,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     done = 0
     start = time.perf_counter()
     with (
-        _no_transformers_bars(),
+        no_transformers_bars(),
         progress_bar(
             "training the toy zoo", total=total, enabled=not args.quiet and not reused
         ) as advance,
@@ -546,8 +426,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
         for index, mapping in enumerate(mappings)
     ]
+    from evomerge.progress import no_transformers_bars
+
     device = check_device(args.device)
-    with _no_transformers_bars():
+    with no_transformers_bars():
         model, tokenizer = load_model_for_eval(
             args.model_dir, device=device, dtype=args.dtype, allow_pickle=args.allow_pickle
         )

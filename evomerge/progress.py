@@ -28,3 +28,17 @@ def progress_bar(
     ) as bar:
         task = bar.add_task(description, total=total)
         yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+@contextmanager
+def no_transformers_bars() -> Iterator[None]:
+    """Hide transformers' own progress bars (shard writing, weight loading) for a while."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import yaml
+
 from evomerge import __version__
 from evomerge.merge.plan import MergePlan
 
@@ -37,3 +42,109 @@ def model_card(
             "```",
         ]
     return "\n".join([*lines, ""])
+
+
+@dataclass(frozen=True)
+class TrialCard:
+    """What a model card says about a study trial exported as a checkpoint."""
+
+    study: str
+    number: int
+    label: str
+    role: str
+    base_model: str
+    metrics: Mapping[str, float]
+    fidelity: str | None
+    recipe_yaml: str
+    mergekit_reason: str | None
+    """None when ``mergekit_config.yml`` was written; else why no mergekit config can merge it."""
+    export_command: str
+    verified: bool = False
+
+
+def trial_card(plan: MergePlan, trial: TrialCard) -> str:
+    """Markdown with YAML front matter for an exported trial: scores, recipe, how to rebuild."""
+    front = yaml.safe_dump(
+        {
+            "base_model": trial.base_model,
+            "library_name": "transformers",
+            "tags": ["merge", "evomerge"],
+        },
+        sort_keys=False,
+    )
+    lines = [
+        "---",
+        front.rstrip(),
+        "---",
+        "",
+        f"# {trial.study}: trial {trial.number}",
+        "",
+        f"Trial {trial.number} (`{trial.label}`, {trial.role}) of the evomerge study "
+        f"`{trial.study}`, merged with evomerge {__version__} using **{plan.method}** "
+        f"(plan fingerprint `{plan.fingerprint()}`, seed {plan.seed}).",
+        "",
+        "## Models",
+        "",
+        *(f"- `{label}`: `{path}`" for label, path in zip(plan.labels, plan.models)),
+        "",
+        "## Scores",
+        "",
+        *_score_lines(trial),
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        trial.recipe_yaml.rstrip(),
+        "```",
+        "",
+        _mergekit_line(trial.mergekit_reason),
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        trial.export_command,
+        "evomerge merge evomerge_recipe.yaml OUT",
+        "```",
+    ]
+    return "\n".join([*lines, ""])
+
+
+def _score_lines(trial: TrialCard) -> list[str]:
+    if not trial.metrics:
+        return ["The study database holds no scores for this trial."]
+    where = (
+        "on all documents"
+        if trial.fidelity == "full"
+        else f"at fidelity `{trial.fidelity}` (documents per task)"
+    )
+    names = [n for n in sorted(trial.metrics) if not _is_stderr_of_other(n, trial.metrics)]
+    has_stderr = any(f"{n}_stderr" in trial.metrics for n in names)
+    lines = [
+        f"As recorded in the study database, scored {where}.",
+        "",
+        "| metric | value |" + (" stderr |" if has_stderr else ""),
+        "|---|---|" + ("---|" if has_stderr else ""),
+    ]
+    for name in names:
+        row = f"| {name} | {trial.metrics[name]:.6g} |"
+        if has_stderr:
+            stderr = trial.metrics.get(f"{name}_stderr")
+            row += f" {'' if stderr is None else format(stderr, '.4g')} |"
+        lines.append(row)
+    if trial.verified:
+        lines += [
+            "",
+            "Verified: this folder was loaded and scored again when it was exported; every "
+            "metric above matched the database.",
+        ]
+    return lines
+
+
+def _is_stderr_of_other(name: str, metrics: Mapping[str, float]) -> bool:
+    return name.endswith("_stderr") and name.removesuffix("_stderr") in metrics
+
+
+def _mergekit_line(reason: str | None) -> str:
+    if reason is None:
+        return "`mergekit_config.yml` is the same merge as a mergekit config."
+    return f"No mergekit config was written: {reason.rstrip('.')}."

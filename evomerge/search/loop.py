@@ -30,6 +30,7 @@ from evomerge.optimize import (
     build_proposer,
     pareto_front,
     parse_proposer_config,
+    restore_proposer,
     scalarize,
 )
 from evomerge.space import BoundSpace
@@ -78,14 +79,20 @@ class SearchResult:
 
 
 def build_space_proposer(
-    settings: Mapping[str, Any], space: BoundSpace, objectives: Sequence[Objective]
+    settings: Mapping[str, Any],
+    space: BoundSpace,
+    objectives: Sequence[Objective],
+    state: bytes | None = None,
 ) -> Proposer:
-    """The proposer a search config asks for; CMA-ES starts from the mean of the space's
-    uniform baselines unless ``x0`` is given."""
+    """The proposer a search config asks for (restored from ``state`` if given); CMA-ES
+    starts from the mean of the space's uniform baselines unless ``x0`` is given."""
     settings = dict(settings)
     if settings.get("kind", "cma") == "cma" and settings.get("x0") is None:
         settings["x0"] = np.mean(space.uniform_genomes(), axis=0).tolist()
-    return build_proposer(parse_proposer_config(settings), space.dimension, list(objectives))
+    config = parse_proposer_config(settings)
+    if state is not None:
+        return restore_proposer(config, space.dimension, list(objectives), state)
+    return build_proposer(config, space.dimension, list(objectives))
 
 
 class EvaluatorSuite:

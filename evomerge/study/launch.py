@@ -1,0 +1,175 @@
+"""``evomerge search STUDY.yaml`` and ``evomerge resume``: run a study on the Ray workers.
+
+Both draw a live progress line on a terminal (trials done/budget, best so far, Pareto size,
+throughput, ETA); when stderr is not a terminal (a log file, Ray Jobs) they print a plain
+progress line at most once a minute and at every tenth of the budget instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from evomerge.progress import no_transformers_bars
+from evomerge.study.driver import RunSummary, StudyDriver, StudyProgress
+from evomerge.study.store import StudyStore, mask_url
+
+
+def add_commands(commands: Any) -> None:
+    """Register ``search`` and ``resume`` on the CLI's sub-parsers."""
+    search = commands.add_parser(
+        "search",
+        help="start a study described in a YAML file, on Ray workers",
+        description="Create the study in its database (the YAML's 'storage', default "
+        "evomerge_studies.db beside the YAML) and run it: baselines, then proposals merged "
+        "in place and scored on Ray workers, until the budget. Ctrl-C stops cleanly; "
+        "'evomerge resume' continues.",
+    )
+    search.add_argument("config", type=Path, help="study YAML file")
+    search.add_argument("--storage", help="database URL or SQLite file (overrides the YAML)")
+    search.add_argument("--quiet", action="store_true", help="no progress display")
+    search.set_defaults(handler=cmd_search)
+
+    resume = commands.add_parser(
+        "resume",
+        help="continue a stopped or crashed study from its database",
+        description="Continue a study with the config stored in its database: trials left "
+        "running are re-run with the same recipes, the proposer is restored, and the study "
+        "ends with exactly its budget of finished trials.",
+    )
+    resume.add_argument("--storage", required=True, help="database URL or SQLite file")
+    resume.add_argument("--study", required=True, help="study name")
+    resume.add_argument("--quiet", action="store_true", help="no progress display")
+    resume.set_defaults(handler=cmd_resume)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from evomerge.study.config import load_study_config
+
+    config = load_study_config(args.config)
+    if args.storage:
+        config = config.model_copy(update={"storage": args.storage})
+    store = StudyStore(config.storage or "")
+    driver = StudyDriver(store, config)
+    return _run(driver, store, quiet=args.quiet)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    store = StudyStore(args.storage)
+    driver = StudyDriver.for_stored(store, args.study)
+    print(
+        f"resuming study '{args.study}': {driver.finished} trials finished, "
+        f"{len(driver.queue)} to re-run or start, {len(driver.promotions)} promotions pending",
+        file=sys.stderr,
+    )
+    return _run(driver, store, quiet=args.quiet)
+
+
+def _run(driver: StudyDriver, store: StudyStore, quiet: bool) -> int:
+    with no_transformers_bars(), live_progress(driver.name, enabled=not quiet) as show:
+        summary = driver.run(on_progress=show)
+    _report(summary, driver, store)
+    return 130 if summary.status == "stopped" else 0
+
+
+def _report(summary: RunSummary, driver: StudyDriver, store: StudyStore) -> None:
+    from evomerge.study.report import cmd_pareto
+
+    where = mask_url(store.url)
+    if summary.status == "stopped":
+        print(
+            f"stopped: {summary.finished} trials recorded ({summary.ran} in this run); "
+            f"continue with: evomerge resume --storage {where} --study {driver.name}",
+            file=sys.stderr,
+        )
+        return
+    budget = f"/{summary.budget}" if summary.budget else ""
+    print(f"study '{driver.name}' finished: {summary.finished}{budget} trials ({summary.reason})")
+    cmd_pareto(argparse.Namespace(storage=store.url, study=driver.name, json=False, plot=None))
+
+
+def describe(progress: StudyProgress) -> str:
+    """``best 0.9833 | front 4 | 312 trials/h | ETA 3m 10s``"""
+    parts = []
+    if progress.best is not None:
+        parts.append(f"best {progress.best:.4f}")
+    parts.append(f"front {progress.pareto_size}")
+    if progress.failed:
+        parts.append(f"failed {progress.failed}")
+    if progress.run_finished:
+        parts.append(f"{progress.trials_per_hour:.0f} trials/h")
+    eta = progress.eta_seconds
+    if eta is not None:
+        parts.append(f"ETA {_duration(eta)}")
+    return " | ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+@contextmanager
+def live_progress(name: str, enabled: bool = True) -> Iterator[Callable[[StudyProgress], None]]:
+    """Yield ``show(progress)``: a live bar on a terminal, else a line now and then."""
+    if not enabled:
+        yield lambda progress: None
+        return
+    if not sys.stderr.isatty():
+        yield _log_lines(name)
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(
+        TextColumn(f"{name}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=Console(stderr=True),
+        transient=False,
+    ) as bar:
+        task = bar.add_task(name, total=None, info="starting workers ...")
+
+        def show(progress: StudyProgress) -> None:
+            if progress.budget is not None:
+                bar.update(task, completed=progress.finished, total=progress.budget)
+            else:
+                bar.update(
+                    task,
+                    completed=int(progress.elapsed_seconds),
+                    total=int(progress.budget_seconds or 0) or None,
+                )
+            bar.update(task, info=describe(progress))
+
+        yield show
+
+
+def _log_lines(name: str) -> Callable[[StudyProgress], None]:
+    last = [0.0, -1.0]
+
+    def show(progress: StudyProgress) -> None:
+        now = time.monotonic()
+        if progress.budget:
+            share = progress.finished / progress.budget
+        elif progress.budget_seconds:
+            share = progress.elapsed_seconds / progress.budget_seconds
+        else:
+            share = 0.0
+        step = int(share * 10)
+        if now - last[0] < 60 and step == last[1]:
+            return
+        last[0], last[1] = now, step
+        total = f"/{progress.budget}" if progress.budget else ""
+        print(f"{name}: {progress.finished}{total} trials | {describe(progress)}", file=sys.stderr)
+
+    return show

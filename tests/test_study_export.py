@@ -1,0 +1,432 @@
+"""`evomerge export`: a study trial as a checkpoint, checked against scores computed here.
+
+The study is built by hand: recipes decoded from genomes as the driver does, each scored in
+process (in-place merge into one model, one lm-eval evaluator) and recorded in the database.
+The export must merge by streaming, load with transformers, and score exactly those numbers.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from sqlalchemy import select, update
+
+from evomerge.checkpoint import ModelFolder
+from evomerge.cli import main
+from evomerge.errors import ConfigError
+from evomerge.evaluate import build_evaluator
+from evomerge.merge.engine import InPlaceMerger
+from evomerge.merge.mergekit_compat import recipe_to_mergekit
+from evomerge.merge.recipe import parse_recipe, plan_recipe
+from evomerge.space import space_from_setting
+from evomerge.study import StudyStore
+from evomerge.study.config import StudyConfig, parse_study_config
+from evomerge.study.export import export_trial, fidelity_limit, select_trial
+from evomerge.study.schema import ExportRow, MetricRow, TrialRow
+from evomerge.study.store import fidelity_name
+from tests.test_study_store import url  # noqa: F401  (the SQLite / PostgreSQL fixture)
+
+EVALUATOR = {"kind": "lm_eval", "tasks": ["toy_facts_a", "toy_facts_b"]}
+METRICS = ("toy_facts_a/acc", "toy_facts_b/acc")
+GENOMES = [[0.1, 0.1], [0.5, 0.5], [0.9, 0.2], [0.2, 0.9], [0.6, 0.45]]
+LIMIT = 20
+FAILED, RUNNING = len(GENOMES), len(GENOMES) + 1
+
+
+def study_config(zoo: dict[str, Path], storage: str, **extra: Any) -> StudyConfig:
+    return parse_study_config(
+        {
+            "name": "toy",
+            "storage": storage,
+            "base": str(zoo["base"]),
+            "sources": [str(zoo["ft_a"]), str(zoo["ft_b"])],
+            "space": "task_arithmetic_global",
+            "proposer": {"kind": "random", "seed": 0},
+            "objectives": [{"metric": m} for m in METRICS],
+            "evaluators": [EVALUATOR],
+            "budget": 5,
+            **extra,
+        },
+        "study",
+    )
+
+
+@pytest.fixture(scope="module")
+def scored(toy_zoo: dict[str, Path]) -> list[dict[str, Any]]:
+    """Each genome's recipe and its metrics on all documents and on LIMIT, computed in place."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = study_config(toy_zoo, "unused.db")
+    folders = [ModelFolder(config.base, label="base"), *(ModelFolder(s) for s in config.sources)]
+    space = space_from_setting(config.space).bind(folders[0], [f.label for f in folders[1:]])
+    merger = InPlaceMerger(folders)
+    model = AutoModelForCausalLM.from_pretrained(config.base, dtype=torch.float32).eval()
+    evaluator = build_evaluator(EVALUATOR, model, AutoTokenizer.from_pretrained(config.base))
+    rows = []
+    for genome in GENOMES:
+        recipe = space.decode(np.array(genome), config.base, config.sources)
+        merger.merge_into(plan_recipe(recipe, folders), model)
+        rows.append(
+            {
+                "recipe": recipe.model_dump(exclude_defaults=True),
+                "full": evaluator.evaluate().metrics,
+                "limit": evaluator.evaluate(LIMIT).metrics,
+            }
+        )
+    evaluator.close()
+    return rows
+
+
+def fill(
+    storage: str, zoo: dict[str, Path], rows: list[dict[str, Any]], **extra: Any
+) -> StudyStore:
+    """Study 'toy': one COMPLETE trial per genome, then a FAILED and a RUNNING one."""
+    store = StudyStore(storage)
+    config = study_config(zoo, storage, **extra)
+    store.create_study("toy", config.model_dump(mode="json"), 5)
+    for number, row in enumerate(rows):
+        store.add_trial(
+            "toy", number, role="proposal", label=f"proposal {number}", recipe=row["recipe"]
+        )
+        store.finish_trial("toy", number, state="COMPLETE", metrics=row["full"], worker="w0")
+    store.add_trial("toy", FAILED, role="proposal", label="bad", recipe=rows[0]["recipe"])
+    store.finish_trial("toy", FAILED, state="FAILED", error="RuntimeError: NaN in layers.0")
+    store.add_trial("toy", RUNNING, role="proposal", label="busy", recipe=rows[0]["recipe"])
+    return store
+
+
+def expected_best(rows: list[dict[str, Any]]) -> int:
+    return max(range(len(rows)), key=lambda i: (sum(rows[i]["full"][m] for m in METRICS), -i))
+
+
+def expected_front(rows: list[dict[str, Any]]) -> list[int]:
+    """Non-dominated trials (the first of equal points), highest sum first, ties by number."""
+    points = [[row["full"][m] for m in METRICS] for row in rows]
+
+    def dominated(i: int) -> bool:
+        return any(
+            all(q >= p for q, p in zip(points[j], points[i])) and points[j] != points[i]
+            for j in range(len(points))
+        )
+
+    front: list[int] = []
+    for i in range(len(points)):
+        if not dominated(i) and all(points[j] != points[i] for j in front):
+            front.append(i)
+    return sorted(front, key=lambda i: (-sum(points[i]), i))
+
+
+def export_args(storage: Any, *more: Any) -> list[str]:
+    return [str(a) for a in ("export", "--storage", storage, "--study", "toy", *more)]
+
+
+def run(args: list[Any], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line_error(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("evomerge: error: "), err
+    return lines[0]
+
+
+def export_rows(store: StudyStore) -> list[tuple[int, str, bool]]:
+    with store.session() as session:
+        rows = session.scalars(select(ExportRow).order_by(ExportRow.id)).all()
+        return [(r.trial_number, r.path, r.verified) for r in rows]
+
+
+def hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(
+    toy_zoo: dict[str, Path], scored: list[dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The best trial exported once (SQLite, no verification) for the file checks."""
+    root = tmp_path_factory.mktemp("exported")
+    fill(str(root / "s.db"), toy_zoo, scored)
+    out = root / "out"
+    code = main(export_args(root / "s.db", "--trial", "best", "--out", out, "--quiet"))
+    assert code == 0
+    return out
+
+
+# -- the export scores what the database says ------------------------------------------------
+
+
+def test_best_export_loads_and_scores_the_recorded_metrics(toy_zoo, scored, url, tmp_path, capsys):  # noqa: F811
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    store = fill(url, toy_zoo, scored)
+    best = expected_best(scored)
+    out = tmp_path / "exports" / "best"
+    code, stdout, err = run(
+        export_args(url, "--trial", "best", "--out", out, "--verify", "--quiet"),
+        capsys,
+    )
+    assert code == 0, err
+    assert f"exported trial {best} (proposal {best}, proposal)" in stdout
+    assert "verified: yes" in stdout and "mergekit_config.yml: written" in stdout
+    for name in METRICS:
+        assert f"{scored[best]['full'][name]:.4f}" in stdout
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    evaluator = build_evaluator(EVALUATOR, model, AutoTokenizer.from_pretrained(out))
+    assert evaluator.evaluate().metrics == scored[best]["full"]
+    evaluator.close()
+    assert export_rows(store) == [(best, str(out.resolve()), True)]
+    assert hidden(out.parent) == []
+
+
+def test_selectors_pick_the_trials_computed_here(toy_zoo, scored, tmp_path):
+    store = fill(str(tmp_path / "s.db"), toy_zoo, scored)
+    front = expected_front(scored)
+    assert len(front) >= 2  # the genomes trade a for b: several rows to tell apart
+    assert select_trial(store, "toy", "best").number == expected_best(scored) == front[0]
+    for row, number in enumerate(front, start=1):
+        assert select_trial(store, "toy", f"pareto:{row}").number == number
+    assert select_trial(store, "toy", "3").metrics == scored[3]["full"]
+    for row in (0, len(front) + 1):
+        with pytest.raises(ConfigError, match=rf"front of study 'toy' has {len(front)} trial"):
+            select_trial(store, "toy", f"pareto:{row}")
+    for bad in ("worst", "-1", "pareto:x", "pareto:", "1.5"):
+        with pytest.raises(ConfigError, match="is not 'best', a trial number or 'pareto:K'"):
+            select_trial(store, "toy", bad)
+
+
+def test_ties_go_to_the_lower_number_and_empty_studies_are_refused(tmp_path):
+    store = StudyStore(tmp_path / "s.db")
+    objectives = [{"metric": "a"}, {"metric": "b", "weight": 2.0}]
+    store.create_study("s", {"objectives": objectives}, budget=9)
+    # Weighted sums 1.5, 2.1, 2.0, 2.1, 0.7: trials 1 and 3 tie (the front keeps the first of
+    # equal points); 0 and 4 are dominated.
+    points = [(0.5, 0.5), (0.9, 0.6), (0.1, 0.95), (0.9, 0.6), (0.3, 0.2)]
+    for number, (a, b) in enumerate(points):
+        store.add_trial("s", number, role="proposal", label=f"p{number}")
+        store.finish_trial("s", number, state="COMPLETE", metrics={"a": a, "b": b})
+    assert select_trial(store, "s", "best").number == 1
+    assert [select_trial(store, "s", f"pareto:{k}").number for k in (1, 2)] == [1, 2]
+    with pytest.raises(ConfigError, match="has 2 trial"):
+        select_trial(store, "s", "pareto:3")
+    store.create_study("empty", {"objectives": objectives}, budget=3)
+    with pytest.raises(ConfigError, match="'empty' has no trials yet"):
+        select_trial(store, "empty", "best")
+    store.add_trial("empty", 0, role="proposal", label="p0")
+    store.finish_trial("empty", 0, state="FAILED", error="boom")
+    store.add_trial("empty", 1, role="proposal", label="p1")
+    with pytest.raises(ConfigError, match=r"no complete trial .*\(1 FAILED, 1 RUNNING\)"):
+        select_trial(store, "empty", "pareto:1")
+    with pytest.raises(ConfigError, match="has no trial 7; its trials are 0-1"):
+        select_trial(store, "empty", "7")
+
+
+@pytest.mark.parametrize("limit", [None, 20, 0.5, 1_000_000])
+def test_a_recorded_fidelity_gives_back_its_limit(limit):
+    assert fidelity_limit(fidelity_name(limit)[0]) == limit
+    assert type(fidelity_limit(fidelity_name(limit)[0])) is type(limit)
+
+
+# -- the files beside the weights ------------------------------------------------------------
+
+
+def test_card_front_matter_and_scores(exported, scored, toy_zoo):
+    best = expected_best(scored)
+    card = (exported / "README.md").read_text()
+    _, front, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta == {
+        "base_model": toy_zoo["base"].name,
+        "library_name": "transformers",
+        "tags": ["merge", "evomerge"],
+    }
+    assert f"# toy: trial {best}" in body and "**task_arithmetic**" in body
+    for name in METRICS:
+        assert f"| {name} | {scored[best]['full'][name]:.6g} |" in body
+    assert "on all documents" in body and "Verified" not in body
+    assert f"--study toy --trial {best} --out OUT" in body
+    assert "evomerge merge evomerge_recipe.yaml OUT" in body
+    for name in ("base", "ft_a", "ft_b"):
+        assert f"- `{name}`: `{toy_zoo[name].resolve()}`" in body
+
+
+def test_mergekit_config_is_accepted_by_mergekit(exported, scored):
+    from mergekit.config import MergeConfiguration
+
+    data = yaml.safe_load((exported / "mergekit_config.yml").read_text())
+    config = MergeConfiguration.model_validate(data)
+    assert config.merge_method == "task_arithmetic"
+    recipe = scored[expected_best(scored)]["recipe"]
+    weights = {Path(s["model"]).name: s["parameters"]["weight"] for s in recipe["sources"]}
+    got = {Path(m["model"]).name: m.get("parameters", {}).get("weight") for m in data["models"]}
+    assert got == {"base": None, **weights}
+
+
+def test_recipe_file_reproduces_the_tensors(exported, scored, tmp_path, capsys):
+    recipe_file = exported / "evomerge_recipe.yaml"
+    recipe = parse_recipe(yaml.safe_load(recipe_file.read_text()))
+    assert recipe == parse_recipe(scored[expected_best(scored)]["recipe"])
+    code, _, err = run(["merge", recipe_file, tmp_path / "again", "--quiet"], capsys)
+    assert code == 0, err
+    first, again = tensors(exported), tensors(tmp_path / "again")
+    assert first.keys() == again.keys() and len(first) > 30
+    assert all(torch.equal(first[name], again[name]) for name in first)
+
+
+def test_unexpressible_recipe_has_no_mergekit_config_and_the_card_says_why(
+    toy_zoo, scored, tmp_path, capsys
+):
+    store = fill(str(tmp_path / "s.db"), toy_zoo, scored)
+    recipe = dict(scored[1]["recipe"])
+    recipe["parameters"] = {
+        "lambda": [{"kind": "mlp", "filter": "layers.0", "value": 0.5}, {"value": 1.0}]
+    }
+    with pytest.raises(ConfigError) as reason:
+        recipe_to_mergekit(parse_recipe(recipe))
+    store.add_trial("toy", 9, role="proposal", label="odd", recipe=recipe)
+    store.finish_trial("toy", 9, state="COMPLETE", metrics={"toy_facts_a/acc": 0.5})
+    out = tmp_path / "odd"
+    code, stdout, err = run(
+        export_args(tmp_path / "s.db", "--trial", "9", "--out", out, "--quiet"),
+        capsys,
+    )
+    assert code == 0, err
+    assert not (out / "mergekit_config.yml").exists()
+    assert f"mergekit_config.yml: not written ({reason.value})" in stdout
+    assert f"No mergekit config was written: {reason.value}" in (out / "README.md").read_text()
+    assert "verified: no" in stdout and export_rows(store) == [(9, str(out.resolve()), False)]
+
+
+def test_study_export_settings_are_the_defaults(toy_zoo, scored, tmp_path, capsys):
+    """shard_size and verify from the stored config; a trial scored on LIMIT documents is
+    verified at that fidelity; --dtype and --no-verify override."""
+    storage = str(tmp_path / "s.db")
+    store = fill(storage, toy_zoo, scored, export={"shard_size": "1MB", "verify": True})
+    store.add_trial("toy", 9, role="proposal", label="cheap", recipe=scored[2]["recipe"])
+    store.finish_trial("toy", 9, state="COMPLETE", metrics=scored[2]["limit"], limit=LIMIT)
+    base = export_args(storage, "--trial", "9", "--quiet")
+    code, stdout, err = run([*base, "--out", tmp_path / "a"], capsys)
+    assert code == 0, err
+    assert "verified: yes" in stdout and f"fidelity limit={LIMIT}" in stdout
+    shards = sorted((tmp_path / "a").glob("*.safetensors"))
+    sizes = [sum(t.numel() * t.element_size() for t in load_file(f).values()) for f in shards]
+    assert len(shards) >= 3 and max(sizes) <= 1_000_000  # float32 toy model: about 3 MB
+    assert (tmp_path / "a" / "model.safetensors.index.json").is_file()
+    assert "Verified" in (tmp_path / "a" / "README.md").read_text()
+    code, stdout, err = run(
+        [*base, "--out", tmp_path / "b", "--dtype", "bfloat16", "--no-verify"], capsys
+    )
+    assert code == 0, err
+    assert "verified: no" in stdout
+    assert {t.dtype for t in tensors(tmp_path / "b").values()} == {torch.bfloat16}
+    written = yaml.safe_load((tmp_path / "b" / "evomerge_recipe.yaml").read_text())
+    assert written["dtype"] == "bfloat16"
+    assert [(n, v) for n, _, v in export_rows(store)] == [(9, True), (9, False)]
+
+
+# -- failures leave nothing behind -----------------------------------------------------------
+
+
+def test_tampered_metric_fails_verification_and_leaves_nothing(toy_zoo, scored, tmp_path, capsys):
+    store = fill(str(tmp_path / "s.db"), toy_zoo, scored)
+    best = expected_best(scored)
+    true_value = scored[best]["full"]["toy_facts_b/acc"]
+    tampered = true_value - 0.05 if true_value > 0.5 else true_value + 0.05
+    with store.session() as session:
+        trial_id = session.scalar(select(TrialRow.id).where(TrialRow.number == best))
+        session.execute(
+            update(MetricRow)
+            .where(MetricRow.trial_id == trial_id, MetricRow.name == "toy_facts_b/acc")
+            .values(value=tampered)
+        )
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    args = export_args(tmp_path / "s.db", "--trial", best)  # tampered, it may no longer be best
+    code, _, err = run([*args, "--out", exports / "m", "--verify", "--quiet"], capsys)
+    assert code == 1
+    line = one_line_error(err)
+    assert f"toy_facts_b/acc is {true_value!r} in the exported model but {tampered!r}" in line
+    assert list(exports.iterdir()) == []
+    # An existing folder is replaced only after success: with --force it survives the failure.
+    (exports / "m").mkdir()
+    (exports / "m" / "keep.txt").write_text("keep me")
+    code, _, err = run([*args, "--out", exports / "m", "--verify", "--force", "--quiet"], capsys)
+    assert code == 1 and "toy_facts_b/acc" in one_line_error(err)
+    assert [p.name for p in exports.iterdir()] == ["m"]
+    assert [p.name for p in (exports / "m").iterdir()] == ["keep.txt"]
+    assert export_rows(store) == []
+
+
+def test_existing_out_needs_force(toy_zoo, scored, tmp_path, capsys):
+    fill(str(tmp_path / "s.db"), toy_zoo, scored)
+    out = tmp_path / "exports" / "m"
+    out.mkdir(parents=True)
+    (out / "keep.txt").write_text("keep me")
+    args = export_args(tmp_path / "s.db", "--trial", "0")
+    code, _, err = run([*args, "--out", out, "--quiet"], capsys)
+    assert code == 1 and "already exists" in one_line_error(err) and "--force" in err
+    assert (out / "keep.txt").read_text() == "keep me"
+    code, _, err = run([*args, "--out", out, "--force", "--quiet"], capsys)
+    assert code == 0, err
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert hidden(out.parent) == []
+
+
+def test_unexportable_trials_are_one_line_errors(toy_zoo, scored, tmp_path, capsys):
+    store = fill(str(tmp_path / "s.db"), toy_zoo, scored)
+    moved = tmp_path / "ft_a_moved"
+    shutil.copytree(toy_zoo["ft_a"], moved)
+    recipe = dict(scored[0]["recipe"])
+    recipe["sources"] = [{**recipe["sources"][0], "model": str(moved)}, recipe["sources"][1]]
+    store.add_trial("toy", 9, role="proposal", label="moved", recipe=recipe)
+    store.finish_trial("toy", 9, state="COMPLETE", metrics=scored[0]["full"])
+    shutil.rmtree(moved)
+    out = tmp_path / "exports" / "m"
+    args = export_args(tmp_path / "s.db", "--out", out, "--quiet")
+    cases = {
+        str(FAILED): ["is FAILED (RuntimeError: NaN in layers.0), not COMPLETE"],
+        str(RUNNING): ["is RUNNING, not COMPLETE"],
+        "42": ["has no trial 42", f"its trials are 0-{RUNNING}, 9"],
+        "pareto:99": ["pareto:99", "Pareto front of study 'toy' has"],
+        "9": [str(moved), "does not exist"],
+    }
+    for selector, phrases in cases.items():
+        code, _, err = run([*args, "--trial", selector], capsys)
+        assert code == 1
+        line = one_line_error(err)
+        assert all(phrase in line for phrase in phrases), line
+    code, _, err = run([*args, "--trial", "0", "--study", "nope"], capsys)
+    assert code == 1 and "no study 'nope'" in one_line_error(err)
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+    assert export_rows(store) == []
+
+
+def test_interrupt_during_the_merge_leaves_nothing(toy_zoo, scored, tmp_path):
+    store = fill(str(tmp_path / "s.db"), toy_zoo, scored)
+    exports = tmp_path / "exports"
+    exports.mkdir()
+
+    def interrupt(done: int, total: int) -> None:
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        export_trial(store, "toy", "best", exports / "m", progress=interrupt)
+    assert list(exports.iterdir()) == []
+    assert export_rows(store) == []

@@ -1,0 +1,286 @@
+"""`evomerge search` and `evomerge resume` as a user runs them: a real driver process, real Ray
+workers, real signals. Ctrl-C stops cleanly, SIGKILL loses nothing, and after resuming the
+study holds exactly its budget of trials, none twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evomerge.cli import main
+from evomerge.study import StudyStore
+
+NAP = """
+import time
+
+
+def nap(model, tokenizer, seconds=0.25, limit=None):
+    time.sleep(seconds)
+    return {"slept": seconds}
+"""
+
+
+def _study_yaml(folder: Path, zoo: dict, **changes: object) -> Path:
+    (folder / "nap.py").write_text(NAP)
+    data = {
+        "name": "toy",
+        "base": str(zoo["base"]),
+        "sources": [str(zoo["ft_a"]), str(zoo["ft_b"])],
+        "space": "task_arithmetic_global",
+        "proposer": {"kind": "cma", "seed": 0, "popsize": 6},
+        "objectives": [{"metric": "toy_facts_a/acc"}, {"metric": "toy_facts_b/acc"}],
+        "evaluators": [
+            {"kind": "lm_eval", "tasks": ["toy_facts_a", "toy_facts_b"]},
+            {"kind": "python", "function": "nap.py:nap"},
+        ],
+        "budget": 24,
+        "cluster": {"workers": 2},
+    }
+    data.update(changes)
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _cli(*args: str, **extra_env: str) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **extra_env)
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    return subprocess.Popen(
+        [sys.executable, "-m", "evomerge.cli", *args, "--quiet"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for(store_path: Path, finished: int, process: subprocess.Popen) -> None:
+    """Until ``finished`` trials are done and one is running (the driver is mid-study)."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        if store_path.exists():
+            try:
+                trials = StudyStore(store_path).trials("toy")
+            except Exception:  # the study is not created yet
+                trials = []
+            states = [t.state for t in trials]
+            done = sum(s in ("COMPLETE", "FAILED") for s in states)
+            if done >= finished and "RUNNING" in states:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"no {finished} finished trials within 180 s")
+
+
+@pytest.mark.timeout(420)
+def test_ctrl_c_then_sigkill_then_resume_ends_with_exactly_the_budget(toy_zoo, tmp_path):
+    path = _study_yaml(tmp_path, toy_zoo)
+    db = tmp_path / "evomerge_studies.db"  # the default storage, beside the YAML
+
+    search = _cli("search", str(path))
+    _wait_for(db, 6, search)
+    search.send_signal(signal.SIGINT)
+    out, err = search.communicate(timeout=60)
+    assert search.returncode == 130, err
+    assert "evomerge resume --storage" in err and "--study toy" in err
+    store = StudyStore(db)
+    assert store.studies()[0]["status"] == "stopped"
+    states = [t.state for t in store.trials("toy")]
+    assert "RUNNING" not in states and "QUEUED" in states  # in flight when stopped
+
+    resume = _cli("resume", "--storage", str(db), "--study", "toy")
+    _wait_for(db, len(states) + 4, resume)
+    resume.send_signal(signal.SIGKILL)  # no chance to clean up
+    resume.wait(timeout=30)
+    assert "RUNNING" in [t.state for t in store.trials("toy")]
+
+    final = _cli("resume", "--storage", str(db), "--study", "toy")
+    out, err = final.communicate(timeout=300)
+    assert final.returncode == 0, err
+    assert "finished: 24/24 trials" in out and "Pareto front" in out
+
+    trials = store.trials("toy")
+    assert [t.number for t in trials] == list(range(24))
+    assert {t.state for t in trials} == {"COMPLETE"}
+    ids = [t.proposal_id for t in trials if t.role == "proposal"]
+    assert sorted(ids) == list(range(len(ids)))
+    assert len({tuple(t.genome or []) for t in trials if t.role == "proposal"}) == len(ids)
+    assert store.studies()[0]["status"] == "finished"
+
+
+def test_search_refuses_an_existing_study_and_bad_configs_in_one_line(toy_zoo, tmp_path, capsys):
+    path = _study_yaml(tmp_path, toy_zoo, storage=str(tmp_path / "s.db"))
+    store = StudyStore(tmp_path / "s.db")
+    store.create_study("toy", {"objectives": []}, budget=3)
+    assert main(["search", str(path), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "evomerge resume" in err and "toy" in err
+    for changes, message in [
+        ({"budget": 0}, "budget"),
+        ({"proposer": {"kind": "annealing"}}, "annealing"),
+        ({"objectives": []}, "objectives"),
+        ({"cluster": {"workers": 0}}, "cluster.workers"),
+        ({"fidelity": {"limit": 5, "promote": 2}}, "fidelity.promote"),
+        ({"space": "no_such_space"}, "ready spaces"),
+        ({"colour": "red"}, "colour"),
+    ]:
+        path = _study_yaml(tmp_path, toy_zoo, name="other", **changes)
+        assert main(["search", str(path), "--quiet"]) == 1, changes
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, (changes, err)
+    assert (
+        not (tmp_path / "evomerge_studies.db").exists()
+        or not StudyStore(tmp_path / "evomerge_studies.db").studies()
+    )
+
+
+def test_resume_of_an_unknown_study_names_the_ones_there(tmp_path, capsys):
+    store = StudyStore(tmp_path / "s.db")
+    store.create_study("alpha", {"objectives": []}, budget=3)
+    assert main(["resume", "--storage", str(tmp_path / "s.db"), "--study", "beta"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "it has: alpha" in err
+
+
+@pytest.mark.timeout(300)
+def test_the_demo_runs_a_study_and_exports_a_verified_best_merge(toy_zoo, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(Path(toy_zoo["base"]).parent, tmp_path / "zoo")  # the demo reuses it
+    assert main(["demo", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    store = StudyStore(tmp_path / "evomerge_studies.db")
+    trials = store.trials("demo")
+    assert len(trials) == 125 and {t.state for t in trials} == {"COMPLETE"}
+    assert "scores exactly what the database recorded" in out
+    assert (tmp_path / "merged" / "evomerge_recipe.yaml").exists()
+    best = next(line for line in out.splitlines() if "(trial" in line and "best" in line)
+    uniform = [line for line in out.splitlines() if line.strip().startswith("uniform")]
+    assert float(best.split()[-1]) > max(float(line.split()[-1]) for line in uniform)
+
+
+@pytest.mark.timeout(300)
+def test_search_joins_a_running_ray_cluster_named_by_ray_address(toy_zoo, tmp_path):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    # A cluster started by `ray start` wants an auth token unless told otherwise; joining with a
+    # token is Ray's business, not what is tested here.
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+    head = [
+        ray_cli,
+        "start",
+        "--head",
+        f"--port={port}",
+        "--num-cpus=2",
+        "--node-ip-address=127.0.0.1",
+    ]
+    head += ["--include-dashboard=false", "--object-store-memory=100000000"]
+    subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
+    try:
+        path = _study_yaml(
+            tmp_path,
+            toy_zoo,
+            budget=8,
+            evaluators=[{"kind": "lm_eval", "tasks": ["toy_facts_a", "toy_facts_b"]}],
+        )
+        env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+        search = subprocess.run(
+            [sys.executable, "-m", "evomerge.cli", "search", str(path), "--quiet"],
+            env=dict(env, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert search.returncode == 0, search.stderr
+        # The head is still up: the driver joined it rather than starting (and stopping) its own.
+        status = subprocess.run(
+            [ray_cli, "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True
+        )
+        assert status.returncode == 0
+    finally:  # (`ray stop` stops every Ray started by `ray start` on this machine: CI has none)
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    trials = StudyStore(tmp_path / "evomerge_studies.db").trials("toy")
+    assert len(trials) == 8 and {t.state for t in trials} == {"COMPLETE"}
+
+
+def test_a_cluster_that_does_not_answer_is_one_line(toy_zoo, tmp_path, capsys):
+    path = _study_yaml(tmp_path, toy_zoo, cluster={"address": "127.0.0.1:9"})
+    assert main(["search", str(path), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot join the Ray cluster at 127.0.0.1:9" in err
+    store = StudyStore(tmp_path / "evomerge_studies.db")
+    assert store.study("toy")["status"] == "stopped"  # resumable once the cluster is up
+
+
+@pytest.mark.timeout(420)
+def test_a_second_driver_is_refused_while_another_study_shares_the_database(toy_zoo, tmp_path):
+    path = _study_yaml(tmp_path, toy_zoo, budget=14)
+    db = tmp_path / "evomerge_studies.db"
+    (tmp_path / "other").mkdir()
+    other = _study_yaml(tmp_path / "other", toy_zoo, name="other", storage=str(db), budget=8)
+
+    first = _cli("search", str(path))
+    _wait_for(db, 2, first)
+    second = _cli("resume", "--storage", str(db), "--study", "toy")
+    _, err = second.communicate(timeout=120)
+    assert second.returncode == 1
+    assert len(err.strip().splitlines()) == 1 and "being run by another driver" in err, err
+
+    side = _cli("search", str(other))  # a different study in the same SQLite file, at once
+    for process in (first, side):
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err
+    store = StudyStore(db)
+    for name, budget in (("toy", 14), ("other", 8)):
+        trials = store.trials(name)
+        assert [t.number for t in trials] == list(range(budget))
+        assert {t.state for t in trials} == {"COMPLETE"}
+        assert store.study(name)["owner"] is None  # released at the end
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize(
+    "failpoint",
+    [
+        "after_add_trial=9",  # during dispatch: a trial written RUNNING, never submitted
+        "after_tell=6",  # between a result told to the proposer and its database write
+        "in_snapshot=2",  # inside the transaction that writes the proposer's snapshot
+    ],
+)
+def test_a_driver_killed_at_a_fault_point_resumes_to_exactly_the_budget(
+    toy_zoo, tmp_path, failpoint
+):
+    path = _study_yaml(tmp_path, toy_zoo, budget=16, snapshot_every=3)
+    db = tmp_path / "evomerge_studies.db"
+    search = _cli("search", str(path), EVOMERGE_FAILPOINTS=failpoint)
+    _, err = search.communicate(timeout=300)
+    assert search.returncode == -signal.SIGKILL, err  # it died where it was told to
+    store = StudyStore(db)
+    before = store.trials("toy")
+    assert len(before) < 16 or {t.state for t in before} != {"COMPLETE"}
+
+    resume = _cli("resume", "--storage", str(db), "--study", "toy")
+    _, err = resume.communicate(timeout=300)
+    assert resume.returncode == 0, err
+    trials = store.trials("toy")
+    assert [t.number for t in trials] == list(range(16))
+    assert {t.state for t in trials} == {"COMPLETE"}
+    ids = [t.proposal_id for t in trials if t.role == "proposal"]
+    assert sorted(ids) == list(range(len(ids)))
+    # Every proposal was told exactly once, in one sequence: the proposer continued.
+    seqs = sorted(t.told.seq for t in trials if t.told is not None)
+    assert seqs == list(range(len(ids)))
+    for old in before:  # nothing recorded before the kill was lost or changed
+        if old.state == "COMPLETE":
+            assert trials[old.number].metrics == old.metrics
