@@ -1,42 +1,68 @@
-"""`evomerge demo`: train the toy zoo, search for a per-layer merge, export the best one.
+"""`evomerge demo`: the study service end to end on the toy zoo, on the embedded defaults.
 
-Until the study service lands, the demo runs the search in this process: the baselines (each
-fine-tune alone, uniform task-arithmetic merges), then CMA-ES over per-layer task-arithmetic
-recipes, every candidate merged in place into one model object and scored by lm-eval. The best
-recipe is exported by the streaming merge and reloaded with transformers, and it scores exactly
-as it did in the search.
+It trains the toy zoo (once), writes a study YAML next to it, and runs that study exactly as
+``evomerge search`` would: a local Ray instance with 2 workers, an SQLite study database, the
+baselines (each fine-tune alone, uniform task-arithmetic merges), then CMA-ES over per-layer
+task-arithmetic weights, every candidate merged in place on a worker and scored by lm-eval.
+Then it prints the baselines against the best merge and the Pareto front, and exports the best
+trial (verified: the exported checkpoint scores what the database recorded).
+
+Run it again and it reuses the zoo and the study: a finished study is only reported and
+exported again, a stopped one (Ctrl-C) is resumed.
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-BUDGET = 120
-OBJECTIVES = (
-    {"metric": "toy_facts_a/acc", "weight": 0.5},
-    {"metric": "toy_facts_b/acc", "weight": 0.5},
-)
+STUDY = "demo"
+BUDGET = 125  # 5 baselines + 120 proposals
+METRICS = ("toy_facts_a/acc", "toy_facts_b/acc", "toy_facts_c/acc")
+
+
+def study_yaml(workdir: Path) -> Path:
+    """Write the demo's study YAML (paths relative to it) and return its path."""
+    config: dict[str, Any] = {
+        "name": STUDY,
+        "storage": "evomerge_studies.db",
+        "base": "zoo/base",
+        "sources": ["zoo/ft_a", "zoo/ft_b"],
+        "space": "task_arithmetic_per_layer",
+        "proposer": {"kind": "cma", "seed": 0, "sigma0": 0.2},
+        "objectives": [
+            {"metric": "toy_facts_a/acc", "weight": 0.5},
+            {"metric": "toy_facts_b/acc", "weight": 0.5},
+        ],
+        "evaluators": [{"kind": "lm_eval", "tasks": ["toy_facts_a", "toy_facts_b", "toy_facts_c"]}],
+        "budget": BUDGET,
+        "cluster": {"workers": 2},
+        "export": {"verify": True},
+    }
+    path = workdir / "demo_study.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
 def run_demo(workdir: Path) -> None:
-    """Build ``workdir/zoo`` if missing, search, export the best merge to ``workdir/merged``."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+    """Build ``workdir/zoo`` if missing, run (or resume) the study, export the best merge."""
+    from evomerge.progress import no_transformers_bars
 
-    from evomerge.checkpoint import ModelFolder
-    from evomerge.evaluate import build_evaluator
-    from evomerge.merge.engine import merge_to_folder
-    from evomerge.merge.recipe import plan_recipe
-    from evomerge.optimize import Objective, build_proposer, parse_proposer_config
+    with no_transformers_bars():
+        _run_demo(workdir)
+
+
+def _run_demo(workdir: Path) -> None:
     from evomerge.progress import progress_bar
-    from evomerge.search import InProcessSearch
-    from evomerge.space import load_space
+    from evomerge.study.config import load_study_config
+    from evomerge.study.driver import StudyDriver
+    from evomerge.study.launch import live_progress
+    from evomerge.study.store import StudyStore
     from evomerge.toy_zoo import ToyZooSpec, build_toy_zoo, total_training_steps
 
-    hf_logging.disable_progress_bar()
     workdir.mkdir(parents=True, exist_ok=True)
     zoo = workdir / "zoo"
     spec = ToyZooSpec()
@@ -49,60 +75,65 @@ def run_demo(workdir: Path) -> None:
             done[0] += 1
             advance(done[0], total_training_steps(spec))
 
-        paths = build_toy_zoo(zoo, spec, on_step=step)
+        build_toy_zoo(zoo, spec, on_step=step)
 
-    objectives = [Objective(**o) for o in OBJECTIVES]
-    evaluators = [{"kind": "lm_eval", "tasks": ["toy_facts_a", "toy_facts_b", "toy_facts_c"]}]
-    space = load_space("task_arithmetic_per_layer").bind(
-        ModelFolder(paths["base"]), ["ft_a", "ft_b"]
-    )
-    search = InProcessSearch(
-        space, paths["base"], [paths["ft_a"], paths["ft_b"]], objectives, evaluators
-    )
-    x0 = space.uniform_genomes()[1].tolist()
-    proposer = build_proposer(
-        parse_proposer_config({"kind": "cma", "seed": 0, "sigma0": 0.2, "x0": x0}),
-        space.dimension,
-        objectives,
-    )
-    print(
-        f"searching {space.dimension} per-layer task-arithmetic weights with CMA-ES: "
-        f"{BUDGET} candidates, each merged in place and scored by lm-eval ..."
-    )
-    with progress_bar("searching", BUDGET) as advance:
-        count = [0]
-
-        def on_trial(_trial: object) -> None:
-            count[0] += 1
-            advance(count[0], BUDGET)
-
-        result = search.run(proposer, BUDGET, on_trial=on_trial)
-
-    print(f"\n  {'model':<34} {'a':>5} {'b':>5} {'c':>5}   mean(a, b)")
-    best = result.best(role="proposal")
-    rows = [t for t in result.trials if t.role != "proposal"] + [best]
-    for trial in rows:
-        m = trial.metrics
-        label = "searched (best of CMA-ES)" if trial is best else trial.label
+    config = load_study_config(study_yaml(workdir))
+    store = StudyStore(config.storage or "")
+    if not store.has_study(STUDY):
+        driver = StudyDriver(store, config)
         print(
-            f"  {label:<34} {m['toy_facts_a/acc']:5.2f} {m['toy_facts_b/acc']:5.2f} "
-            f"{m['toy_facts_c/acc']:5.2f}   {(trial.values[0] + trial.values[1]) / 2:.3f}"
+            f"study '{STUDY}': {driver.space.dimension} per-layer task-arithmetic weights, "
+            f"CMA-ES, {BUDGET} trials on 2 Ray workers, recorded in {config.storage} ..."
         )
+    elif store.study(STUDY)["status"] != "finished":
+        driver = StudyDriver.for_stored(store, STUDY)
+        print(f"resuming study '{STUDY}' ({driver.finished} of {BUDGET} trials done) ...")
+    else:
+        driver = None
+        print(f"study '{STUDY}' is already finished in {config.storage}")
+    if driver is not None:
+        with live_progress(STUDY) as show:
+            summary = driver.run(on_progress=show)
+        if summary.status == "stopped":
+            print("stopped; run the demo again to resume the study")
+            return
+    _print_results(store, config.objectives)
+    _export(store, workdir, config.storage or "")
 
-    recipe_file = workdir / "best_recipe.yaml"
-    recipe_file.write_text(
-        yaml.safe_dump(best.recipe.model_dump(exclude_defaults=True), sort_keys=False)
+
+def _print_results(store: Any, objectives: list[Any]) -> None:
+    from evomerge.optimize import scalarize
+    from evomerge.study.report import cmd_pareto
+
+    trials = [t for t in store.trials(STUDY, ["COMPLETE"]) if t.values(objectives)]
+    best = max(
+        (t for t in trials if t.role == "proposal"),
+        key=lambda t: scalarize(objectives, t.values(objectives)),
     )
-    plan = plan_recipe(best.recipe, search.folders)
-    out = merge_to_folder(plan, workdir / "merged", force=True)
-    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    check = build_evaluator(evaluators[0], exported, search.tokenizer).evaluate().metrics
-    same = check == best.metrics
+    print(f"\n  {'model':<36} {'a':>5} {'b':>5} {'c':>5}   mean(a, b)")
+    for trial in [*(t for t in trials if t.role != "proposal"), best]:
+        label = f"searched (trial {trial.number}, best)" if trial is best else trial.label
+        m = trial.metrics
+        print(
+            f"  {label:<36} {m[METRICS[0]]:5.2f} {m[METRICS[1]]:5.2f} {m[METRICS[2]]:5.2f}   "
+            f"{scalarize(objectives, trial.values(objectives)):.3f}"
+        )
+    print()
+    cmd_pareto(argparse.Namespace(storage=store.url, study=STUDY, json=False, plot=None))
+
+
+def _export(store: Any, workdir: Path, storage: str) -> None:
+    from evomerge.study.export import export_trial
+
+    result = export_trial(store, STUDY, "best", workdir / "merged", force=True)
+    verdict = "scores exactly what the database recorded" if result.verified else "not verified"
     print(
-        f"\nbest recipe: {recipe_file}\nexported with the streaming merge to {out}; reloaded "
-        f"with transformers it scores {'exactly as in the search' if same else 'DIFFERENTLY'}."
+        f"\nexported trial {result.number} to {result.path}; reloaded with transformers it "
+        f"{verdict}."
     )
     print(
-        "Next: the study service runs this search on Ray workers with a resumable database "
-        "(evomerge search/resume/pareto/export)."
+        "Look closer:\n"
+        f"  evomerge status --storage {storage} --study {STUDY}\n"
+        f"  evomerge pareto --storage {storage} --study {STUDY} --plot pareto.png\n"
+        f"  evomerge export --storage {storage} --study {STUDY} --trial pareto:2 --out merged2"
     )
