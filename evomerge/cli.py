@@ -329,7 +329,10 @@ def cmd_space_show(args: argparse.Namespace) -> int:
     labels = [ModelFolder(s).label for s in args.source] if args.source else ["s0", "s1"]
     if space.method == "slerp" and not args.source:
         labels = ["s0"]
-    bound = space.bind(base, labels)
+    try:
+        bound = space.bind(base, labels)
+    except ConfigError as exc:
+        raise ConfigError(f"{args.space}: {exc}") from None
     rows = [("gene", "scope", "bounds", "scale"), *bound.table()]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     print(f"{space.name}: {space.method}, {space.description.strip()}".rstrip(", "))

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from evomerge.errors import EvaluationError
 
@@ -22,6 +22,14 @@ class EvaluatorConfig(BaseModel):
     limit: int | float | None = None
     """Default subset size when ``evaluate`` gets none: a count per task (>= 1) or a fraction
     (0 < limit < 1). None evaluates everything."""
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, value: int | float | None) -> int | float | None:
+        try:
+            return check_limit(value, "limit")
+        except EvaluationError as exc:  # as a ValueError, so the message names the field
+            raise ValueError(str(exc).removeprefix("limit: ")) from None
 
 
 def check_limit(limit: int | float | None, owner: str) -> int | float | None:
@@ -95,6 +103,13 @@ class Evaluator(ABC):
                 f"{self.kind} evaluator does not produce metric(s) {', '.join(missing)}; "
                 f"it produces: {', '.join(available)}"
             )
+
+    @classmethod
+    def preflight(cls, config: EvaluatorConfig) -> set[str] | None:
+        """Check what can be checked without a model (files, functions, task names), raising
+        EvaluationError; return the metric prefixes (``prefix/...``) the evaluator can
+        produce, or None when that is only known by running it."""
+        return None
 
     def close(self) -> None:
         """Release what the evaluator holds (it keeps the model alive otherwise)."""

@@ -312,32 +312,17 @@ class LmEvalEvaluator(Evaluator):
                 hflm_kwargs["max_length"] = config.max_length
             self.lm = _reusable_hflm_class()(pretrained=model, tokenizer=tokenizer, **hflm_kwargs)
 
-    def _include_paths(self) -> list[Path]:
-        paths: list[Path] = []
-        bundled = bundled_suites_dir() if self.config.bundled_suites else None
-        if bundled is not None:
-            paths.append(bundled)
-        for path in self.config.include_paths:
-            resolved = path.expanduser().resolve()
-            if not resolved.is_dir():
-                raise EvaluationError(f"lm_eval: include path {path} is not a folder")
-            paths.append(resolved)
-        return paths
+    @classmethod
+    def preflight(cls, config: EvaluatorConfig) -> set[str] | None:
+        """The task names are looked up (not loaded); the prefixes are every task, group and
+        tag the searched folders know (a group's metrics are its tasks')."""
+        assert isinstance(config, LmEvalConfig)
+        with _quiet_lm_eval():
+            return _known(_find_tasks(config))
 
     def _load_tasks(self) -> dict[str, Any]:
-        paths = self._include_paths()
+        manager = _find_tasks(self.config)
         wanted = list(dict.fromkeys(self.config.tasks))
-        defaults = self.config.include_defaults
-        manager = _task_manager(paths, include_defaults=defaults is True)
-        missing = [name for name in wanted if name not in _known(manager)]
-        if missing and defaults == "auto":
-            local = manager
-            manager = _task_manager(paths, include_defaults=True)
-            missing = [name for name in wanted if name not in _known(manager)]
-            if missing:
-                manager = local
-        if missing:
-            raise EvaluationError(_unknown_tasks_message(missing, manager, paths, defaults))
         try:
             return manager.load(wanted)
         except EvaluationError:
@@ -400,6 +385,38 @@ class LmEvalEvaluator(Evaluator):
         self.task_dict = {}
         self.tasks = {}
         super().close()
+
+
+def _include_paths(config: LmEvalConfig) -> list[Path]:
+    paths: list[Path] = []
+    bundled = bundled_suites_dir() if config.bundled_suites else None
+    if bundled is not None:
+        paths.append(bundled)
+    for path in config.include_paths:
+        resolved = path.expanduser().resolve()
+        if not resolved.is_dir():
+            raise EvaluationError(f"lm_eval: include path {path} is not a folder")
+        paths.append(resolved)
+    return paths
+
+
+def _find_tasks(config: LmEvalConfig) -> Any:
+    """A task manager that knows every task of ``config``; EvaluationError names the ones no
+    searched folder (nor, unless ``include_defaults`` is false, lm-eval itself) has."""
+    paths = _include_paths(config)
+    wanted = list(dict.fromkeys(config.tasks))
+    defaults = config.include_defaults
+    manager = _task_manager(paths, include_defaults=defaults is True)
+    missing = [name for name in wanted if name not in _known(manager)]
+    if missing and defaults == "auto":
+        local = manager
+        manager = _task_manager(paths, include_defaults=True)
+        missing = [name for name in wanted if name not in _known(manager)]
+        if missing:
+            manager = local
+    if missing:
+        raise EvaluationError(_unknown_tasks_message(missing, manager, paths, defaults))
+    return manager
 
 
 def _known(manager: Any) -> set[str]:

@@ -75,6 +75,13 @@ class PerplexityEvaluator(Evaluator):
 
     config: PerplexityConfig
 
+    @classmethod
+    def preflight(cls, config: EvaluatorConfig) -> set[str] | None:
+        assert isinstance(config, PerplexityConfig)
+        if not config.file.is_file():
+            raise EvaluationError(f"perplexity: text file {str(config.file)!r} does not exist")
+        return {config.name}
+
     def __init__(self, config: PerplexityConfig, model: Any, tokenizer: Any) -> None:
         super().__init__(config, model, tokenizer)
         file = config.file

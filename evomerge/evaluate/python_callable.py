@@ -140,6 +140,16 @@ class PythonEvaluator(Evaluator):
         self.passes_limit = _accepts_limit(self.function)
         self.owner = f"python evaluator {config.function}"
 
+    @classmethod
+    def preflight(cls, config: EvaluatorConfig) -> set[str] | None:
+        """A ``path.py:function`` is imported and looked up here already; a module is not (it
+        may be installed only where the workers run)."""
+        assert isinstance(config, PythonConfig)
+        module_part, _, attr_part = config.function.rpartition(":")
+        if _is_path(module_part) or not module_part or not attr_part:
+            load_function(config.function)
+        return {config.name or attr_part.rsplit(".", 1)[-1]}
+
     def evaluate(self, limit: int | float | None = None) -> EvalResult:
         start = time.perf_counter()
         limit = check_limit(limit if limit is not None else self.config.limit, self.owner)

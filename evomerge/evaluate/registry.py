@@ -61,11 +61,26 @@ def parse_evaluator_config(
         raise EvaluationError(
             f"{where}: missing 'kind' (one of {', '.join(available_evaluators())})"
         )
-    cls = evaluator_class(str(data["kind"]))
+    try:
+        cls = evaluator_class(str(data["kind"]))
+    except EvaluationError as exc:
+        raise EvaluationError(f"{where}: kind: {exc}") from None
     try:
         return cls.config_class.model_validate(dict(data))
     except ValidationError as exc:
         raise EvaluationError(f"{where} ({cls.kind}): {pydantic_message(exc)}") from None
+
+
+def preflight_evaluator(
+    data: Mapping[str, Any] | EvaluatorConfig, where: str = "evaluator"
+) -> set[str] | None:
+    """Validate ``data`` and check what can be checked without a model (its files, its
+    function, its task names); the metric prefixes it can produce (None: unknown)."""
+    parsed = parse_evaluator_config(data, where)
+    try:
+        return evaluator_class(parsed.kind).preflight(parsed)
+    except EvaluationError as exc:
+        raise EvaluationError(f"{where}: {exc}") from None
 
 
 def build_evaluator(

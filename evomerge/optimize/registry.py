@@ -58,7 +58,10 @@ def parse_proposer_config(
         raise ConfigError(f"{where}: expected a mapping with a 'kind', got {data!r}")
     if "kind" not in data:
         raise ConfigError(f"{where}: missing 'kind' (one of {', '.join(available_proposers())})")
-    cls = proposer_class(str(data["kind"]))
+    try:
+        cls = proposer_class(str(data["kind"]))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: kind: {exc}") from None
     try:
         return cls.config_class.model_validate(dict(data))
     except ValidationError as exc:

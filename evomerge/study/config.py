@@ -8,7 +8,7 @@ the storage URL and the study name.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -52,6 +52,17 @@ class FidelityConfig(_Strict):
     promote: float = Field(default=0.0, ge=0, le=1)
     batch: int = Field(default=10, ge=1)
 
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, value: int | float) -> int | float:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, float) and not 0 < value < 1:
+            raise ValueError(
+                f"a count of documents (1, 2, ...) or a fraction between 0 and 1, got {value}"
+            )
+        return value
+
 
 class ClusterConfig(_Strict):
     """Ray: a local instance unless ``address`` names a cluster; one actor per worker."""
@@ -67,9 +78,22 @@ class ClusterConfig(_Strict):
 
 
 class ExportConfig(_Strict):
-    dtype: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
     shard_size: str = "5GB"
     verify: bool = False
+
+    @field_validator("shard_size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        from argparse import ArgumentTypeError
+
+        from evomerge.cli import parse_size
+
+        try:
+            parse_size(value)
+        except ArgumentTypeError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
 
 class StudyConfig(_Strict):
@@ -96,7 +120,24 @@ class StudyConfig(_Strict):
     @classmethod
     def _budget(cls, value: Any) -> Any:
         # Validate the mapping form directly so errors name its fields, not the int branch.
-        return BudgetConfig.model_validate(value) if isinstance(value, dict) else value
+        if isinstance(value, dict):
+            return BudgetConfig.model_validate(value)
+        if isinstance(value, bool) or not isinstance(value, int | BudgetConfig):
+            raise ValueError(
+                f"a number of trials, or a mapping with 'trials' and/or 'hours'; got {value!r}"
+            )
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        import torch
+
+        try:
+            torch.device(value)
+        except RuntimeError:
+            raise ValueError(f"'{value}' is not a device name (cpu, cuda, cuda:0, ...)") from None
+        return value
 
     @property
     def budget_trials(self) -> int | None:
@@ -115,6 +156,11 @@ def parse_study_config(data: dict[str, Any], where: str, folder: Path | None = N
         raise ConfigError(f"{where}: {pydantic_message(exc)}") from None
     if isinstance(config.budget, int) and config.budget < 1:
         raise ConfigError(f"{where}: budget: must be at least 1 trial, got {config.budget}")
+    if config.device.startswith("cuda") and config.cluster.gpus_per_worker <= 0:
+        raise ConfigError(
+            f"{where}: device: {config.device} needs cluster.gpus_per_worker > 0 (Ray hides "
+            "the GPUs from workers that ask for none)"
+        )
     if folder is not None:
         config = _resolved(config, folder)
     for index, evaluator in enumerate(config.evaluators):

@@ -13,11 +13,16 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from evomerge.errors import ConfigError, EvomergeError
 from evomerge.progress import no_transformers_bars
 from evomerge.study.driver import RunSummary, StudyDriver, StudyProgress
+from evomerge.study.report import check_storage, open_store
 from evomerge.study.store import StudyStore, mask_url
+
+if TYPE_CHECKING:
+    from evomerge.study.config import StudyConfig
 
 
 def add_commands(commands: Any) -> None:
@@ -54,13 +59,68 @@ def cmd_search(args: argparse.Namespace) -> int:
     config = load_study_config(args.config)
     if args.storage:
         config = config.model_copy(update={"storage": args.storage})
-    store = StudyStore(config.storage or "")
+    what = "--storage" if args.storage else f"{args.config}: storage"
+    check_storage(config.storage or "", what=what)
+    preflight(config, str(args.config))  # before the database is opened or a worker starts
+    store = open_store(config.storage or "", what=what, create=True)
     driver = StudyDriver(store, config)
     return _run(driver, store, quiet=args.quiet)
 
 
+def preflight(config: StudyConfig, where: str) -> None:
+    """Check what the driver can check by itself, so that a mistake costs neither a database
+    entry nor a worker start: the models are there and can be merged, the space binds to
+    them, the proposer takes it, and each evaluator's files, function and tasks exist and
+    can produce the objectives' metrics. Errors name ``where`` (the YAML) and the field."""
+    from evomerge.checkpoint import ModelFolder, check_compatible
+    from evomerge.evaluate.registry import preflight_evaluator
+    from evomerge.search.loop import build_space_proposer
+    from evomerge.space import space_from_setting
+
+    with _naming(where, "base"):
+        base = ModelFolder(config.base, label="base")
+    sources = []
+    for index, path in enumerate(config.sources):
+        with _naming(where, f"sources[{index}]"):
+            sources.append(ModelFolder(path))
+    with _naming(where, "sources"):
+        check_compatible([base, *sources])
+    with _naming(where, "space"):
+        space = space_from_setting(config.space).bind(base, [s.label for s in sources])
+    with _naming(where, "proposer"):
+        build_space_proposer(config.proposer, space, config.objectives)
+    prefixes: set[str] | None = set()
+    named: list[str] = []
+    for index, evaluator in enumerate(config.evaluators):
+        found = preflight_evaluator(evaluator, f"{where}: evaluators[{index}]")
+        prefixes = None if found is None or prefixes is None else prefixes | found
+        named += evaluator.get("tasks") or sorted(found or [])
+    if prefixes is None:
+        return
+    for index, objective in enumerate(config.objectives):
+        if objective.metric.split("/", 1)[0] not in prefixes or "/" not in objective.metric:
+            raise ConfigError(
+                f"{where}: objectives[{index}].metric: no evaluator produces "
+                f"'{objective.metric}'; their metrics are named "
+                f"{', '.join(f'{name}/...' for name in named)}"
+            )
+
+
+@contextmanager
+def _naming(where: str, field: str) -> Iterator[None]:
+    """Prefix an input error raised in the block with ``where: field: ``."""
+    try:
+        yield
+    except EvomergeError as exc:
+        raise type(exc)(f"{where}: {field}: {exc}") from None
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
-    store = StudyStore(args.storage)
+    from evomerge.study.config import parse_study_config
+
+    store = open_store(args.storage)
+    where = f"study '{args.study}' in {mask_url(store.url)}"
+    preflight(parse_study_config(store.study_config(args.study), where), where)
     driver = StudyDriver.for_stored(store, args.study)
     print(
         f"resuming study '{args.study}': {driver.finished} trials finished, "

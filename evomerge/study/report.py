@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError
 from evomerge.optimize import Objective, pareto_front, parse_objectives, scalarize
-from evomerge.study.store import StudyStore, TrialView
+from evomerge.study.store import StorageError, StudyStore, TrialView, mask_url, storage_url
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -62,8 +62,75 @@ def add_commands(commands: Any) -> None:
     pareto.set_defaults(handler=cmd_pareto)
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_storage(storage: str, *, what: str = "--storage", must_exist: bool = False) -> str:
+    """The SQLAlchemy URL of ``storage``, refused in one line naming ``what`` when it cannot be
+    a study database: an unknown scheme, a database driver that is not installed, an SQLite
+    path whose folder is missing or that is a folder or another kind of file, or (with
+    ``must_exist``) an SQLite file that is not there. Opens and creates nothing."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    url = storage_url(storage)
+    shown = mask_url(url)
+    try:
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+    except ArgumentError as exc:  # NoSuchModuleError (an unknown scheme) is one too
+        raise StorageError(f"{what} {shown}: not a database URL ({_first_line(exc)})") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        raise StorageError(
+            f"{what} {shown}: the database driver for '{parsed.drivername}' is not installed "
+            f"({_first_line(exc)})"
+        ) from None
+    if dialect.name != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return url
+    file = Path(parsed.database)
+    if not file.parent.is_dir():
+        raise StorageError(f"{what} {file}: folder {file.parent} does not exist")
+    if file.is_dir():
+        raise StorageError(f"{what} {file} is a folder, not an SQLite database file")
+    if not file.exists():
+        if must_exist:
+            raise StorageError(f"{what} {file}: no study database there (the file does not exist)")
+        return url
+    try:
+        with file.open("rb") as handle:
+            header = handle.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        raise StorageError(f"{what} {file}: cannot read it ({exc.strerror or exc})") from None
+    if header and header != SQLITE_HEADER:
+        raise StorageError(f"{what} {file} is not an SQLite database (it holds something else)")
+    return url
+
+
+def open_store(storage: str, *, what: str = "--storage", create: bool = False) -> StudyStore:
+    """:func:`check_storage`, then the store; without ``create`` a missing SQLite file is an
+    error (a command that only reads must not leave an empty database behind)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    url = check_storage(storage, what=what, must_exist=not create)
+    try:
+        return StudyStore(url)
+    except StorageError as exc:  # unreachable, refused, of another schema version
+        raise StorageError(f"{what}: {exc}") from None
+    except SQLAlchemyError as exc:
+        raise StorageError(
+            f"{what}: cannot open the study database {mask_url(url)}: {_first_line(exc)}"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def _open_store(storage: str) -> StudyStore:
-    return StudyStore(storage)
+    return open_store(storage)
 
 
 # -- studies ---------------------------------------------------------------------------------------
