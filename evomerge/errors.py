@@ -19,3 +19,7 @@ class CheckpointError(EvomergeError):
 
 class EvaluationError(EvomergeError):
     """An evaluator is misconfigured (unknown task, missing data, unknown metric) or failed."""
+
+
+class MergeError(EvomergeError):
+    """A merge produced an unusable tensor (NaN or Inf) from valid inputs."""

@@ -3,6 +3,10 @@
 ``EVOMERGE_FAILPOINTS="after_tell=5,in_snapshot=1"`` SIGKILLs the process the 5th time it
 passes ``after_tell`` (or the 1st time it passes ``in_snapshot``). Unset (always, outside the
 fault tests), :func:`failpoint` is one dictionary lookup.
+
+Points: in the driver ``after_add_trial``, ``after_tell``, ``in_snapshot``; in a worker
+(counted per worker process, so its replacement counts afresh) ``mid_merge``, passed after
+each tensor written into the model, and ``mid_evaluation``, after each evaluator of a trial.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ lets one evaluator behave differently for each candidate.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -191,6 +192,34 @@ def test_pool_results_equal_the_in_process_computation(toy_zoo, ray_cluster, kee
         assert "toy_facts_a/acc" in result.metrics
         assert result.metrics == expected.metrics  # exactly
     assert len({r.metrics["toy_facts_a/acc"] for r in results}) > 1  # the genomes differ
+
+
+@pytest.mark.timeout(180)
+def test_a_merge_that_overflows_fails_naming_the_tensor_and_the_pool_goes_on(
+    family, evaluators_file, ray_cluster
+):
+    overflow = {
+        "method": "linear",
+        "parameters": {"normalize": False},
+        "sources": [
+            {"model": str(family["ft_0"]), "parameters": {"weight": 3e38}},
+            {"model": str(family["ft_1"]), "parameters": {"weight": 3e38}},
+        ],
+    }
+    tasks = [CandidateTask(0, _linear(family)), CandidateTask(1, overflow)]
+    tasks += [CandidateTask(2, _linear(family, 0.25))]
+    with WorkerPool(_family_spec(family, evaluators_file, "nap"), workers=1) as pool:
+        by_key = {r.key: r for r in _run_all(pool, tasks)}
+        assert pool.restarts == 0  # the worker itself was fine
+    assert by_key[1].status == "failed" and not by_key[1].metrics
+    assert "MergeError: the merge produced NaN or Inf in tensor model." in (by_key[1].error or "")
+    for key in (0, 2):  # before and after it, on the same worker: finite, normal scores
+        assert by_key[key].status == "complete"
+        assert math.isfinite(by_key[key].metrics["b/norm"])
+    # The candidate after the failed one scores as if it had never happened.
+    with WorkerPool(_family_spec(family, evaluators_file, "nap"), workers=1) as pool:
+        alone = _run_all(pool, [CandidateTask(2, _linear(family, 0.25))])[0]
+    assert alone.metrics == by_key[2].metrics
 
 
 @pytest.mark.timeout(180)

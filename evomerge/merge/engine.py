@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from evomerge.checkpoint import OTHER_FILES, TOKENIZER_FILES, ModelFolder, parse_dtype
-from evomerge.errors import CheckpointError
+from evomerge.errors import CheckpointError, MergeError
+from evomerge.failpoints import failpoint
 from evomerge.merge.card import model_card as default_card
 from evomerge.merge.plan import MergePlan, TensorJob, TensorRef
 from evomerge.merge.registry import MergeMethod, TensorContext, get_method
@@ -232,8 +233,18 @@ class InPlaceMerger:
                     f"parameter {name} has shape {list(target.shape)} in the model object but "
                     f"{list(merged.shape)} in the merge"
                 )
+            _check_merged_finite(name, merged)
             with torch.no_grad():
                 target.copy_(merged)
+            failpoint("mid_merge")  # a test kills the worker with the model half merged
+
+
+def _check_merged_finite(name: str, merged: torch.Tensor) -> None:
+    """A recipe can overflow (huge weights, a sum that cancels to zero in a normalization):
+    fail the candidate, naming the tensor, rather than score a model full of NaN."""
+    if merged.is_floating_point() and not bool(torch.isfinite(merged.sum())):
+        if not bool(torch.isfinite(merged).all()):
+            raise MergeError(f"the merge produced NaN or Inf in tensor {name}")
 
 
 def _named_tensors(model: torch.nn.Module) -> Mapping[str, torch.Tensor]:

@@ -22,6 +22,7 @@ import torch
 from evomerge.checkpoint import ModelFolder
 from evomerge.errors import ConfigError, EvaluationError, EvomergeError
 from evomerge.evaluate import Evaluator, build_evaluator
+from evomerge.failpoints import failpoint
 from evomerge.merge.engine import InPlaceMerger
 from evomerge.merge.recipe import Recipe, plan_recipe
 from evomerge.optimize import (
@@ -111,6 +112,7 @@ class EvaluatorSuite:
                 raise EvaluationError(f"two evaluators both produce metric {sorted(clash)[0]}")
             metrics.update(result.metrics)
             seconds += result.seconds
+            failpoint("mid_evaluation")  # a test kills the worker between two evaluators
         return metrics, seconds
 
     def check_metrics(self, names: Sequence[str]) -> None:
