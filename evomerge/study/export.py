@@ -27,10 +27,12 @@ import yaml
 from pydantic import ValidationError
 
 from evomerge.errors import ConfigError, EvomergeError
+from evomerge.failpoints import failpoint
 from evomerge.merge.card import TrialCard, trial_card
 from evomerge.merge.plan import MergePlan
 from evomerge.optimize import Objective, parse_objectives, scalarize
 from evomerge.study.store import StudyStore, TrialView, mask_url
+from evomerge.writer import remove_abandoned, staging_folder
 
 if TYPE_CHECKING:  # torch-heavy; imported where used so `evomerge --help` stays fast
     from evomerge.checkpoint import ModelFolder
@@ -188,13 +190,22 @@ def export_trial(
     trial = select_trial(store, study, selector)
     parts = _prepare(store, study, trial, target, dtype or settings.dtype)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.evomerge-export-{uuid.uuid4().hex[:8]}"
+    staging = staging_folder(target, "evomerge-export")
+    for abandoned in remove_abandoned(target, "evomerge-export"):  # an export killed earlier
+        remove_abandoned(abandoned, "partial")  # ... and its writer's own hidden folder
     try:
-        _write(parts, staging, device=device, shard_size=shard_size, progress=progress)
-        if verify:
-            _verify(staging, config, trial, device, _dtype_note(trial, parts.recipe), target)
-            verified_card = trial_card(parts.plan, replace(parts.card, verified=True))
-            (staging / "README.md").write_text(verified_card)
+        try:
+            _write(parts, staging, device=device, shard_size=shard_size, progress=progress)
+            if verify:
+                _verify(staging, config, trial, device, _dtype_note(trial, parts.recipe), target)
+                verified_card = trial_card(parts.plan, replace(parts.card, verified=True))
+                (staging / "README.md").write_text(verified_card)
+        except OSError as exc:  # a full disk, a quota, a folder made read-only
+            raise EvomergeError(
+                f"cannot write the export of trial {trial.number} in {target.parent}: "
+                f"{exc.strerror or exc}; nothing was left at {target}"
+            ) from None
+        failpoint("export_before_rename")  # a test kills the export with every file written
         _move_into_place(staging, target, force)
     finally:
         if staging.exists():
@@ -518,7 +529,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from evomerge.progress import no_transformers_bars, progress_bar
 
     device = check_device(args.device)
-    store = StudyStore(args.storage)
+    from evomerge.study.report import open_store
+
+    store = open_store(args.storage)
     with (
         no_transformers_bars(),
         progress_bar("exporting", total=0, enabled=not args.quiet) as advance,
