@@ -203,6 +203,8 @@ class StudyDriver:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         """This driver's name in the study's lease (one driver per study at a time)."""
         self.lease_lost = False
+        self.database_lost = False
+        """The database stayed unreachable past its retries: nothing more is written."""
         if resume:
             store.acquire(self.name, self.owner)  # before touching anything of the study
             try:
@@ -599,9 +601,10 @@ class StudyDriver:
             yield
         finally:
             stop.set()
-            thread.join()
-            with contextlib.suppress(StorageError):
-                self.store.release(self.name, self.owner)
+            thread.join(timeout=1.0)  # it may be waiting for a database that is gone
+            if not self.database_lost:
+                with contextlib.suppress(StorageError):
+                    self.store.release(self.name, self.owner)
 
     def _run(
         self,
@@ -652,6 +655,13 @@ class StudyDriver:
         except KeyboardInterrupt:
             self._stopped()
             return RunSummary(self.finished, self.budget, self.ran, "stopped", "interrupted")
+        except StorageError as exc:
+            self.database_lost = True  # retried already: leave the rest to `resume`
+            raise StorageError(
+                f"{exc}; the study stopped with every finished result recorded; when the "
+                f"database works again, continue with: evomerge resume --storage "
+                f"{mask_url(self.store.url)} --study {self.name}"
+            ) from exc
         except BaseException:
             with contextlib.suppress(StorageError):  # the error that stopped us matters more
                 self._stopped()

@@ -8,25 +8,30 @@ Pareto front is computed from the stored metrics on every call, never cached.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import math
 import os
 import re
 import socket
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, delete, event, func, insert, inspect, select, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import (
     ArgumentError,
+    DatabaseError,
     DBAPIError,
     IntegrityError,
+    InterfaceError,
     OperationalError,
     SQLAlchemyError,
 )
@@ -60,6 +65,54 @@ class StudyBusy(ConfigError):
 
 LEASE_SECONDS = 60.0
 """A driver's lease on its study lapses this long after its last heartbeat."""
+
+RETRY_SECONDS = float(os.environ.get("EVOMERGE_DB_RETRY_SECONDS", "120"))
+"""How long a server database (PostgreSQL) may be unreachable before a write gives up."""
+
+log = logging.getLogger("evomerge.study")
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+_retrying = threading.local()
+"""``active`` is True while a transaction runs again after a lost connection: it may have
+been committed already, so the non-idempotent writes check first."""
+
+
+def _retried(method: _Method) -> _Method:
+    """Run one transaction again, with backoff, while a server database is unreachable
+    (restarted, failed over, network blip) for up to the store's ``retry_seconds``."""
+
+    @functools.wraps(method)
+    def run(self: StudyStore, *args: Any, **kwargs: Any) -> Any:
+        deadline: float | None = None
+        delay = 0.25
+        again = False
+        while True:
+            _retrying.active = again
+            try:
+                return method(self, *args, **kwargs)
+            except StorageError as exc:
+                if not self._transient(exc):
+                    raise
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.retry_seconds
+                    log.warning(
+                        "evomerge: lost the database %s (%s); retrying for up to %.0f s",
+                        mask_url(self.url),
+                        _first_line(exc.__cause__ or exc),
+                        self.retry_seconds,
+                    )
+                if now >= deadline:
+                    raise StorageError(
+                        f"database {mask_url(self.url)} unreachable for "
+                        f"{self.retry_seconds:.0f} s: {_first_line(exc.__cause__ or exc)}"
+                    ) from exc
+                time.sleep(min(delay, deadline - now))
+                delay = min(delay * 2, 5.0)
+                again = True
+            finally:
+                _retrying.active = False
+
+    return run  # type: ignore[return-value]
 
 
 def _same_owner(owner: str | None) -> Any:
@@ -144,8 +197,9 @@ class TrialView:
 class StudyStore:
     """One database, opened once per process."""
 
-    def __init__(self, url: str | Path) -> None:
+    def __init__(self, url: str | Path, retry_seconds: float = RETRY_SECONDS) -> None:
         self.url = storage_url(url)
+        self.retry_seconds = retry_seconds
         try:
             parsed = make_url(self.url)
         except ArgumentError:
@@ -158,7 +212,7 @@ class StudyStore:
         try:
             self.engine = self._engine()
             self._check_version()
-        except OperationalError as exc:
+        except (DatabaseError, ArgumentError, ImportError) as exc:  # refused, not a DB, no driver
             raise StorageError(
                 f"cannot open the study database {mask_url(self.url)}: {_first_line(exc)}"
             ) from None
@@ -229,17 +283,31 @@ class StudyStore:
         finally:
             session.close()
 
+    def _transient(self, exc: StorageError) -> bool:
+        """A lost connection to a server database: worth running the transaction again.
+        SQLite waits for its locks itself, and its other errors (disk full) do not pass."""
+        cause = exc.__cause__
+        if self.is_sqlite or not isinstance(cause, DBAPIError):
+            return False
+        return cause.connection_invalidated or isinstance(cause, (OperationalError, InterfaceError))
+
     # -- studies -------------------------------------------------------------------------------
 
+    @_retried
     def create_study(self, name: str, config: Mapping[str, Any], budget: int) -> None:
         with self.session() as session:
-            if session.scalar(select(StudyRow.id).where(StudyRow.name == name)) is not None:
+            stored = session.scalar(select(StudyRow.config).where(StudyRow.name == name))
+            if stored is not None and getattr(_retrying, "active", False):
+                if stored == json.dumps(config):
+                    return  # the attempt that lost its connection had committed
+            if stored is not None:
                 raise ConfigError(
                     f"study '{name}' already exists in {mask_url(self.url)}; "
                     "resume it (evomerge resume) or choose another name"
                 )
             session.add(StudyRow(name=name, config=json.dumps(config), budget=budget))
 
+    @_retried
     def has_study(self, name: str) -> bool:
         with self.session() as session:
             return session.scalar(select(StudyRow.id).where(StudyRow.name == name)) is not None
@@ -260,10 +328,12 @@ class StudyStore:
             self._ids[name] = self._study(session, name).id
         return self._ids[name]
 
+    @_retried
     def study_config(self, name: str) -> dict[str, Any]:
         with self.session() as session:
             return json.loads(self._study(session, name).config)
 
+    @_retried
     def study(self, name: str) -> dict[str, Any]:
         """One study's row: name, status, budget, elapsed_seconds, created_at, owner,
         heartbeat_at."""
@@ -272,6 +342,7 @@ class StudyStore:
 
     # -- the driver lease: one driver per study -------------------------------------------------
 
+    @_retried
     def acquire(self, name: str, owner: str, stale_after: float = LEASE_SECONDS) -> None:
         """Make ``owner`` the study's driver, or raise :class:`StudyBusy` naming the driver that
         holds it. A lease is free when released, when its heartbeat is older than
@@ -295,6 +366,7 @@ class StudyStore:
             if taken != 1:  # another driver took it between the read and the write
                 raise StudyBusy(f"study '{name}' was just taken by another driver")
 
+    @_retried
     def heartbeat(self, name: str, owner: str) -> bool:
         """Renew ``owner``'s lease; False if it no longer holds it."""
         with self.session() as session:
@@ -307,6 +379,7 @@ class StudyStore:
                 == 1
             )
 
+    @_retried
     def release(self, name: str, owner: str) -> None:
         with self.session() as session:
             session.execute(
@@ -315,12 +388,14 @@ class StudyStore:
                 .values(owner=None, heartbeat_at=None)
             )
 
+    @_retried
     def set_status(self, name: str, status: str) -> None:
         with self.session() as session:
             row = self._study(session, name)
             row.status = status
             row.updated_at = utcnow()
 
+    @_retried
     def studies(self) -> list[dict[str, Any]]:
         """Every study with its budget, status and trial counts by state."""
         with self.session() as session:
@@ -338,6 +413,7 @@ class StudyStore:
 
     # -- trials --------------------------------------------------------------------------------
 
+    @_retried
     def add_trial(
         self,
         study: str,
@@ -351,9 +427,14 @@ class StudyStore:
         state: str = "RUNNING",
     ) -> None:
         with self.session() as session:
+            study_id = self._study_id(session, study)
+            if getattr(_retrying, "active", False) and session.scalar(
+                select(TrialRow.id).where(TrialRow.study_id == study_id, TrialRow.number == number)
+            ):
+                return  # the attempt that lost its connection had committed
             session.execute(
                 insert(TrialRow).values(
-                    study_id=self._study_id(session, study),
+                    study_id=study_id,
                     number=number,
                     role=role,
                     label=label,
@@ -366,6 +447,7 @@ class StudyStore:
                 )
             )
 
+    @_retried
     def finish_trial(
         self,
         study: str,
@@ -435,6 +517,12 @@ class StudyStore:
     def _insert_metrics(
         session: Session, trial_id: int, fidelity: str, rank: float, metrics: Mapping[str, float]
     ) -> None:
+        if metrics and getattr(_retrying, "active", False):
+            session.execute(  # the attempt that lost its connection may have committed them
+                delete(MetricRow).where(
+                    MetricRow.trial_id == trial_id, MetricRow.fidelity == fidelity
+                )
+            )
         if metrics:
             session.execute(
                 insert(MetricRow),
@@ -450,6 +538,7 @@ class StudyStore:
                 ],
             )
 
+    @_retried
     def add_metrics(
         self, study: str, number: int, metrics: Mapping[str, float], limit: int | float | None
     ) -> None:
@@ -468,6 +557,7 @@ class StudyStore:
             raise ConfigError(f"study '{study}' has no trial {number}")
         return trial
 
+    @_retried
     def requeue_running(self, study: str) -> list[int]:
         """Trials left RUNNING by a driver that died, set back to QUEUED; their numbers."""
         with self.session() as session:
@@ -479,15 +569,18 @@ class StudyStore:
                 trial.state = "QUEUED"
             return sorted(t.number for t in trials)
 
+    @_retried
     def set_elapsed(self, study: str, seconds: float) -> None:
         with self.session() as session:
             self._study(session, study).elapsed_seconds = seconds
 
+    @_retried
     def set_state(self, study: str, number: int, state: str) -> None:
         with self.session() as session:
             study_id = self._study_id(session, study)
             self._update_trial(session, study, study_id, number, {"state": state})
 
+    @_retried
     def trials(self, study: str, states: Sequence[str] | None = None) -> list[TrialView]:
         """Trials by number, each with its metrics at the highest fidelity it reached."""
         with self.session() as session:
@@ -549,6 +642,7 @@ class StudyStore:
 
     # -- proposer snapshots and exports ------------------------------------------------------------
 
+    @_retried
     def save_snapshot(self, study: str, state: bytes, told: int) -> None:
         """Store a proposer state; only the newest two are kept (states can be large)."""
         with self.session() as session:
@@ -576,6 +670,7 @@ class StudyStore:
             )
         )
 
+    @_retried
     def latest_snapshot(self, study: str) -> tuple[bytes, int] | None:
         with self.session() as session:
             row = self._study(session, study)
@@ -587,6 +682,7 @@ class StudyStore:
             )
             return None if snap is None else (snap.state, snap.told)
 
+    @_retried
     def record_export(self, study: str, number: int, path: str, verified: bool) -> None:
         with self.session() as session:
             row = self._study(session, study)
@@ -626,4 +722,5 @@ def _lost_creation_race(exc: DBAPIError) -> bool:
     """Whether creating the schema failed because another process created it first."""
     if isinstance(exc, IntegrityError):
         return True  # the version row, or PostgreSQL's catalog entry for a new table
-    return "already exists" in str(exc.orig)
+    message = str(exc.orig)
+    return "already exists" in message or "database is locked" in message  # SQLite's WAL switch
