@@ -30,7 +30,7 @@ def ray_session():  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.timeout(300)
-def test_study_completes_its_budget_and_the_export_scores_as_recorded(toy_zoo, url, tmp_path):  # noqa: F811
+def test_study_completes_its_budget_and_the_export_scores_as_recorded(toy_zoo, url, tmp_path):
     config = parse_study_config(
         {
             "name": "toy",

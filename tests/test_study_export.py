@@ -172,7 +172,7 @@ def exported(
 # -- the export scores what the database says ------------------------------------------------
 
 
-def test_best_export_loads_and_scores_the_recorded_metrics(toy_zoo, scored, url, tmp_path, capsys):  # noqa: F811
+def test_best_export_loads_and_scores_the_recorded_metrics(toy_zoo, scored, url, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     store = fill(url, toy_zoo, scored)

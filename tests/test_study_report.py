@@ -83,7 +83,7 @@ def _set_times(store: StudyStore, elapsed: float) -> None:
                 trial.finished_at = trial.created_at + timedelta(seconds=330)
 
 
-def test_status_numbers_by_hand(url):  # noqa: F811
+def test_status_numbers_by_hand(url):
     store = _study(url)
     _set_times(store, elapsed=0.0)
     status = study_status(store, "s", latest=3)
@@ -207,7 +207,7 @@ def test_staircase_follows_the_directions():
     assert staircase([(0.3, 0.4)], (1.0, 1.0)) == [(0.3, 0.4)]
 
 
-def test_status_cli_text_and_json(url, capsys):  # noqa: F811
+def test_status_cli_text_and_json(url, capsys):
     store = _study(url)
     _set_times(store, elapsed=1800.0)
     assert main(["status", "--storage", url, "--study", "s", "--json"]) == 0
@@ -246,7 +246,7 @@ def test_status_unknown_study_is_one_line(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "no study 'nope'" in err
 
 
-def test_pareto_rank_column_and_json(url, capsys):  # noqa: F811
+def test_pareto_rank_column_and_json(url, capsys):
     _study(url)
     assert main(["pareto", "--storage", url, "--study", "s"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -239,7 +239,7 @@ def _cheap_scores(store: StudyStore, objectives: list[Objective]) -> dict[int, f
     return {n: scalarize(objectives, [m[o.metric] for o in objectives]) for n, m in metrics.items()}
 
 
-def test_resume_on_postgresql(toy_zoo, worker, url):  # noqa: F811
+def test_resume_on_postgresql(toy_zoo, worker, url):
     config = _config(toy_zoo, url, budget=10)
     store = StudyStore(url)
     first = StudyDriver(store, config)
