@@ -436,3 +436,20 @@ def test_bad_configs() -> None:
         build_proposer({"kind": "tpe"}, D, [{"metric": "m", "direction": "up"}])
     cma = build_proposer({"kind": "cma", "x0": [0.1] * D}, D, [{"metric": "m"}])
     assert isinstance(cma, CMAProposer) and np.allclose(cma._es.mean, 0.1)
+
+
+@pytest.mark.parametrize("n_objectives", [1, 2, 3, 4])
+def test_pareto_front_equals_the_definition_on_random_points_with_ties(n_objectives) -> None:
+    """Oracle: a point is kept iff no point dominates it and no earlier point equals it."""
+    rng = np.random.default_rng(n_objectives)
+    directions = ["maximize", "minimize"] * 2
+    objs = [Objective(metric=f"m{k}", direction=directions[k]) for k in range(n_objectives)]
+    for _ in range(20):
+        n = int(rng.integers(0, 60))
+        points = rng.integers(0, 6, size=(n, n_objectives)).astype(float).tolist()  # many ties
+        expected = [
+            i
+            for i, p in enumerate(points)
+            if not any(dominates(q, p, objs) for q in points) and p not in points[:i]
+        ]
+        assert pareto_front(points, objs) == expected

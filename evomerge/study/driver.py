@@ -188,8 +188,6 @@ class StudyDriver:
         self.queue: deque[_Trial] = deque()
         self.promotions: deque[int] = deque()
         self.batch: list[tuple[float, int]] = []
-        self.recipes: dict[int, dict[str, Any]] = {}
-        """Trial number -> recipe, for promotions."""
         self.values: dict[int, list[float]] = {}
         self.front: list[int] = []
         self.best: float | None = None
@@ -262,7 +260,6 @@ class StudyDriver:
             failpoint("after_add_trial")
         else:
             self.store.set_state(self.name, trial.number, "RUNNING")
-        self.recipes[trial.number] = trial.recipe
         key = self._job(_Job(trial.number, trial.proposal_id))
         limit = self.limit if trial.role == "proposal" else None
         return CandidateTask(key=key, recipe=trial.recipe, limit=limit)
@@ -275,7 +272,7 @@ class StudyDriver:
         proposal; None when the budget is used up or the proposer must wait for results."""
         if self.promotions:
             number = self.promotions.popleft()
-            recipe = self.recipes[number]
+            recipe = self.store.recipe(self.name, number)  # not kept in memory: few are promoted
             return CandidateTask(key=self._job(_Job(number, None, True)), recipe=recipe)
         if self.budget is not None and self.finished + self._trials_in_flight() >= self.budget:
             return None
@@ -429,7 +426,6 @@ class StudyDriver:
             self.config.objectives,
             state=None if snapshot is None else snapshot[0],
         )
-        self.recipes = {t.number: t.recipe or {} for t in trials}
         for trial in trials:
             if trial.state in TERMINAL:
                 self.finished += 1

@@ -558,6 +558,15 @@ class StudyStore:
         return trial
 
     @_retried
+    def recipe(self, study: str, number: int) -> dict[str, Any]:
+        """One trial's recipe (what a promotion re-scores)."""
+        with self.session() as session:
+            recipe = self._trial(session, study, number).recipe
+            if recipe is None:
+                raise ConfigError(f"trial {number} of study '{study}' has no recipe")
+            return json.loads(recipe)
+
+    @_retried
     def requeue_running(self, study: str) -> list[int]:
         """Trials left RUNNING by a driver that died, set back to QUEUED; their numbers."""
         with self.session() as session:
