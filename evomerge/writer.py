@@ -8,12 +8,10 @@ name and renamed into place by :meth:`CheckpointWriter.commit`; on any failure i
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
 import shutil
-import socket
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +22,7 @@ from typing import Any, BinaryIO
 import torch
 
 from evomerge.errors import CheckpointError
+from evomerge.staging import remove_abandoned, staging_folder
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SYNC_EVERY = 256 * 2**20
@@ -60,38 +59,6 @@ class TensorSlot:
 
 def nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
     return math.prod(shape) * dtype.itemsize
-
-
-def staging_folder(target: Path, kind: str) -> Path:
-    """A hidden folder beside ``target`` to build it in, named after this host and process so
-    a later run can tell an abandoned one (its process was killed) from one still in use."""
-    host = socket.gethostname().replace("-", "_")
-    return target.parent / f".{target.name}.{kind}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def remove_abandoned(target: Path, kind: str) -> list[Path]:
-    """Remove the :func:`staging_folder` s of ``target`` left by processes of this host that
-    are gone (killed mid-write); their names say they are incomplete, but they take space."""
-    if not target.parent.is_dir():
-        return []
-    host = socket.gethostname().replace("-", "_")
-    removed = []
-    for folder in target.parent.glob(f".{glob.escape(target.name)}.{kind}-{host}-*"):
-        pid = folder.name.rsplit("-", 2)[-2]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def check_output_dir(out_dir: Path, force: bool) -> None:

@@ -225,7 +225,10 @@ def test_a_cluster_that_does_not_answer_is_one_line(toy_zoo, tmp_path, capsys):
 
 @pytest.mark.timeout(420)
 def test_a_second_driver_is_refused_while_another_study_shares_the_database(toy_zoo, tmp_path):
-    path = _study_yaml(tmp_path, toy_zoo, budget=14)
+    slow = {"kind": "python", "function": "nap.py:nap", "options": {"seconds": 1.5}}
+    lm_eval = {"kind": "lm_eval", "tasks": ["toy_facts_a", "toy_facts_b"]}
+    # Slow trials: the first study is surely still running when the second driver has started.
+    path = _study_yaml(tmp_path, toy_zoo, budget=14, evaluators=[lm_eval, slow])
     db = tmp_path / "evomerge_studies.db"
     (tmp_path / "other").mkdir()
     other = _study_yaml(tmp_path / "other", toy_zoo, name="other", storage=str(db), budget=8)

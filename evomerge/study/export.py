@@ -31,8 +31,8 @@ from evomerge.failpoints import failpoint
 from evomerge.merge.card import TrialCard, trial_card
 from evomerge.merge.plan import MergePlan
 from evomerge.optimize import Objective, parse_objectives, scalarize
+from evomerge.staging import remove_abandoned, staging_folder
 from evomerge.study.store import StudyStore, TrialView, mask_url
-from evomerge.writer import remove_abandoned, staging_folder
 
 if TYPE_CHECKING:  # torch-heavy; imported where used so `evomerge --help` stays fast
     from evomerge.checkpoint import ModelFolder

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.progress import no_transformers_bars
-from evomerge.study.driver import RunSummary, StudyDriver, StudyProgress
 from evomerge.study.report import check_storage, open_store
 from evomerge.study.store import StudyStore, mask_url
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the driver imports torch: loaded only by the commands that run it
     from evomerge.study.config import StudyConfig
+    from evomerge.study.driver import RunSummary, StudyDriver, StudyProgress
 
 
 def add_commands(commands: Any) -> None:
@@ -63,6 +63,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     check_storage(config.storage or "", what=what)
     preflight(config, str(args.config))  # before the database is opened or a worker starts
     store = open_store(config.storage or "", what=what, create=True)
+    from evomerge.study.driver import StudyDriver
+
     driver = StudyDriver(store, config)
     return _run(driver, store, quiet=args.quiet)
 
@@ -117,8 +119,10 @@ def _naming(where: str, field: str) -> Iterator[None]:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from evomerge.study.config import parse_study_config
+    from evomerge.study.driver import StudyDriver
 
     store = open_store(args.storage)
+    store.check_free(args.study)  # a study another driver runs is refused before any check
     where = f"study '{args.study}' in {mask_url(store.url)}"
     preflight(parse_study_config(store.study_config(args.study), where), where)
     driver = StudyDriver.for_stored(store, args.study)

@@ -134,6 +134,18 @@ def _dead_here(owner: str) -> bool:
     return False
 
 
+def _refuse_if_held(row: StudyRow, owner: str | None, stale_after: float) -> None:
+    held, beat = row.owner, _aware(row.heartbeat_at)
+    age = None if beat is None else (utcnow() - beat).total_seconds()
+    free = held is None or held == owner or _dead_here(held)
+    if not free and age is not None and age <= stale_after:
+        raise StudyBusy(
+            f"study '{row.name}' is being run by another driver ({held}, alive "
+            f"{age:.0f} s ago); wait for it to finish or stop it, or, if it died on "
+            f"another machine, retry after {stale_after:.0f} s without a heartbeat"
+        )
+
+
 def mask_url(url: str) -> str:
     """The URL with any password replaced by ``***`` (for messages and logs)."""
     return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", url)
@@ -349,15 +361,8 @@ class StudyStore:
         ``stale_after`` seconds, or when it belongs to a process of this host that is gone."""
         with self.session() as session:
             row = self._study(session, name)
-            held, beat = row.owner, _aware(row.heartbeat_at)
-            age = None if beat is None else (utcnow() - beat).total_seconds()
-            free = held is None or held == owner or _dead_here(held)
-            if not free and age is not None and age <= stale_after:
-                raise StudyBusy(
-                    f"study '{name}' is being run by another driver ({held}, alive "
-                    f"{age:.0f} s ago); wait for it to finish or stop it, or, if it died on "
-                    f"another machine, retry after {stale_after:.0f} s without a heartbeat"
-                )
+            held = row.owner
+            _refuse_if_held(row, owner, stale_after)
             taken = session.execute(
                 update(StudyRow)
                 .where(StudyRow.id == row.id, _same_owner(held))
@@ -365,6 +370,12 @@ class StudyStore:
             ).rowcount
             if taken != 1:  # another driver took it between the read and the write
                 raise StudyBusy(f"study '{name}' was just taken by another driver")
+
+    @_retried
+    def check_free(self, name: str) -> None:
+        """Raise :class:`StudyBusy` if another driver holds the study (without taking it)."""
+        with self.session() as session:
+            _refuse_if_held(self._study(session, name), None, LEASE_SECONDS)
 
     @_retried
     def heartbeat(self, name: str, owner: str) -> bool:
