@@ -12,12 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import ray
-import torch
 
 from evomerge.study import StudyStore
 from evomerge.study.config import parse_study_config
 from evomerge.study.driver import StudyDriver
+from tests.test_study_driver import ray_session  # noqa: F401 (autouse: Ray for this module)
 
 TRIALS = 400
 WORKERS = 8
@@ -44,17 +43,6 @@ def _rss() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS in /proc/self/status")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():  # type: ignore[no-untyped-def]
-    ray.init(
-        num_cpus=2, include_dashboard=False, object_store_memory=100_000_000, log_to_driver=False
-    )
-    threads = torch.get_num_threads()
-    yield
-    ray.shutdown()
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.timeout(300)
