@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=cmd_demo)
 
+    from evomerge.study import dashboard as study_dashboard
     from evomerge.study import export as study_export
     from evomerge.study import launch as study_launch
     from evomerge.study import report as study_report
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     study_launch.add_commands(commands)
     study_report.add_commands(commands)
     study_export.add_commands(commands)
+    study_dashboard.add_commands(commands)
 
     space = commands.add_parser("space", help="inspect search spaces")
     space_cmds = space.add_subparsers(dest="space_command", required=True, metavar="ACTION")

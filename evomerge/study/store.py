@@ -713,6 +713,7 @@ class StudyStore:
 
 def _study_fields(row: StudyRow) -> dict[str, Any]:
     return {
+        "id": row.id,
         "name": row.name,
         "status": row.status,
         "budget": row.budget,

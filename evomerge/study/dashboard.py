@@ -1,0 +1,135 @@
+"""``evomerge dashboard``: optuna-dashboard on a study database, live and read-only.
+
+The dashboard reads the trials through :class:`~evomerge.study.optuna_view.StudyStorageView`,
+so it shows a running study as it goes (objectives, Pareto front, parameter importances,
+parallel coordinates, per-trial metrics) without writing anything to the database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import logging
+import socket
+import sys
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from evomerge.errors import ConfigError
+from evomerge.study.report import open_store
+from evomerge.study.store import mask_url
+
+if TYPE_CHECKING:
+    from evomerge.study.store import StudyStore
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+
+
+def add_commands(commands: Any) -> None:
+    """Register ``dashboard`` on the CLI's sub-parsers."""
+    dashboard = commands.add_parser(
+        "dashboard",
+        help="open optuna-dashboard on a study database (live, read-only)",
+        description="Serve optuna-dashboard over the studies in a database: objectives, the "
+        "Pareto front, parameter importances and every trial's metrics, refreshed as a "
+        "running study records results. Nothing is written to the database. It listens on "
+        "127.0.0.1 unless --host says otherwise; reach it from elsewhere through an SSH tunnel.",
+    )
+    dashboard.add_argument("--storage", required=True, help="database URL or SQLite file")
+    dashboard.add_argument(
+        "--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})"
+    )
+    dashboard.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"port to listen on (default {DEFAULT_PORT}; 0 picks a free one)",
+    )
+    dashboard.set_defaults(handler=cmd_dashboard)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # one line per request would bury the URL; errors still reach stderr
+
+
+READ_ONLY_REASON = (
+    "read-only: this dashboard shows an evomerge study database; notes, tells and deletions "
+    "are not stored (use the evomerge command to change studies)"
+)
+
+
+def read_only(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
+    """Answer anything but GET and HEAD with 403 and a reason, before the dashboard sees it."""
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("REQUEST_METHOD", "GET") in ("GET", "HEAD"):
+            return app(environ, start_response)
+        body = json.dumps({"reason": READ_ONLY_REASON}).encode()
+        start_response(
+            "403 Forbidden",
+            [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+        )
+        return [body]
+
+    return guarded
+
+
+def make_dashboard_server(store: StudyStore, host: str, port: int) -> WSGIServer:
+    """A WSGI server for the dashboard, bound (so the port is known) but not yet serving."""
+    try:
+        from optuna_dashboard import wsgi
+    except ImportError:
+        raise ConfigError(
+            "optuna-dashboard is not installed: pip install 'optuna-dashboard>=0.17'"
+        ) from None
+    from evomerge.study.optuna_view import StudyStorageView
+
+    logging.getLogger("optuna_dashboard").setLevel(logging.ERROR)
+    app = read_only(wsgi(StudyStorageView(store)))
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port}: a port is a number from 0 to 65535")
+    try:
+        return make_server(host, port, app, handler_class=_QuietHandler)
+    except socket.gaierror:
+        raise ConfigError(f"--host {host}: not an address of this machine") from None
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"--port {port}: something already listens on {host}:{port}; "
+                "give another port (or 0 for a free one)"
+            ) from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise ConfigError(f"--host {host}: not an address of this machine") from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    store = open_store(args.storage)
+    names = [row["name"] for row in store.studies()]
+    server = make_dashboard_server(store, args.host, args.port)
+    host, port = server.server_address[:2]
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    print(
+        f"optuna-dashboard on {mask_url(store.url)} ({len(names)} studies: "
+        f"{', '.join(names) or 'none yet'})",
+        flush=True,
+    )
+    print(f"open http://{shown}:{port}/dashboard  (Ctrl-C stops; read-only)", flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"note: listening on {host}: anyone who can reach port {port} can read these "
+            "studies; prefer 127.0.0.1 and an SSH tunnel",
+            file=sys.stderr,
+            flush=True,
+        )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("dashboard stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+    return 0

@@ -1,0 +1,307 @@
+"""The study database seen as a read-only Optuna storage, for optuna-dashboard and Optuna's API.
+
+evomerge keeps its trials in its own tables (``evomerge_*``): each result is one transaction of
+its own, and promotions re-score a trial at a higher fidelity, which a finished Optuna trial
+cannot show. :class:`StudyStorageView` presents those tables through Optuna's
+:class:`~optuna.storages.BaseStorage` interface instead of copying them, so the dashboard is
+live, nothing is written twice, and ``optuna.load_study(storage=view)`` works for analysis.
+
+How a trial maps: objectives are the study's values (their directions and metric names too);
+the genome's genes are the parameters, in their natural units (a SLERP ``t``, a source
+weight) when the space can be bound to the study's models, else as ``gene_i`` in [0, 1];
+role, label, fidelity, worker, timings, the error and every metric are user attributes.
+QUEUED is WAITING and FAILED is FAIL; a COMPLETE trial that lacks an objective's metric is
+shown as FAIL. Everything that would write raises :class:`ReadOnlyStorageError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Container, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from optuna.distributions import BaseDistribution, FloatDistribution
+from optuna.storages import BaseStorage
+from optuna.study import StudyDirection
+from optuna.study._frozen import FrozenStudy
+from optuna.trial import FrozenTrial, TrialState
+
+from evomerge.optimize import Objective, parse_objectives
+from evomerge.study.store import StudyStore, TrialView
+
+logger = logging.getLogger(__name__)
+
+TRIAL_ID_STRIDE = 1_000_000_000
+"""Optuna trial ids are unique over the storage: ``study id * stride + trial number``."""
+
+STATES = {
+    "QUEUED": TrialState.WAITING,
+    "RUNNING": TrialState.RUNNING,
+    "COMPLETE": TrialState.COMPLETE,
+    "FAILED": TrialState.FAIL,
+}
+METRIC_NAMES_ATTR = "study:metric_names"
+"""The system attribute in which Optuna (and the dashboard) look for objective names."""
+
+
+class ReadOnlyStorageError(RuntimeError):
+    """Raised by every method that would change the study database through Optuna."""
+
+    def __init__(self, action: str) -> None:
+        super().__init__(
+            f"cannot {action}: evomerge's Optuna view of a study database is read-only "
+            "(run, resume and export studies with the evomerge command)"
+        )
+
+
+@dataclass(frozen=True)
+class _Gene:
+    name: str
+    distribution: FloatDistribution
+    low: float
+    high: float
+    log: bool
+
+    def value(self, unit: float) -> float:
+        unit = min(1.0, max(0.0, unit))
+        if self.log:
+            return math.exp(math.log(self.low) + unit * (math.log(self.high) - math.log(self.low)))
+        return self.low + unit * (self.high - self.low)
+
+
+@dataclass(frozen=True)
+class _Study:
+    id: int
+    name: str
+    objectives: list[Objective]
+    genes: list[_Gene] | None
+    """None until the space has been bound (or failed to bind) for this study."""
+    frozen: FrozenStudy
+
+
+class StudyStorageView(BaseStorage):
+    """Optuna's storage interface over an evomerge :class:`StudyStore`, for reading."""
+
+    def __init__(self, store: StudyStore, bind_spaces: bool = True) -> None:
+        self.store = store
+        self.bind_spaces = bind_spaces
+        self._genes: dict[str, list[_Gene]] = {}
+        self._configs: dict[str, dict[str, Any]] = {}
+
+    # -- studies -----------------------------------------------------------------------------
+
+    def _studies(self) -> list[_Study]:
+        studies = []
+        for row in self.store.studies():
+            config = self._config(row["name"])
+            objectives = parse_objectives(config.get("objectives") or [])
+            directions = [
+                StudyDirection.MAXIMIZE if o.direction == "maximize" else StudyDirection.MINIMIZE
+                for o in objectives
+            ]
+            user_attrs = {
+                "status": row["status"],
+                "budget": row["budget"],
+                "elapsed_hours": round(row["elapsed_seconds"] / 3600, 3),
+                "proposer": (config.get("proposer") or {}).get("kind", "cma"),
+                "base": config.get("base"),
+                "sources": config.get("sources"),
+            }
+            system_attrs = {METRIC_NAMES_ATTR: [o.metric for o in objectives]}
+            frozen = FrozenStudy(
+                study_name=row["name"],
+                direction=None,
+                directions=directions,
+                user_attrs=user_attrs,
+                system_attrs=system_attrs,
+                study_id=row["id"],
+            )
+            genes = self._genes.get(row["name"])
+            studies.append(_Study(row["id"], row["name"], objectives, genes, frozen))
+        return studies
+
+    def _config(self, name: str) -> dict[str, Any]:
+        if name not in self._configs:  # a study's config never changes once created
+            self._configs[name] = self.store.study_config(name)
+        return self._configs[name]
+
+    def _study(self, study_id: int) -> _Study:
+        for study in self._studies():
+            if study.id == study_id:
+                return study
+        raise KeyError(f"no study with id {study_id}")
+
+    def get_all_studies(self) -> list[FrozenStudy]:
+        return [s.frozen for s in self._studies()]
+
+    def get_study_id_from_name(self, study_name: str) -> int:
+        for study in self._studies():
+            if study.name == study_name:
+                return study.id
+        raise KeyError(f"no study named {study_name!r}")
+
+    def get_study_name_from_id(self, study_id: int) -> str:
+        return self._study(study_id).name
+
+    def get_study_directions(self, study_id: int) -> list[StudyDirection]:
+        return list(self._study(study_id).frozen.directions)
+
+    def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
+        return dict(self._study(study_id).frozen.user_attrs)
+
+    def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
+        return dict(self._study(study_id).frozen.system_attrs)
+
+    # -- trials --------------------------------------------------------------------------------
+
+    def get_all_trials(
+        self,
+        study_id: int,
+        deepcopy: bool = True,
+        states: Container[TrialState] | None = None,
+    ) -> list[FrozenTrial]:
+        study = self._study(study_id)
+        genes = self._study_genes(study)
+        trials = [self._frozen(study, genes, t) for t in self.store.trials(study.name)]
+        if states is not None:
+            trials = [t for t in trials if t.state in states]
+        return trials
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        study_id, number = divmod(trial_id, TRIAL_ID_STRIDE)
+        for trial in self.get_all_trials(study_id, deepcopy=False):
+            if trial.number == number:
+                return trial
+        raise KeyError(f"no trial with id {trial_id}")
+
+    def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
+        return study_id * TRIAL_ID_STRIDE + trial_number
+
+    def _frozen(self, study: _Study, genes: list[_Gene], trial: TrialView) -> FrozenTrial:
+        values = trial.values(study.objectives)
+        state = STATES.get(trial.state, TrialState.FAIL)
+        finite = values is not None and all(math.isfinite(v) for v in values)
+        if state == TrialState.COMPLETE and not finite:
+            state = TrialState.FAIL
+        params, distributions = _params(genes, trial.genome)
+        user_attrs: dict[str, Any] = {
+            "role": trial.role,
+            "label": trial.label,
+            "fidelity": trial.fidelity,
+            "worker": trial.worker,
+            "attempts": trial.attempts,
+            "merge_seconds": trial.merge_seconds,
+            "eval_seconds": trial.eval_seconds,
+        }
+        if trial.error:
+            user_attrs["error"] = trial.error
+        user_attrs.update({f"metric:{k}": v for k, v in sorted(trial.metrics.items())})
+        return FrozenTrial(
+            number=trial.number,
+            state=state,
+            value=None,
+            values=values if state == TrialState.COMPLETE else None,
+            datetime_start=trial.created_at,
+            datetime_complete=trial.finished_at if state.is_finished() else None,
+            params=params,
+            distributions=distributions,
+            user_attrs={k: v for k, v in user_attrs.items() if v is not None},
+            system_attrs={},
+            intermediate_values={},
+            trial_id=study.id * TRIAL_ID_STRIDE + trial.number,
+        )
+
+    def _study_genes(self, study: _Study) -> list[_Gene]:
+        """The space's genes for this study, bound once; [] if it cannot be bound here."""
+        if study.genes is not None:
+            return study.genes
+        genes: list[_Gene] = []
+        if self.bind_spaces:
+            genes = _bind_genes(study.name, self._config(study.name))
+        self._genes[study.name] = genes
+        return genes
+
+    # -- writes: refused -----------------------------------------------------------------------
+
+    def create_new_study(
+        self, directions: Sequence[StudyDirection], study_name: str | None = None
+    ) -> int:
+        raise ReadOnlyStorageError("create a study")
+
+    def delete_study(self, study_id: int) -> None:
+        raise ReadOnlyStorageError("delete a study")
+
+    def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
+        raise ReadOnlyStorageError("set a study attribute")
+
+    def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
+        raise ReadOnlyStorageError("save a study note or setting")
+
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        raise ReadOnlyStorageError("add a trial")
+
+    def set_trial_param(
+        self,
+        trial_id: int,
+        param_name: str,
+        param_value_internal: float,
+        distribution: BaseDistribution,
+    ) -> None:
+        raise ReadOnlyStorageError("set a trial parameter")
+
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
+        raise ReadOnlyStorageError("tell a trial's result")
+
+    def set_trial_intermediate_value(
+        self, trial_id: int, step: int, intermediate_value: float
+    ) -> None:
+        raise ReadOnlyStorageError("report an intermediate value")
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        raise ReadOnlyStorageError("set a trial attribute")
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        raise ReadOnlyStorageError("save a trial note")
+
+
+def _params(
+    genes: Sequence[_Gene], genome: Sequence[float] | None
+) -> tuple[dict[str, float], dict[str, BaseDistribution]]:
+    if not genome:
+        return {}, {}
+    if len(genes) != len(genome):  # the space could not be bound: unit coordinates
+        unit = FloatDistribution(0.0, 1.0)
+        names = [f"gene_{i}" for i in range(len(genome))]
+        return dict(zip(names, genome)), dict.fromkeys(names, unit)
+    params = {g.name: g.value(float(u)) for g, u in zip(genes, genome)}
+    return params, {g.name: g.distribution for g in genes}
+
+
+def _bind_genes(study: str, config: Mapping[str, Any]) -> list[_Gene]:
+    """Bind the study's space to its base model (config files only; no weights are read)."""
+    try:
+        from evomerge.checkpoint import ModelFolder
+        from evomerge.space import space_from_setting
+
+        labels = [ModelFolder(s).label for s in config["sources"]]
+        space = space_from_setting(config["space"]).bind(ModelFolder(config["base"]), labels)
+    except Exception as exc:  # a missing model folder, a moved space file: fall back, loudly
+        logger.warning(
+            "study '%s': parameters shown as gene_0.. in [0, 1]: its space cannot be bound "
+            "here (%s)",
+            study,
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
+        return []
+    if len({g.name for g in space.genes}) != len(space.genes):
+        return []
+    genes = []
+    for gene in space.genes:
+        low, high = gene.searched.bounds
+        log = gene.searched.scale == "log"
+        genes.append(_Gene(gene.name, FloatDistribution(low, high, log=log), low, high, log))
+    return genes
