@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     study_export.add_commands(commands)
     study_dashboard.add_commands(commands)
 
+    from evomerge import config_reference
+
+    config_reference.add_commands(commands)
+
     space = commands.add_parser("space", help="inspect search spaces")
     space_cmds = space.add_subparsers(dest="space_command", required=True, metavar="ACTION")
     space_show = space_cmds.add_parser(

@@ -48,10 +48,18 @@ class SearchedParameter(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     bounds: tuple[float, float]
+    """Lowest and highest value, in the parameter's own units; a gene's 0 maps to the first,
+    its 1 to the second."""
     scale: Literal["linear", "log"] = "linear"
+    """How a gene in [0, 1] maps onto the bounds: ``linear`` evenly, ``log`` evenly in the
+    logarithm (for ranges spanning orders of magnitude; needs positive bounds)."""
     scope: list[Scope] = Field(default_factory=lambda: ["source", "group", "kind"])
+    """What gets its own gene: ``source`` (each source model; per-source parameters only),
+    ``group`` (each layer group of ``layers``), ``kind`` (each tensor kind in ``kinds``).
+    Left out, one gene is shared across that axis; ``[]`` searches a single value."""
     uniform: float | list[float] | None = None
-    """Value(s) of this parameter in the uniform baselines; default the middle of the bounds."""
+    """Value(s) of this parameter in the uniform baselines; default the middle of the bounds
+    (their geometric mean on a log scale). A list gives one baseline per value."""
 
     @model_validator(mode="after")
     def _check(self) -> SearchedParameter:
@@ -89,9 +97,14 @@ class SearchedParameter(BaseModel):
 
 
 class LayerGroups(BaseModel):
+    """Contiguous layer groups that share genes; give exactly one of the two fields."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     groups: int | None = Field(default=None, ge=1)
+    """Split the layers into this many contiguous groups of (nearly) equal size; at most the
+    model's layer count."""
     group_size: int | None = Field(default=None, ge=1)
+    """Layers per group, from the first layer on; the last group holds the remainder."""
 
     @model_validator(mode="after")
     def _one(self) -> LayerGroups:
@@ -105,14 +118,23 @@ class SearchSpace(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = Field(min_length=1)
+    """The space's name, shown by ``evomerge space show`` and in error messages."""
     description: str = ""
+    """Free text shown beside the name by ``evomerge space show``."""
     method: str
+    """The merge method every decoded recipe uses (see ``evomerge methods``)."""
     layers: Literal["per_layer", "global"] | LayerGroups = "per_layer"
     """``per_layer``, ``global``, ``{groups: N}`` (N contiguous groups) or ``{group_size: N}``."""
     kinds: list[GeneKind] = Field(default_factory=list)
+    """Tensor kinds that get their own genes for parameters scoped by ``kind``; tensors of
+    other kinds share one ``rest`` gene. Empty: no per-kind genes."""
     parameters: dict[str, SearchedParameter] = Field(min_length=1)
+    """The method's numeric parameters to search, by name."""
     fixed: dict[str, Any] = Field(default_factory=dict)
+    """Method parameters set to one value in every recipe, not searched."""
     smoothing: bool = False
+    """False: every layer takes its group's gene (steps between groups). True: the group genes
+    are evenly spaced anchors of a gradient, interpolated linearly across the layers."""
     seed: int = 0
     """Seed of random masks (DARE, DELLA) in every recipe of the space."""
 

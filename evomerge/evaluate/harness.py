@@ -45,16 +45,28 @@ class LmEvalConfig(EvaluatorConfig):
 
     kind: Literal["lm_eval"] = "lm_eval"
     tasks: list[str] = Field(min_length=1)
+    """lm-eval task, group or tag names to run; each task's metrics are reported as
+    ``task/metric``."""
     num_fewshot: int | None = Field(default=None, ge=0)
+    """Few-shot examples in every prompt, for all tasks; None keeps each task's own setting."""
     batch_size: int = Field(default=64, ge=1)
+    """Requests per forward pass of lm-eval's Hugging Face model wrapper."""
     max_length: int | None = Field(default=None, ge=2)
+    """Longest input in tokens; longer requests lose tokens from the left. None takes the
+    model's context length from its config (or tokenizer), else lm-eval's 2048."""
     include_paths: list[Path] = Field(default_factory=list)
     """Extra folders of task YAMLs, searched after the bundled ``evaluators/`` suites."""
     bundled_suites: bool = True
+    """Search the project's ``evaluators/`` folder (or ``$EVOMERGE_EVALUATORS``) for task
+    YAMLs; false searches only ``include_paths`` (and lm-eval's built-in tasks)."""
     include_defaults: bool | Literal["auto"] = "auto"
     """lm-eval's built-in tasks: "auto" indexes them only when a task is not found locally."""
     subset_seed: int = 0
+    """Seed of each task's document shuffle from which ``limit`` takes its subset: every
+    candidate is scored on the same documents, and another seed draws other ones."""
     fewshot_seed: int = 1234
+    """Seed of lm-eval's few-shot example draw, reset before each subset's prompts are built so
+    every candidate sees the same prompts; 1234 is lm-eval's own default."""
     bootstrap_iters: int = Field(default=100, ge=0)
     """Draws for stderr of metrics without a closed form (0: no stderr at all)."""
 

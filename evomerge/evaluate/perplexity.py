@@ -36,6 +36,8 @@ class PerplexityConfig(EvaluatorConfig):
 
     kind: Literal["perplexity"] = "perplexity"
     file: Path
+    """The UTF-8 text file to score, tokenized once without special tokens; a relative path is
+    resolved against the config file's folder."""
     stride: int | None = Field(default=None, ge=1)
     """Tokens between window starts; None is half of ``max_length`` (half of each window is
     context for the other half)."""

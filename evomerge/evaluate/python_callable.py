@@ -44,7 +44,12 @@ class PythonConfig(EvaluatorConfig):
 
     kind: Literal["python"] = "python"
     function: str = Field(min_length=1)
+    """``package.module:function`` or ``path/to/file.py:function``, called as
+    ``fn(model, tokenizer, **options)`` (plus ``limit`` when it takes one); it returns
+    ``{name: number}`` or one number (``{prefix}/score``)."""
     options: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments passed to the function on every call (not ``limit``: set the
+    evaluator's ``limit`` instead)."""
     name: str | None = Field(default=None, min_length=1)
     """Metric prefix; defaults to the function's name."""
 

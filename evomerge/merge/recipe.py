@@ -37,8 +37,13 @@ class Condition(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     value: Value
+    """The value for matching tensors: a scalar, or a list of anchors interpolated across the
+    layers."""
     kind: Literal["embedding", "head", "norm", "attention", "mlp", "other"] | None = None
+    """Match only tensors of this kind; None matches every kind."""
     filter: str | None = None
+    """Match only tensors whose name contains this text (a plain substring, not a pattern);
+    None or ``*`` matches every name."""
 
 
 ParamSetting = Value | Condition | list[Condition]
@@ -51,6 +56,8 @@ class SourceModel(BaseModel):
     model: str = Field(description="path of the model folder (Hugging Face layout)")
     label: str | None = Field(None, description="name used in messages; default: folder name")
     parameters: dict[str, ParamSetting] = Field(default_factory=dict)
+    """This source's per-source method parameters (such as ``weight``); they override the
+    recipe's ``parameters`` of the same name."""
     fisher: str | None = Field(
         None, description="folder or .safetensors file of Fisher diagonals (method 'fisher')"
     )
@@ -63,6 +70,7 @@ class Recipe(BaseModel):
     method: str = Field(description="merge method name (see `evomerge methods`)")
     base: str | None = Field(None, description="base model folder; required by most methods")
     sources: list[SourceModel] = Field(min_length=1)
+    """The fine-tunes to merge, in order."""
     parameters: dict[str, ParamSetting] = Field(
         default_factory=dict, description="method parameters, and per-source defaults"
     )

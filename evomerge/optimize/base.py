@@ -36,6 +36,8 @@ class ProposerConfig(BaseModel):
 
     kind: str
     seed: int = Field(default=0, ge=0)
+    """Seed of the proposer's random numbers: the same seed and the same sequence of asks and
+    tells give the same genomes."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -54,16 +54,28 @@ class CMAConfig(ProposerConfig):
 
     kind: Literal["cma"] = "cma"
     sigma0: float = Field(default=0.25, gt=0, allow_inf_nan=False)
+    """Initial step size of each run, in unit-cube coordinates: 0.25 is a quarter of every
+    gene's range (of its log range on a log scale). BIPOP's small runs scale it down."""
     x0: list[float] | float | None = None
     """Start (and restart) point: None is 0.5 for every gene; a list has one value per gene."""
     popsize: int | None = Field(default=None, ge=2)
-    """None is pycma's default, ``4 + int(3 ln d)``."""
+    """Genomes per generation of the first run (restarts grow it). None is pycma's default,
+    ``4 + int(3 ln d)`` for ``d`` genes."""
     restarts: int = Field(default=0, ge=0)
+    """New runs started from ``x0`` after a run stops; 0 runs once. When the last run stops the
+    proposer is finished and proposes nothing more."""
     restart_strategy: Literal["ipop", "bipop"] = "ipop"
+    """How restarts are sized: ``ipop`` grows the population by ``incpopsize`` every restart;
+    ``bipop`` alternates such growing runs with small runs of a random, smaller population and
+    step size."""
     incpopsize: float = Field(default=2.0, ge=1, allow_inf_nan=False)
+    """Factor by which the population grows from one (large) run to the next: IPOP run ``k``
+    has ``popsize * incpopsize**k`` genomes per generation; 1 keeps it constant."""
     tie_restart: bool = True
     """Stop a run when all fitnesses of a generation are equal."""
     max_generations_per_run: int | None = Field(default=None, ge=1)
+    """Generations after which a run stops (and the next restart, if any, begins); None leaves
+    stopping to pycma's own criteria and ``tie_restart``."""
 
     @field_validator("x0")
     @classmethod

@@ -22,7 +22,10 @@ class Objective(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     metric: str = Field(min_length=1)
+    """A metric name as the evaluators report it, such as ``arc_easy/acc`` (lm_eval's
+    ``task/metric``) or ``perplexity/perplexity``."""
     direction: Literal["maximize", "minimize"] = "maximize"
+    """Whether larger (``maximize``) or smaller (``minimize``) values of the metric are better."""
     weight: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     """Non-negative (``direction`` says which way is better); 0 ignores the objective."""
 

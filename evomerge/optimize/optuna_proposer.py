@@ -112,9 +112,15 @@ class OptunaProposer(Proposer):
 
 
 class TPEConfig(ProposerConfig):
+    """Optuna's TPE sampler; handles several objectives itself."""
+
     kind: Literal["tpe"] = "tpe"
     n_startup_trials: int = Field(default=10, ge=0)
+    """Genomes are drawn uniformly at random until this many results have come back (failed
+    proposals do not count); TPE models the results from then on."""
     multivariate: bool = True
+    """Model the genes jointly (multivariate TPE), so correlated genes are sampled together;
+    false models each gene on its own."""
 
 
 @register_proposer("tpe", TPEConfig)
@@ -132,8 +138,12 @@ class TPEProposer(OptunaProposer):
 
 
 class NSGA2Config(ProposerConfig):
+    """Optuna's NSGA-II genetic algorithm, for a Pareto front of several objectives."""
+
     kind: Literal["nsga2"] = "nsga2"
     population_size: int = Field(default=20, ge=2)
+    """Genomes per generation: the first generation is uniformly random, later ones are bred
+    (crossover and mutation) from parents chosen by non-dominated sorting."""
 
 
 @register_proposer("nsga2", NSGA2Config)
@@ -149,9 +159,12 @@ class NSGA2Proposer(OptunaProposer):
 
 
 class OptunaCMAESConfig(ProposerConfig):
+    """Optuna's CMA-ES sampler, on the scalarized objectives."""
+
     kind: Literal["optuna-cmaes"] = "optuna-cmaes"
     sigma0: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-    """None is Optuna's default (a sixth of the range)."""
+    """Initial step size in unit-cube coordinates. None is Optuna's default (a sixth of the
+    range)."""
 
 
 @register_proposer("optuna-cmaes", OptunaCMAESConfig)
@@ -172,8 +185,12 @@ class OptunaCMAESProposer(OptunaProposer):
 
 
 class GPConfig(ProposerConfig):
+    """Optuna's Gaussian-process Bayesian optimization (needs torch)."""
+
     kind: Literal["gp"] = "gp"
     n_startup_trials: int = Field(default=10, ge=0)
+    """Genomes are drawn uniformly at random until this many results have come back (failed
+    proposals do not count); the Gaussian process guides the search from then on."""
 
 
 @register_proposer("gp", GPConfig)
@@ -191,6 +208,8 @@ class GPProposer(OptunaProposer):
 
 
 class RandomConfig(ProposerConfig):
+    """Independent uniformly random genomes (a baseline for the other proposers)."""
+
     kind: Literal["random"] = "random"
 
 
@@ -205,8 +224,11 @@ class RandomProposer(OptunaProposer):
 
 
 class QMCConfig(ProposerConfig):
+    """A scrambled quasi-random sequence that covers the unit cube evenly; learns nothing."""
+
     kind: Literal["qmc"] = "qmc"
     qmc_type: Literal["sobol", "halton"] = "sobol"
+    """The low-discrepancy sequence genomes are taken from (scrambled with ``seed``)."""
 
 
 @register_proposer("qmc", QMCConfig)

@@ -35,7 +35,9 @@ class BudgetConfig(_Strict):
     """When the study ends: after ``trials`` finished trials and/or ``hours`` of wall time."""
 
     trials: int | None = Field(default=None, ge=1)
+    """Finished trials (complete or failed, baselines included) after which the study ends."""
     hours: float | None = Field(default=None, gt=0)
+    """Driver wall time, summed over every run of the study, after which it ends."""
 
     @model_validator(mode="after")
     def _some(self) -> BudgetConfig:
@@ -49,8 +51,12 @@ class FidelityConfig(_Strict):
     ``promote`` fraction of every ``batch`` finished trials re-scored on all documents."""
 
     limit: int | float = Field(gt=0)
+    """Documents per task for the cheap score: a count, or a fraction between 0 and 1."""
     promote: float = Field(default=0.0, ge=0, le=1)
+    """Fraction of each batch re-scored on all documents; 0 promotes none."""
     batch: int = Field(default=10, ge=1)
+    """Completed proposals per promotion round; the last, partial batch is promoted at the
+    end of the study."""
 
     @field_validator("limit")
     @classmethod
@@ -68,9 +74,14 @@ class ClusterConfig(_Strict):
     """Ray: a local instance unless ``address`` names a cluster; one actor per worker."""
 
     address: str | None = None
+    """A Ray cluster to join (``auto``, ``HOST:6379``); none starts a private local instance.
+    ``RAY_ADDRESS`` (set by Ray Jobs) is used when this is empty."""
     workers: int = Field(default=2, ge=1)
+    """Ray actors, each holding the base and sources in memory (one per GPU on a cluster)."""
     cpus_per_worker: float = Field(default=1, gt=0)
+    """CPUs Ray reserves for each worker."""
     gpus_per_worker: float = Field(default=0, ge=0)
+    """GPUs Ray reserves for each worker; must be > 0 with a ``cuda`` device."""
     trial_timeout: float | None = Field(default=None, gt=0)
     """Seconds a trial may run before its worker is killed and the trial fails."""
     max_attempts: int = Field(default=2, ge=1)
@@ -78,9 +89,14 @@ class ClusterConfig(_Strict):
 
 
 class ExportConfig(_Strict):
+    """Defaults for ``evomerge export`` of this study's trials (its flags override them)."""
+
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    """Dtype of the exported weights; none keeps the base model's."""
     shard_size: str = "5GB"
+    """Largest safetensors shard, such as ``2GB`` or ``500MB``."""
     verify: bool = False
+    """Re-score the exported folder and refuse it unless it matches the recorded metrics."""
 
     @field_validator("shard_size")
     @classmethod
@@ -97,21 +113,37 @@ class ExportConfig(_Strict):
 
 
 class StudyConfig(_Strict):
+    """One study: what to merge, how to search, how to score, and when to stop."""
+
     name: str = Field(min_length=1, max_length=200)
+    """The study's name in its database (``resume``, ``status`` and ``export`` take it)."""
     storage: str | None = None
     """A SQLAlchemy URL or a file path (SQLite); default ``evomerge_studies.db`` beside the YAML."""
     base: str
+    """Folder of the base model (Hugging Face layout, safetensors) the sources were tuned from."""
     sources: list[str] = Field(min_length=1)
+    """Folders of the fine-tunes to merge; each one's folder name is its label."""
     space: str | dict[str, Any]
+    """The search space: a ready space's name (``search_spaces/``), a YAML file, or a mapping
+    (see Search spaces below)."""
     proposer: dict[str, Any] = Field(default_factory=lambda: {"kind": "cma"})
+    """The optimizer that proposes genomes (see Proposers below)."""
     objectives: list[Objective] = Field(min_length=1)
+    """Metrics to optimize; two or more make a Pareto front."""
     evaluators: list[dict[str, Any]] = Field(min_length=1)
+    """What scores each candidate (see Evaluators below); their metrics are merged."""
     budget: int | BudgetConfig
+    """A number of finished trials, or a ``BudgetConfig`` mapping with trials and/or hours."""
     fidelity: FidelityConfig | None = None
+    """Score candidates on a subset first and promote the best; none scores all documents."""
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    """Where the workers run and how many."""
     export: ExportConfig = Field(default_factory=ExportConfig)
+    """Defaults for exporting this study's trials."""
     baselines: bool = True
+    """Score each source alone and the space's uniform merges first, as reference points."""
     device: str = "cpu"
+    """Where workers merge and evaluate: ``cpu``, ``cuda`` or ``cuda:N``."""
     snapshot_every: int = Field(default=50, ge=1)
     """Write the proposer's whole state every this many results (and every 30 s); results told
     since are replayed from the trials on resume."""
