@@ -93,11 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     from evomerge.study import dashboard as study_dashboard
     from evomerge.study import export as study_export
     from evomerge.study import launch as study_launch
+    from evomerge.study import plots as study_plots
     from evomerge.study import report as study_report
 
     study_launch.add_commands(commands)
     study_report.add_commands(commands)
     study_export.add_commands(commands)
+    study_plots.add_commands(commands)
     study_dashboard.add_commands(commands)
 
     from evomerge import config_reference

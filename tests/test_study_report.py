@@ -14,7 +14,8 @@ from PIL import Image
 
 from evomerge.cli import main
 from evomerge.study import StudyStore
-from evomerge.study.report import error_type, staircase, study_status
+from evomerge.study.plots import staircase
+from evomerge.study.report import error_type, study_status
 from evomerge.study.schema import StudyRow, TrialRow
 from tests.test_study_store import url  # noqa: F401  (the SQLite / PostgreSQL fixture)
 

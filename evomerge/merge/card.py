@@ -60,6 +60,8 @@ class TrialCard:
     """None when ``mergekit_config.yml`` was written; else why no mergekit config can merge it."""
     export_command: str
     verified: bool = False
+    images: tuple[tuple[str, str], ...] = ()
+    """``(path relative to the card, one-line caption)`` per plot beside the weights."""
 
 
 def trial_card(plan: MergePlan, trial: TrialCard) -> str:
@@ -91,6 +93,7 @@ def trial_card(plan: MergePlan, trial: TrialCard) -> str:
         "",
         *_score_lines(trial),
         "",
+        *_image_lines(trial),
         "## Recipe",
         "",
         "```yaml",
@@ -137,6 +140,16 @@ def _score_lines(trial: TrialCard) -> list[str]:
             "Verified: this folder was loaded and scored again when it was exported; every "
             "metric above matched the database.",
         ]
+    return lines
+
+
+def _image_lines(trial: TrialCard) -> list[str]:
+    if not trial.images:
+        return []
+    lines = ["## Plots", ""]
+    for path, caption in trial.images:
+        name = path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        lines += [f"{caption}", "", f"![{name}]({path})", ""]
     return lines
 
 

@@ -2,9 +2,11 @@
 
 The trial's stored recipe is merged by the streaming engine into a hidden staging folder next
 to the output folder. The recipe (``evomerge_recipe.yaml``), a mergekit config when one merges
-the same way (``mergekit_config.yml``) and a model card (``README.md``) are written beside the
-weights. With ``verify`` the staged folder is loaded and scored again at the fidelity the
-database recorded, and must match it. Only then is the folder renamed into place: after an
+the same way (``mergekit_config.yml``), the study's plots (``images/pareto.png``,
+``history.png``, ``recipe.png``) and a model card (``README.md``) that shows them are written
+beside the weights; a plot that cannot be drawn is reported and left out, it fails nothing.
+With ``verify`` the staged folder is loaded and scored again at the fidelity the database
+recorded, and must match it. Only then is the folder renamed into place: after an
 error or Ctrl-C nothing is left at the output folder or beside it.
 """
 
@@ -45,6 +47,7 @@ TOLERANCE = 1e-6
 """Largest absolute difference between a re-scored metric and the recorded one."""
 RECIPE_FILE = "evomerge_recipe.yaml"
 MERGEKIT_FILE = "mergekit_config.yml"
+IMAGES_FOLDER = "images"
 
 _SELECTOR = re.compile(r"(best)|(\d+)|pareto:(\d+)")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -69,6 +72,10 @@ class ExportResult:
     mergekit_written: bool
     mergekit_reason: str | None
     """Why no mergekit config was written (None when it was)."""
+    images: tuple[str, ...] = ()
+    """The plots written beside the weights (``images/pareto.png`` ...), shown in the card."""
+    images_skipped: tuple[str, ...] = ()
+    """``"recipe.png: why"`` for each plot that could not be drawn (the export went on)."""
 
 
 # -- choosing the trial ----------------------------------------------------------------------
@@ -196,10 +203,11 @@ def export_trial(
     try:
         try:
             _write(parts, staging, device=device, shard_size=shard_size, progress=progress)
+            card, skipped = _draw_images(store, study, trial, parts, staging)
             if verify:
                 _verify(staging, config, trial, device, _dtype_note(trial, parts.recipe), target)
-                verified_card = trial_card(parts.plan, replace(parts.card, verified=True))
-                (staging / "README.md").write_text(verified_card)
+                card = replace(card, verified=True)
+            (staging / "README.md").write_text(trial_card(parts.plan, card))
         except OSError as exc:  # a full disk, a quota, a folder made read-only
             raise EvomergeError(
                 f"cannot write the export of trial {trial.number} in {target.parent}: "
@@ -221,6 +229,8 @@ def export_trial(
         verified=verify,
         mergekit_written=parts.mergekit is not None,
         mergekit_reason=parts.card.mergekit_reason,
+        images=tuple(path for path, _ in card.images),
+        images_skipped=tuple(skipped),
     )
 
 
@@ -280,6 +290,19 @@ def _write(
     (staging / RECIPE_FILE).write_text(parts.recipe_yaml)
     if parts.mergekit is not None:
         (staging / MERGEKIT_FILE).write_text(yaml.safe_dump(parts.mergekit, sort_keys=False))
+
+
+def _draw_images(
+    store: StudyStore, study: str, trial: TrialView, parts: _Parts, staging: Path
+) -> tuple[TrialCard, list[str]]:
+    """The study's plots in ``staging/images`` (see :func:`~evomerge.study.plots.study_images`),
+    and the card that shows them."""
+    from evomerge.study.plots import study_images
+
+    drawn, skipped = study_images(
+        store, study, trial, parts.plan, parts.recipe, staging / IMAGES_FOLDER
+    )
+    return replace(parts.card, images=tuple(drawn)), skipped
 
 
 def export_settings(config: Mapping[str, Any], study: str) -> ExportConfig:
@@ -559,5 +582,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"{MERGEKIT_FILE}: written")
     else:
         print(f"{MERGEKIT_FILE}: not written ({result.mergekit_reason})")
+    if result.images:
+        print(f"plots: {', '.join(result.images)}")
+    for skipped in result.images_skipped:
+        print(f"plot not drawn: {skipped}")
     print(f"verified: {'yes' if result.verified else 'no'}")
     return 0

@@ -1,7 +1,7 @@
 """Reading a study back: ``evomerge studies``, ``status`` and ``pareto`` (table, JSON, plot).
 
 :func:`study_status` computes everything ``evomerge status`` shows as one JSON-ready mapping,
-so a live progress display can reuse it. :func:`plot_pareto` draws the front to a PNG.
+so a live progress display can reuse it. The plots are drawn by :mod:`evomerge.study.plots`.
 """
 
 from __future__ import annotations
@@ -9,20 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from evomerge.errors import ConfigError
 from evomerge.optimize import Objective, pareto_front, parse_objectives, scalarize
 from evomerge.study.store import StorageError, StudyStore, TrialView, mask_url, storage_url
-
-if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
 
 STATES = ("QUEUED", "RUNNING", "COMPLETE", "FAILED")
 LATEST_FAILURES = 5
@@ -465,7 +460,9 @@ def _clip(text: str, width: int) -> str:
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
-    plot = check_plot_path(args.plot) if args.plot is not None else None
+    from evomerge.study.plots import check_png_path, plot_pareto
+
+    plot = check_png_path(args.plot, "--plot") if args.plot is not None else None
     store = _open_store(args.storage)
     objectives = _objectives(store.study_config(args.study), args.study)
     front = store.pareto(args.study, objectives)
@@ -513,234 +510,3 @@ def _pareto_table(front: Sequence[TrialView], objectives: Sequence[Objective]) -
             f"{rank:>3}  {trial.number:>5}  {cells}  {trial.fidelity or '-':<8}  {trial.label}"
         )
     return "\n".join(lines)
-
-
-def check_plot_path(path: Path) -> Path:
-    """The plot file, refused unless it ends in .png and its folder exists."""
-    path = path.expanduser()
-    if path.suffix.lower() != ".png":
-        raise ConfigError(f"--plot {path}: the plot is a PNG; give a file name ending in .png")
-    if not path.parent.is_dir():
-        raise ConfigError(f"--plot {path}: folder {path.parent} does not exist")
-    if path.is_dir():
-        raise ConfigError(f"--plot {path} is a folder; give a file name ending in .png")
-    return path
-
-
-# -- plots -----------------------------------------------------------------------------------------
-
-ROLE_STYLE = {
-    "source": {"marker": "s", "color": "tab:blue", "name": "source model"},
-    "uniform": {"marker": "D", "color": "tab:green", "name": "uniform merge"},
-}
-FRONT_COLOR = "tab:red"
-LABELLED_FRONT = 15
-"""Front points are numbered (their ``pareto:K``) when the front has at most this many."""
-
-
-def plot_pareto(
-    path: Path,
-    study: str,
-    trials: Sequence[TrialView],
-    front: Sequence[TrialView],
-    objectives: Sequence[Objective],
-) -> None:
-    """Draw the complete trials and the front (ranked as in the table) to a PNG at ``path``."""
-    if not front:
-        raise ConfigError(f"study '{study}' has no complete trial with all objectives; no plot")
-    complete = _scored([t for t in trials if t.state == "COMPLETE"], objectives)
-    if len(objectives) == 1:
-        figure = _plot_history(complete, front, objectives[0])
-    elif len(objectives) == 2:
-        figure = _new_figure(7.5, 6.0)
-        _draw_pair(figure.add_subplot(), complete, front, objectives, (0, 1), labels=True)
-        figure.axes[0].legend(loc="best", fontsize="small")
-    else:
-        figure = _plot_grid(complete, front, objectives)
-    failed = sum(t.state == "FAILED" for t in trials)
-    figure.suptitle(
-        f"{study}: {len(trials)} trials, {len(complete)} complete, {failed} failed, "
-        f"{len(front)} on the Pareto front"
-    )
-    _save_png(figure, path)
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)  # Agg: no display needed, and pyplot's global state is untouched
-    return figure
-
-
-def _axis_name(objective: Objective) -> str:
-    return f"{objective.metric} ({objective.direction})"
-
-
-def _plot_history(
-    complete: Sequence[TrialView], front: Sequence[TrialView], objective: Objective
-) -> Figure:
-    """One objective: each trial's value and the best so far against the trial number."""
-    figure = _new_figure(8.0, 5.0)
-    axes = figure.add_subplot()
-    ordered = sorted(complete, key=lambda t: t.number)
-    numbers = [t.number for t in ordered]
-    values = [t.metrics[objective.metric] for t in ordered]
-    best: list[float] = []
-    for value in values:
-        better = not best or objective.sign * value > objective.sign * best[-1]
-        best.append(value if better else best[-1])
-    proposals = [(n, v) for t, n, v in zip(ordered, numbers, values) if t.role not in ROLE_STYLE]
-    if proposals:
-        axes.scatter(*zip(*proposals), s=18, color="0.65", label="trial", zorder=2)
-    _draw_roles(axes, ordered, lambda t: (t.number, t.metrics[objective.metric]))
-    axes.step(numbers, best, where="post", color=FRONT_COLOR, label="best so far", zorder=3)
-    top = front[0]
-    axes.scatter(
-        [top.number],
-        [top.metrics[objective.metric]],
-        s=80,
-        color=FRONT_COLOR,
-        zorder=4,
-        edgecolors="black",
-        label=f"best: trial {top.number}",
-    )
-    axes.set_xlabel("trial number")
-    axes.set_ylabel(_axis_name(objective))
-    axes.grid(alpha=0.3)
-    axes.legend(loc="best", fontsize="small")
-    return figure
-
-
-def _plot_grid(
-    complete: Sequence[TrialView], front: Sequence[TrialView], objectives: Sequence[Objective]
-) -> Figure:
-    """Three or more objectives: the lower triangle of pairwise scatter plots."""
-    size = len(objectives) - 1
-    figure = _new_figure(max(8.0, 3.6 * size), max(7.0, 3.3 * size))
-    grid = figure.subplots(size, size, squeeze=False)
-    for row in range(size):
-        for col in range(size):
-            axes = grid[row][col]
-            if col > row:
-                axes.set_axis_off()
-                continue
-            _draw_pair(axes, complete, front, objectives, (col, row + 1), labels=False)
-    handles, names = grid[-1][0].get_legend_handles_labels()
-    grid[0][-1].legend(handles, names, loc="upper right", fontsize="small")
-    return figure
-
-
-def _draw_pair(
-    axes: Axes,
-    complete: Sequence[TrialView],
-    front: Sequence[TrialView],
-    objectives: Sequence[Objective],
-    pair: tuple[int, int],
-    labels: bool,
-) -> None:
-    """Objective ``pair[0]`` (x) against ``pair[1]`` (y): trials light, front highlighted."""
-    x_obj, y_obj = objectives[pair[0]], objectives[pair[1]]
-
-    def point(trial: TrialView) -> tuple[float, float]:
-        return trial.metrics[x_obj.metric], trial.metrics[y_obj.metric]
-
-    proposals = [point(t) for t in complete if t.role not in ROLE_STYLE]
-    if proposals:
-        axes.scatter(*zip(*proposals), s=14, color="0.7", label="trial", zorder=2)
-    if len(objectives) == 2:
-        stairs = staircase([point(t) for t in front], (x_obj.sign, y_obj.sign))
-        axes.plot(*zip(*stairs), color=FRONT_COLOR, linewidth=1.2, zorder=3)
-    axes.scatter(
-        *zip(*(point(t) for t in front)),
-        s=46,
-        color=FRONT_COLOR,
-        edgecolors="black",
-        linewidths=0.6,
-        label="Pareto front",
-        zorder=4,
-    )
-    _draw_roles(axes, complete, point)
-    on_front = [point(t) for t in front if t.role in ROLE_STYLE]
-    if on_front:  # a ring, so a source or uniform merge on the front shows as such
-        axes.scatter(
-            *zip(*on_front),
-            s=150,
-            facecolors="none",
-            edgecolors=FRONT_COLOR,
-            linewidths=1.5,
-            zorder=6,
-        )
-    if labels and len(front) <= LABELLED_FRONT:
-        for rank, trial in enumerate(front, start=1):
-            axes.annotate(
-                f"#{rank}",
-                point(trial),
-                xytext=(5, -10),
-                textcoords="offset points",
-                fontsize=8,
-                color=FRONT_COLOR,
-            )
-    axes.set_xlabel(_axis_name(x_obj))
-    axes.set_ylabel(_axis_name(y_obj))
-    axes.grid(alpha=0.3)
-
-
-def _draw_roles(
-    axes: Axes, trials: Sequence[TrialView], point: Callable[[TrialView], tuple[float, float]]
-) -> None:
-    """Source models and uniform merges: their own markers, each with its label beside it."""
-    for role, style in ROLE_STYLE.items():
-        chosen = [t for t in trials if t.role == role]
-        if not chosen:
-            continue
-        axes.scatter(
-            *zip(*(point(t) for t in chosen)),
-            s=60,
-            marker=style["marker"],
-            color=style["color"],
-            edgecolors="black",
-            linewidths=0.6,
-            label=style["name"],
-            zorder=5,
-        )
-        for trial in chosen:
-            axes.annotate(
-                trial.label,
-                point(trial),
-                xytext=(6, 4),
-                textcoords="offset points",
-                fontsize=8,
-                color=style["color"],
-            )
-
-
-def staircase(
-    points: Sequence[tuple[float, float]], signs: tuple[float, float]
-) -> list[tuple[float, float]]:
-    """The boundary of the region a 2-D front dominates, through its points.
-
-    ``signs`` are the objectives' directions (+1 maximize, -1 minimize). Sorted so that x
-    improves, consecutive points ``p, q`` are joined through the corner ``(p.x, q.y)``.
-    """
-    ordered = sorted(points, key=lambda p: (signs[0] * p[0], -signs[1] * p[1]))
-    path: list[tuple[float, float]] = []
-    for index, (x, y) in enumerate(ordered):
-        if index:
-            path.append((ordered[index - 1][0], y))
-        path.append((x, y))
-    return path
-
-
-def _save_png(figure: Figure, path: Path) -> None:
-    """Write the PNG beside ``path`` first, then move it into place: never a partial file."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with temporary.open("xb") as handle:
-            figure.savefig(handle, format="png")
-        os.replace(temporary, path)
-    except OSError as exc:
-        raise ConfigError(f"--plot {path}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        temporary.unlink(missing_ok=True)
