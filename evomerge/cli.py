@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=cmd_demo)
 
+    from evomerge.study import check as study_check
     from evomerge.study import dashboard as study_dashboard
     from evomerge.study import export as study_export
     from evomerge.study import launch as study_launch
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     study_launch.add_commands(commands)
     study_report.add_commands(commands)
     study_export.add_commands(commands)
+    study_check.add_commands(commands)
     study_plots.add_commands(commands)
     study_dashboard.add_commands(commands)
 

@@ -73,6 +73,7 @@ def _ensure_ray(config: StudyConfig) -> bool:
     address = cluster.address or os.environ.get("RAY_ADDRESS")  # set inside a Ray Job
     if address:
         _check_reachable(address, "cluster.address" if cluster.address else "RAY_ADDRESS")
+        os.environ["RAY_ADDRESS"] = address  # ray.init prefers the variable to its argument
         try:
             ray.init(address=address, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
