@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +19,10 @@ from evomerge.errors import ConfigError, EvomergeError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # A command started in the background of a script inherits SIGINT ignored; every
+        # command here stops cleanly on it (search and resume: the trials in flight requeued).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler

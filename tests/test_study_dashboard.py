@@ -31,6 +31,7 @@ from evomerge.space import space_from_setting
 from evomerge.study import StudyStore
 from evomerge.study.optuna_view import ReadOnlyStorageError, StudyStorageView
 from tests.test_study_export import study_config
+from tests.test_study_launch import ignore_sigint
 from tests.test_study_report import _study
 from tests.test_study_store import url  # noqa: F401  (the SQLite / PostgreSQL fixture)
 
@@ -168,6 +169,7 @@ def served(tmp_path):  # type: ignore[no-untyped-def]
         text=True,
         env=env,
         cwd=ROOT,
+        preexec_fn=ignore_sigint,  # started as a script's background job: SIGINT still stops it
     )
     try:
         lines = [process.stdout.readline() for _ in range(2)]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from evomerge.cli import main
 from evomerge.study import StudyStore
@@ -49,6 +50,11 @@ def _study_yaml(folder: Path, zoo: dict, **changes: object) -> Path:
     return path
 
 
+def ignore_sigint() -> None:
+    """In the child: SIGINT ignored, as a shell script's background commands inherit it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _cli(*args: str, **extra_env: str) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **extra_env)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -58,6 +64,7 @@ def _cli(*args: str, **extra_env: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=ignore_sigint,  # SIGINT must stop it all the same (it did not, once)
     )
 
 
@@ -164,6 +171,14 @@ def test_the_demo_runs_a_study_and_exports_a_verified_best_merge(toy_zoo, tmp_pa
     best = next(line for line in out.splitlines() if "(trial" in line and "best" in line)
     uniform = [line for line in out.splitlines() if line.strip().startswith("uniform")]
     assert float(best.split()[-1]) > max(float(line.split()[-1]) for line in uniform)
+    # The export's card shows the study's plots, drawn from this real study's database.
+    card = (tmp_path / "merged" / "README.md").read_text(encoding="utf-8")
+    for name in ("pareto", "history", "recipe"):
+        image = tmp_path / "merged" / "images" / f"{name}.png"
+        assert f"images/{name}.png" in card
+        with Image.open(image) as picture:
+            assert picture.format == "PNG" and min(picture.size) >= 400
+        assert image.stat().st_size > 15_000
 
 
 def test_a_cluster_that_does_not_answer_is_one_line(toy_zoo, tmp_path, capsys):
