@@ -86,42 +86,6 @@ def _wait_for(store_path: Path, finished: int, process: subprocess.Popen) -> Non
     raise AssertionError(f"no {finished} finished trials within 180 s")
 
 
-@pytest.mark.timeout(420)
-def test_ctrl_c_then_sigkill_then_resume_ends_with_exactly_the_budget(toy_zoo, tmp_path):
-    path = _study_yaml(tmp_path, toy_zoo)
-    db = tmp_path / "evomerge_studies.db"  # the default storage, beside the YAML
-
-    search = _cli("search", str(path))
-    _wait_for(db, 6, search)
-    search.send_signal(signal.SIGINT)
-    out, err = search.communicate(timeout=60)
-    assert search.returncode == 130, err
-    assert "evomerge resume --storage" in err and "--study toy" in err
-    store = StudyStore(db)
-    assert store.studies()[0]["status"] == "stopped"
-    states = [t.state for t in store.trials("toy")]
-    assert "RUNNING" not in states and "QUEUED" in states  # in flight when stopped
-
-    resume = _cli("resume", "--storage", str(db), "--study", "toy")
-    _wait_for(db, len(states) + 4, resume)
-    resume.send_signal(signal.SIGKILL)  # no chance to clean up
-    resume.wait(timeout=30)
-    assert "RUNNING" in [t.state for t in store.trials("toy")]
-
-    final = _cli("resume", "--storage", str(db), "--study", "toy")
-    out, err = final.communicate(timeout=300)
-    assert final.returncode == 0, err
-    assert "finished: 24/24 trials" in out and "Pareto front" in out
-
-    trials = store.trials("toy")
-    assert [t.number for t in trials] == list(range(24))
-    assert {t.state for t in trials} == {"COMPLETE"}
-    ids = [t.proposal_id for t in trials if t.role == "proposal"]
-    assert sorted(ids) == list(range(len(ids)))
-    assert len({tuple(t.genome or []) for t in trials if t.role == "proposal"}) == len(ids)
-    assert store.studies()[0]["status"] == "finished"
-
-
 def test_search_refuses_an_existing_study_and_bad_configs_in_one_line(toy_zoo, tmp_path, capsys):
     path = _study_yaml(tmp_path, toy_zoo, storage=str(tmp_path / "s.db"))
     store = StudyStore(tmp_path / "s.db")
@@ -219,38 +183,58 @@ def test_a_second_driver_is_refused_while_another_study_shares_the_database(toy_
         assert store.study(name)["owner"] is None  # released at the end
 
 
-@pytest.mark.timeout(420)
-@pytest.mark.parametrize(
-    "failpoint",
-    [
-        "after_add_trial=9",  # during dispatch: a trial written RUNNING, never submitted
-        "after_tell=6",  # between a result told to the proposer and its database write
-        "in_snapshot=2",  # inside the transaction that writes the proposer's snapshot
-    ],
-)
-def test_a_driver_killed_at_a_fault_point_resumes_to_exactly_the_budget(
-    toy_zoo, tmp_path, failpoint
-):
-    path = _study_yaml(tmp_path, toy_zoo, budget=16, snapshot_every=3)
-    db = tmp_path / "evomerge_studies.db"
-    search = _cli("search", str(path), EVOMERGE_FAILPOINTS=failpoint)
-    _, err = search.communicate(timeout=300)
-    assert search.returncode == -signal.SIGKILL, err  # it died where it was told to
-    store = StudyStore(db)
-    before = store.trials("toy")
-    assert len(before) < 16 or {t.state for t in before} != {"COMPLETE"}
+KILLS = [  # each resume is SIGKILLed at one fault point (counted within that process)
+    "after_add_trial=9",  # during dispatch: a trial written RUNNING, never submitted
+    "after_tell=6",  # between a result told to the proposer and its database write
+    "in_snapshot=2",  # inside the transaction that writes the proposer's snapshot
+]
+BUDGET = 32
 
-    resume = _cli("resume", "--storage", str(db), "--study", "toy")
-    _, err = resume.communicate(timeout=300)
-    assert resume.returncode == 0, err
+
+@pytest.mark.timeout(600)
+def test_ctrl_c_then_kills_at_three_fault_points_then_resume_ends_with_exactly_the_budget(
+    toy_zoo, tmp_path
+):
+    """One study through every way a driver stops: Ctrl-C, then a resume SIGKILLed at each
+    fault point in turn, then a last resume. (One chain: each process start costs ~25 s.)"""
+    path = _study_yaml(tmp_path, toy_zoo, budget=BUDGET, snapshot_every=3)
+    db = tmp_path / "evomerge_studies.db"  # the default storage, beside the YAML
+
+    search = _cli("search", str(path))
+    _wait_for(db, 6, search)
+    search.send_signal(signal.SIGINT)
+    out, err = search.communicate(timeout=60)
+    assert search.returncode == 130, err
+    assert "evomerge resume --storage" in err and "--study toy" in err
+    store = StudyStore(db)
+    assert store.studies()[0]["status"] == "stopped"
+    states = [t.state for t in store.trials("toy")]
+    assert "RUNNING" not in states and "QUEUED" in states  # in flight when stopped
+
+    for failpoint in KILLS:
+        before = store.trials("toy")
+        resume = _cli(
+            "resume", "--storage", str(db), "--study", "toy", EVOMERGE_FAILPOINTS=failpoint
+        )
+        _, err = resume.communicate(timeout=300)
+        assert resume.returncode == -signal.SIGKILL, (failpoint, err)  # died where told to
+        after = {t.number: t for t in store.trials("toy")}
+        assert len(after) > len(before), failpoint  # it got somewhere before dying
+        for old in before:  # nothing recorded before the kill was lost or changed
+            if old.state == "COMPLETE":
+                assert after[old.number].metrics == old.metrics, (failpoint, old.number)
+
+    final = _cli("resume", "--storage", str(db), "--study", "toy")
+    out, err = final.communicate(timeout=300)
+    assert final.returncode == 0, err
+    assert f"finished: {BUDGET}/{BUDGET} trials" in out and "Pareto front" in out
     trials = store.trials("toy")
-    assert [t.number for t in trials] == list(range(16))
+    assert [t.number for t in trials] == list(range(BUDGET))
     assert {t.state for t in trials} == {"COMPLETE"}
     ids = [t.proposal_id for t in trials if t.role == "proposal"]
     assert sorted(ids) == list(range(len(ids)))
-    # Every proposal was told exactly once, in one sequence: the proposer continued.
+    assert len({tuple(t.genome or []) for t in trials if t.role == "proposal"}) == len(ids)
+    # Every proposal was told exactly once, in one sequence: the proposer continued each time.
     seqs = sorted(t.told.seq for t in trials if t.told is not None)
     assert seqs == list(range(len(ids)))
-    for old in before:  # nothing recorded before the kill was lost or changed
-        if old.state == "COMPLETE":
-            assert trials[old.number].metrics == old.metrics
+    assert store.studies()[0]["status"] == "finished"
