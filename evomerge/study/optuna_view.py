@@ -289,6 +289,14 @@ def _bind_genes(study: str, config: Mapping[str, Any]) -> list[_Gene]:
 
         labels = [ModelFolder(s).label for s in config["sources"]]
         space = space_from_setting(config["space"]).bind(ModelFolder(config["base"]), labels)
+    except KeyError as exc:
+        logger.warning(
+            "study '%s': parameters shown as gene_0.. in [0, 1]: its space cannot be bound "
+            "(its config has no %s)",
+            study,
+            exc,
+        )
+        return []
     except Exception as exc:  # a missing model folder, a moved space file: fall back, loudly
         logger.warning(
             "study '%s': parameters shown as gene_0.. in [0, 1]: its space cannot be bound "
