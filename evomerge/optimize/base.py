@@ -13,8 +13,11 @@ still pending after the restore and can be told.
 
 from __future__ import annotations
 
+import copyreg
+import io
 import math
 import pickle
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -173,7 +176,7 @@ class Proposer(ABC):
             },
             "impl": self._get_state(),
         }
-        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        return _dumps(state)
 
     @classmethod
     def from_state(
@@ -251,3 +254,19 @@ class Proposer(ABC):
                 f"pending: {self.pending}"
             )
         return self._pending.pop(proposal_id)
+
+
+_LOCKS = {type(threading.Lock()): threading.Lock, type(threading.RLock()): threading.RLock}
+
+
+def _dumps(state: dict[str, Any]) -> bytes:
+    """Pickle ``state``, storing each thread lock in it as a new, unlocked one. A sampler may
+    hold a lock for its caches (Optuna 5.1's genetic samplers do); the state is taken between
+    calls, when no lock is held, so nothing of it is lost."""
+    buffer = io.BytesIO()
+    pickler = pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    pickler.dispatch_table = copyreg.dispatch_table.copy()
+    for kind, make in _LOCKS.items():
+        pickler.dispatch_table[kind] = lambda lock, make=make: (make, ())
+    pickler.dump(state)
+    return buffer.getvalue()
