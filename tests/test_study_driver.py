@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import ray
 import torch
@@ -131,3 +134,30 @@ def test_an_hours_budget_stops_the_study_and_counts_time_over_runs(toy_zoo, tmp_
     ran = len(store.trials("toy"))
     again = StudyDriver.for_stored(store, "toy").run()  # the time is used up already
     assert again.ran == 0 and len(store.trials("toy")) == ran
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_stops_like_ctrl_c_and_the_handler_from_before_comes_back(toy_zoo, tmp_path):
+    """`ray job stop`, `docker stop` and schedulers send SIGTERM: the study must stop cleanly
+    (recorded results kept, trials in flight requeued, status `stopped`), not just exit."""
+    db = str(tmp_path / "s.db")
+    config = _config(toy_zoo, db, tmp_path, baselines=False)
+    store = StudyStore(db)
+    results = []
+
+    def on_result(result):  # type: ignore[no-untyped-def]
+        results.append(result)
+        if len(results) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    summary = StudyDriver(store, config).run(on_result=on_result)
+    assert summary.status == "stopped" and signal.getsignal(signal.SIGTERM) is before
+    assert store.study("toy")["status"] == "stopped"
+    states = [t.state for t in store.trials("toy")]
+    assert "RUNNING" not in states and 3 <= states.count("COMPLETE") < 10
+    again = StudyDriver.for_stored(store, "toy").run()
+    assert again.status == "finished"
+    trials = store.trials("toy")
+    assert [t.number for t in trials] == list(range(10))
+    assert {t.state for t in trials} == {"COMPLETE"}

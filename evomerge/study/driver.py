@@ -18,7 +18,8 @@ The driver is the only writer of the study database.
   Trials left RUNNING or QUEUED are re-run with the recipe they were given, each matched to its
   proposal (pending, or asked again by the replay), so none is counted twice.
 - Ctrl-C (KeyboardInterrupt) stops at once: the results already in are recorded, the trials in
-  flight go back to QUEUED and the study is marked ``stopped``, ready for ``resume``.
+  flight go back to QUEUED and the study is marked ``stopped``, ready for ``resume``. SIGTERM
+  (``ray job stop``, ``docker stop``, a scheduler's time limit) does the same.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import logging
 import math
 import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -92,6 +94,31 @@ def _ensure_ray(config: StudyConfig) -> bool:
             logging_level=logging.ERROR,  # a private local instance: no start-up chatter
         )
     return True
+
+
+@contextlib.contextmanager
+def _sigterm_stops_like_ctrl_c() -> Iterator[Callable[[], None]]:
+    """While the driver runs, SIGTERM (``ray job stop``, ``docker stop``, a scheduler's time
+    limit) raises KeyboardInterrupt, so it stops as cleanly as Ctrl-C. ``ray.init`` installs a
+    handler that exits at once (for a local instance after killing Ray), so the block's
+    callable installs ours again once Ray is up. The handler from before is restored after.
+    Only the main thread receives signals: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    before = signal.getsignal(signal.SIGTERM)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def install() -> None:
+        signal.signal(signal.SIGTERM, interrupt)
+
+    install()
+    try:
+        yield install
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _check_reachable(address: str, where: str) -> None:
@@ -202,6 +229,7 @@ class StudyDriver:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         """This driver's name in the study's lease (one driver per study at a time)."""
         self.lease_lost = False
+        self._catch_sigterm: Callable[[], None] = lambda: None  # set while running
         self.database_lost = False
         """The database stayed unreachable past its retries: nothing more is written."""
         if resume:
@@ -573,7 +601,7 @@ class StudyDriver:
         def time_up() -> bool:
             return budget_seconds is not None and self.elapsed() >= budget_seconds
 
-        with self._lease():
+        with self._lease(), _sigterm_stops_like_ctrl_c() as self._catch_sigterm:
             return self._run(on_result, on_progress, time_up)
 
     @contextlib.contextmanager
@@ -636,6 +664,7 @@ class StudyDriver:
             on_progress(self.progress())
         try:
             started_ray = _ensure_ray(self.config)
+            self._catch_sigterm()  # again: ray.init replaced the handler
             with WorkerPool(
                 spec,
                 cluster.workers,
