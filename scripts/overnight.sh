@@ -10,6 +10,7 @@ Run `evomerge check` on the study against the cluster that will run it: the YAML
 models, space, proposer and evaluators, the database, the study name, the cluster's CPUs
 and GPUs, CUDA and disk space. If any check fails, submit nothing and exit 1. Otherwise
 submit it with scripts/submit_study.sh and print how to follow it in the morning.
+With --resume, check and submit the continuation of a stopped or crashed study instead.
 
 Options:
   --address URL        Ray Jobs address (default $RAY_API_SERVER_ADDRESS, else
@@ -17,11 +18,12 @@ Options:
   --cluster HOST:PORT  the cluster to check (default: the --address host, port 6379)
   --storage URL        database URL or SQLite file, overriding the YAML's
   --job-id ID          the job's submission id
+  --resume             continue the study the YAML started (`evomerge resume STUDY.yaml`)
   -h, --help           this help
 EOF
 }
 
-study="" address="${RAY_API_SERVER_ADDRESS:-http://127.0.0.1:8265}" cluster="" storage="" job_id=""
+study="" address="${RAY_API_SERVER_ADDRESS:-http://127.0.0.1:8265}" cluster="" storage="" job_id="" resume=""
 while (($#)); do
   case "$1" in
     -h | --help) usage; exit 0 ;;
@@ -29,6 +31,7 @@ while (($#)); do
     --cluster) cluster="${2:?--cluster needs a value}"; shift 2 ;;
     --storage) storage="${2:?--storage needs a value}"; shift 2 ;;
     --job-id) job_id="${2:?--job-id needs a value}"; shift 2 ;;
+    --resume) resume=--resume; shift ;;
     -*) echo "overnight.sh: unknown option '$1' (see --help)" >&2; exit 1 ;;
     *)
       [[ -z "$study" ]] || { echo "overnight.sh: one study YAML, got '$study' and '$1'" >&2; exit 1; }
@@ -53,6 +56,10 @@ if [[ -n "$storage" ]]; then
   submit+=(--storage "$storage")
 fi
 [[ -n "$job_id" ]] && submit+=(--job-id "$job_id")
+if [[ -n "$resume" ]]; then
+  check+=(--resume)
+  submit+=(--resume)
+fi
 
 echo "overnight.sh: checking $study against the cluster at $cluster" >&2
 if ! "${check[@]}"; then

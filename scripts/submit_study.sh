@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Submit `evomerge search STUDY.yaml` to a Ray cluster as a Ray Job.
+# Submit `evomerge search STUDY.yaml` (or, with --resume, `evomerge resume STUDY.yaml`) to a Ray
+# cluster as a Ray Job.
 set -euo pipefail
 
 usage() {
@@ -7,9 +8,12 @@ usage() {
 Usage: scripts/submit_study.sh STUDY.yaml [options]
 
 Submit `evomerge search STUDY.yaml` as a Ray Job and return at once; print the job id and
-how to follow it. The job runs on the head with the YAML's absolute path, so the paths in
-it (relative to the YAML's folder) must exist on the head, and the models on every worker,
-at the same places (a shared or identical file system). Nothing is uploaded.
+how to follow it. With --resume, submit `evomerge resume STUDY.yaml` instead: it continues
+the stopped or crashed study that YAML started (its storage and name come from the YAML).
+
+The job runs on the head with the YAML's absolute path, so the paths in it (relative to the
+YAML's folder) must exist on the head, and the models on every worker, at the same places
+(a shared or identical file system). Nothing is uploaded.
 
 Options:
   --address URL     Ray Jobs address (default $RAY_API_SERVER_ADDRESS, else
@@ -17,19 +21,21 @@ Options:
   --storage URL     database URL or SQLite file, overriding the YAML's (it shows in the
                     job's command line: keep passwords in the YAML instead)
   --job-id ID       the job's submission id (default evomerge-STUDYFILE-DATE-TIME)
+  --resume          continue the study instead of starting it
   -h, --help        this help
 
 Check the study first with `evomerge check STUDY.yaml` (scripts/overnight.sh does both).
 EOF
 }
 
-study="" address="${RAY_API_SERVER_ADDRESS:-http://127.0.0.1:8265}" storage="" job_id=""
+study="" address="${RAY_API_SERVER_ADDRESS:-http://127.0.0.1:8265}" storage="" job_id="" verb=search
 while (($#)); do
   case "$1" in
     -h | --help) usage; exit 0 ;;
     --address) address="${2:?--address needs a value}"; shift 2 ;;
     --storage) storage="${2:?--storage needs a value}"; shift 2 ;;
     --job-id) job_id="${2:?--job-id needs a value}"; shift 2 ;;
+    --resume) verb=resume; shift ;;
     -*) echo "submit_study.sh: unknown option '$1' (see --help)" >&2; exit 1 ;;
     *)
       [[ -z "$study" ]] || { echo "submit_study.sh: one study YAML, got '$study' and '$1'" >&2; exit 1; }
@@ -52,7 +58,7 @@ if [[ -z "$job_id" ]]; then
   stem="${stem%.*}"
   job_id="evomerge-${stem//[^A-Za-z0-9_-]/-}-$(date +%Y%m%d-%H%M%S)"
 fi
-command=(evomerge search "$study")
+command=(evomerge "$verb" "$study")
 [[ -n "$storage" ]] && command+=(--storage "$storage")
 
 if ! ray job submit --address "$address" --submission-id "$job_id" --no-wait \
@@ -65,5 +71,5 @@ cat >&2 <<EOF
 submitted job $job_id: ${command[*]}
   follow it:   scripts/tail_study.sh $job_id --address $address
   its state:   ray job status $job_id --address $address
-  stop it:     ray job stop $job_id --address $address   (then 'evomerge resume' continues it)
+  stop it:     ray job stop $job_id --address $address   (then this script with --resume continues it)
 EOF

@@ -131,6 +131,16 @@ def on_db(command: str, *flags: str, prepare: Callable[[Ctx], Any] | None = None
     return setup
 
 
+def resume_yaml(**changes: Any) -> Setup:
+    """``resume study.yaml``, the YAML naming the filled database (``changes`` as in search)."""
+
+    def setup(c: Ctx) -> list[str]:
+        db = c.db()
+        return ["resume", str(c.study(**{"storage": str(db), **changes})), "--quiet"]
+
+    return setup
+
+
 def plain(*argv: str, prepare: Callable[[Ctx], Any] | None = None) -> Setup:
     def setup(c: Ctx) -> list[str]:
         if prepare is not None:
@@ -406,6 +416,31 @@ CASES = [
         on_db("resume", "--study", "moved", "--quiet"),
         ["study 'moved' in sqlite:///", "base", "gone_base does not exist"],
         id="resume-base-folder-gone",
+    ),
+    pytest.param(
+        plain("resume", "--study", "toy"),
+        ["resume: give the study's YAML", "or both --storage and --study"],
+        id="resume-neither-yaml-nor-storage",
+    ),
+    pytest.param(
+        plain("resume", "{tmp}/missing.yaml"),
+        ["cannot read {tmp}/missing.yaml", "No such file"],
+        id="resume-yaml-missing",
+    ),
+    pytest.param(
+        resume_yaml(name="nope"),
+        ["no study 'nope'", "s.db", "it has: moved, toy"],
+        id="resume-yaml-names-no-study",
+    ),
+    pytest.param(
+        lambda c: ["resume", str(c.study(storage="{tmp}/none.db")), "--quiet"],
+        ["study.yaml: storage {tmp}/none.db", "no study database there"],
+        id="resume-yaml-storage-missing",
+    ),
+    pytest.param(
+        resume_yaml(name="moved"),
+        ["study 'moved' in sqlite:///", "base", "gone_base does not exist"],
+        id="resume-yaml-base-folder-gone",
     ),
     # -- status, pareto, studies --------------------------------------------------------------
     pytest.param(

@@ -1,6 +1,7 @@
 """`evomerge check` on real databases, models and Ray, the cluster scripts' hygiene, and one real
 run of the scripts: a head from `cluster_head.sh`, a study submitted as a Ray Job with
-`submit_study.sh`, followed to its end with `tail_study.sh`.
+`submit_study.sh`, followed with `tail_study.sh`, stopped with `ray job stop` and continued with
+`submit_study.sh --resume` to exactly its budget.
 
 The end-to-end test never runs `ray stop` (that stops every Ray process of the machine, other
 test runs' too): it stops its own head by killing the process group the head was started in."""
@@ -159,9 +160,10 @@ def test_a_name_taken_by_a_finished_study_fails_and_a_stopped_one_needs_resume(
 
     store.set_status("toy", "stopped")
     code, lines = _check(capsys, str(path))
-    assert code == 1 and "evomerge resume --storage" in lines["study"]
+    assert code == 1 and f"continue it with 'evomerge resume {path}'" in lines["study"]
     code, lines = _check(capsys, str(path), "--resume")
     assert code == 0 and lines["study"].startswith("ok"), lines
+    assert f"'evomerge resume {path}' continues it" in lines["study"]
 
 
 def test_an_address_that_does_not_answer_fails_the_ray_check_in_seconds(toy_zoo, tmp_path, capsys):
@@ -226,9 +228,29 @@ def _stop_head(head: subprocess.Popen, temp: str) -> None:
             pass
 
 
+NAP = """
+import time
+
+
+def nap(model, tokenizer, limit=None):
+    time.sleep(0.4)
+    return {"slept": 0.4}
+"""
+BUDGET = 8
+
+
+def _finished(db: Path) -> int:
+    if not db.exists():  # opening it would create it
+        return 0
+    try:
+        return sum(t.state in ("COMPLETE", "FAILED") for t in StudyStore(db).trials("toy"))
+    except Exception:  # the job has not created the study yet
+        return 0
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_a_head_runs_a_submitted_study_to_its_budget_and_the_tail_ends_with_it(toy_zoo):
+@pytest.mark.timeout(400)
+def test_a_submitted_study_stopped_by_ray_job_stop_resumes_to_its_budget(toy_zoo):
     temp = tempfile.mkdtemp(prefix="evr", dir="/tmp")  # short: Ray's socket paths must fit
     folder = Path(temp)
     # What a user does: keep token authentication, with the token in a file of their own.
@@ -261,37 +283,50 @@ def test_a_head_runs_a_submitted_study_to_its_budget_and_the_tail_ends_with_it(t
             assert time.monotonic() < deadline, (folder / "head.log").read_text()
             time.sleep(1)
         (folder / "study").mkdir()
-        study = _study(folder / "study", toy_zoo)
-        submit = subprocess.run(
-            [str(REPO / "scripts" / "submit_study.sh"), str(study), "--address", jobs],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        (folder / "study" / "nap.py").write_text(NAP)  # slow trials: the job is surely stopped
+        evaluators = [{"kind": "lm_eval", "tasks": ["toy_facts_a", "toy_facts_b"]}]
+        evaluators.append({"kind": "python", "function": "nap.py:nap"})
+        study = _study(folder / "study", toy_zoo, budget=BUDGET, evaluators=evaluators)
+        db = folder / "study" / "evomerge_studies.db"
+
+        def run(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+
+        submit = run(str(REPO / "scripts" / "submit_study.sh"), str(study), "--address", jobs)
         assert submit.returncode == 0, submit.stderr
         job_id = submit.stdout.strip()
         assert job_id.startswith("evomerge-study-") and "tail_study.sh" in submit.stderr
-        db = folder / "study" / "evomerge_studies.db"
-        tail = subprocess.run(
-            [str(REPO / "scripts" / "tail_study.sh"), job_id, "--address", jobs],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=200,
+
+        # Stopped mid-study with `ray job stop` (SIGTERM): a clean stop, ready to resume.
+        deadline = time.monotonic() + 150
+        while _finished(db) < 2:
+            assert time.monotonic() < deadline, run(str(BIN / "ray"), "job", "logs", job_id)
+            time.sleep(0.2)
+        stop = run(str(BIN / "ray"), "job", "stop", job_id, "--address", jobs)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        tail = run(str(REPO / "scripts" / "tail_study.sh"), job_id, "--address", jobs)
+        assert tail.returncode == 1 and f"job {job_id} STOPPED" in tail.stderr, tail.stderr
+        assert f"continue with: evomerge resume {study}" in tail.stdout  # stopped, not killed
+        store = StudyStore(db)
+        assert store.study("toy")["status"] == "stopped"
+        states = [t.state for t in store.trials("toy")]
+        assert "RUNNING" not in states and states.count("COMPLETE") < BUDGET
+
+        resume = run(
+            str(REPO / "scripts" / "submit_study.sh"), str(study), "--address", jobs, "--resume"
         )
+        assert resume.returncode == 0, resume.stderr
+        job_id = resume.stdout.strip()
+        tail = run(str(REPO / "scripts" / "tail_study.sh"), job_id, "--address", jobs, timeout=200)
         assert tail.returncode == 0, tail.stdout + tail.stderr
         assert f"job {job_id} SUCCEEDED" in tail.stderr
-        assert "study 'toy' finished: 6/6 trials" in tail.stdout  # the job's log, followed
-        status = subprocess.run(
-            [str(BIN / "ray"), "job", "status", job_id, "--address", jobs],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+        assert "resuming study 'toy'" in tail.stdout  # the job's log, followed
+        assert f"study 'toy' finished: {BUDGET}/{BUDGET} trials" in tail.stdout
+        status = run(str(BIN / "ray"), "job", "status", job_id, "--address", jobs)
         assert f"Job '{job_id}' succeeded" in status.stdout + status.stderr
-        trials = StudyStore(db).trials("toy")
-        assert len(trials) == 6 and {t.state for t in trials} == {"COMPLETE"}
+        trials = store.trials("toy")
+        assert [t.number for t in trials] == list(range(BUDGET))
+        assert {t.state for t in trials} == {"COMPLETE"}
     finally:
         _stop_head(head, temp)
         log.close()

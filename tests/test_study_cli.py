@@ -51,3 +51,35 @@ def test_unknown_study_and_bad_storage_are_one_line(tmp_path, capsys):
     assert main(["studies", "--storage", "postgresql+psycopg://u:pw@127.0.0.1:1/x"]) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "pw" not in err and "***" in err
+
+
+def test_resume_names_what_the_yaml_changed_since_the_study_started(tmp_path, capsys):
+    from pathlib import Path
+
+    import yaml
+
+    from evomerge.study.config import load_study_config
+    from evomerge.study.launch import _note_changes
+
+    data = {
+        "name": "toy",
+        "base": "models/base",
+        "sources": ["models/a", "models/b"],
+        "space": "task_arithmetic_global",
+        "proposer": {"kind": "cma", "seed": 0},
+        "objectives": [{"metric": "t/acc"}],
+        "evaluators": [{"kind": "lm_eval", "tasks": ["t"]}],
+        "budget": 20,
+    }
+    path = Path(tmp_path / "study.yaml")
+    path.write_text(yaml.safe_dump(data))
+    stored = load_study_config(path).model_dump(mode="json")  # what `search` stored
+    _note_changes(path, load_study_config(path), stored, "toy")
+    assert capsys.readouterr().err == ""  # the YAML as it was: nothing to say
+
+    data.update(budget=40, proposer={"kind": "cma", "seed": 1}, storage="elsewhere.db")
+    path.write_text(yaml.safe_dump(data))
+    _note_changes(path, load_study_config(path), stored, "toy")
+    err = capsys.readouterr().err
+    assert f"note: {path} differs from the config study 'toy' started with" in err
+    assert "(budget, proposer); resume runs the stored config" in err  # storage: where, not what

@@ -205,7 +205,7 @@ def test_ctrl_c_then_kills_at_three_fault_points_then_resume_ends_with_exactly_t
     search.send_signal(signal.SIGINT)
     out, err = search.communicate(timeout=60)
     assert search.returncode == 130, err
-    assert "evomerge resume --storage" in err and "--study toy" in err
+    assert f"continue with: evomerge resume {path}" in err  # no URL to copy: the YAML says
     store = StudyStore(db)
     assert store.studies()[0]["status"] == "stopped"
     states = [t.state for t in store.trials("toy")]
@@ -224,7 +224,7 @@ def test_ctrl_c_then_kills_at_three_fault_points_then_resume_ends_with_exactly_t
             if old.state == "COMPLETE":
                 assert after[old.number].metrics == old.metrics, (failpoint, old.number)
 
-    final = _cli("resume", "--storage", str(db), "--study", "toy")
+    final = _cli("resume", str(path))  # found by its YAML this time
     out, err = final.communicate(timeout=300)
     assert final.returncode == 0, err
     assert f"finished: {BUDGET}/{BUDGET} trials" in out and "Pareto front" in out

@@ -99,6 +99,7 @@ def run_checks(
     path: Path, *, storage: str | None = None, address: str | None = None, resume: bool = False
 ) -> list[Check]:
     from evomerge.study.config import StudyConfig, load_study_config
+    from evomerge.study.store import mask_url, storage_url
 
     try:
         config: StudyConfig = load_study_config(path)
@@ -120,7 +121,12 @@ def run_checks(
         _preflight(config, str(path)),
     ]
     database = _database(config.storage or "")
-    checks += [database, _study_name(config, resume, database.state == "ok")]
+    resume_command = (
+        f"evomerge resume {path} --storage {mask_url(storage_url(storage))}"
+        if storage
+        else f"evomerge resume {path}"
+    )
+    checks += [database, _study_name(config, resume, database.state == "ok", resume_command)]
     remote = bool(address or cluster.address or os.environ.get("RAY_ADDRESS"))
     checks += [_ray(config, address), _cuda(config.device, remote), _disk(config, path)]
     return checks
@@ -192,7 +198,7 @@ def _sqlite_folder(file: Path, shown: str) -> Check:
     return Check("database", "ok", f"{shown} ({made}; its folder is writable)")
 
 
-def _study_name(config: Any, resume: bool, reachable: bool) -> Check:
+def _study_name(config: Any, resume: bool, reachable: bool, resume_command: str) -> Check:
     from sqlalchemy import create_engine, inspect
     from sqlalchemy.engine import make_url
 
@@ -213,7 +219,6 @@ def _study_name(config: Any, resume: bool, reachable: bool) -> Check:
             exists = inspect(engine).has_table(StudyRow.__tablename__)
         finally:
             engine.dispose()
-    resume_command = f"evomerge resume --storage {shown} --study {name}"
     try:
         store = StudyStore(url, retry_seconds=0) if exists else None
         if store is None or not store.has_study(name):

@@ -45,10 +45,14 @@ def add_commands(commands: Any) -> None:
         help="continue a stopped or crashed study from its database",
         description="Continue a study with the config stored in its database: trials left "
         "running are re-run with the same recipes, the proposer is restored, and the study "
-        "ends with exactly its budget of finished trials.",
+        "ends with exactly its budget of finished trials. Name the study by its YAML (its "
+        "storage and name are read from it) or by --storage and --study.",
     )
-    resume.add_argument("--storage", required=True, help="database URL or SQLite file")
-    resume.add_argument("--study", required=True, help="study name")
+    resume.add_argument(
+        "config", type=Path, nargs="?", help="the study's YAML file (only its storage and name)"
+    )
+    resume.add_argument("--storage", help="database URL or SQLite file (overrides the YAML)")
+    resume.add_argument("--study", help="study name (overrides the YAML)")
     resume.add_argument("--quiet", action="store_true", help="no progress display")
     resume.set_defaults(handler=cmd_resume)
 
@@ -66,7 +70,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from evomerge.study.driver import StudyDriver
 
     driver = StudyDriver(store, config)
-    return _run(driver, store, quiet=args.quiet)
+    return _run(driver, store, quiet=args.quiet, resume_with=_resume_command(args))
 
 
 def preflight(config: StudyConfig, where: str) -> None:
@@ -121,34 +125,84 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from evomerge.study.config import parse_study_config
     from evomerge.study.driver import StudyDriver
 
-    store = open_store(args.storage)
-    store.check_free(args.study)  # a study another driver runs is refused before any check
-    where = f"study '{args.study}' in {mask_url(store.url)}"
-    preflight(parse_study_config(store.study_config(args.study), where), where)
-    driver = StudyDriver.for_stored(store, args.study)
+    storage, name, yaml_config = _resume_target(args)
+    what = "--storage" if args.storage or yaml_config is None else f"{args.config}: storage"
+    store = open_store(storage, what=what)
+    store.check_free(name)  # a study another driver runs is refused before any check
+    where = f"study '{name}' in {mask_url(store.url)}"
+    stored = store.study_config(name)
+    preflight(parse_study_config(stored, where), where)
+    if yaml_config is not None:
+        _note_changes(args.config, yaml_config, stored, name)
+    driver = StudyDriver.for_stored(store, name)
     print(
-        f"resuming study '{args.study}': {driver.finished} trials finished, "
+        f"resuming study '{name}': {driver.finished} trials finished, "
         f"{len(driver.queue)} to re-run or start, {len(driver.promotions)} promotions pending",
         file=sys.stderr,
     )
-    return _run(driver, store, quiet=args.quiet)
+    return _run(driver, store, quiet=args.quiet, resume_with=_resume_command(args))
 
 
-def _run(driver: StudyDriver, store: StudyStore, quiet: bool) -> int:
+def _resume_target(args: argparse.Namespace) -> tuple[str, str, StudyConfig | None]:
+    """The storage and study name that ``resume`` was given, from its flags or its YAML (the
+    YAML's config too, to compare with the stored one)."""
+    if args.config is None:
+        if not (args.storage and args.study):
+            raise ConfigError(
+                "resume: give the study's YAML (evomerge resume STUDY.yaml), or both "
+                "--storage and --study"
+            )
+        return args.storage, args.study, None
+    from evomerge.study.config import load_study_config
+
+    config = load_study_config(args.config)
+    return args.storage or config.storage or "", args.study or config.name, config
+
+
+def _note_changes(path: Path, config: StudyConfig, stored: dict[str, Any], name: str) -> None:
+    """Warn when the YAML was edited since the study started: resume runs the stored config."""
+    mine = config.model_dump(mode="json")
+    changed = sorted(
+        key
+        for key in mine.keys() | stored.keys()
+        if key not in ("storage", "name") and mine.get(key) != stored.get(key)
+    )
+    if changed:
+        print(
+            f"note: {path} differs from the config study '{name}' started with "
+            f"({', '.join(changed)}); resume runs the stored config",
+            file=sys.stderr,
+        )
+
+
+def _resume_command(args: argparse.Namespace) -> str | None:
+    """How to continue this study, when it can be said without a database URL (whose password
+    would be masked): ``evomerge resume STUDY.yaml``."""
+    if args.config is None or args.storage or getattr(args, "study", None):
+        return None
+    return f"evomerge resume {args.config}"
+
+
+def _run(
+    driver: StudyDriver, store: StudyStore, quiet: bool, resume_with: str | None = None
+) -> int:
     with no_transformers_bars(), live_progress(driver.name, enabled=not quiet) as show:
         summary = driver.run(on_progress=show)
-    _report(summary, driver, store)
+    _report(summary, driver, store, resume_with)
     return 130 if summary.status == "stopped" else 0
 
 
-def _report(summary: RunSummary, driver: StudyDriver, store: StudyStore) -> None:
+def _report(
+    summary: RunSummary, driver: StudyDriver, store: StudyStore, resume_with: str | None
+) -> None:
     from evomerge.study.report import cmd_pareto
 
     where = mask_url(store.url)
     if summary.status == "stopped":
+        command = resume_with or f"evomerge resume --storage {where} --study {driver.name}"
         print(
             f"stopped: {summary.finished} trials recorded ({summary.ran} in this run); "
-            f"continue with: evomerge resume --storage {where} --study {driver.name}",
+            f"continue with: {command}",
             file=sys.stderr,
         )
         return
