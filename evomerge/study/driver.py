@@ -19,7 +19,7 @@ The driver is the only writer of the study database.
   proposal (pending, or asked again by the replay), so none is counted twice.
 - Ctrl-C (KeyboardInterrupt) stops at once: the results already in are recorded, the trials in
   flight go back to QUEUED and the study is marked ``stopped``, ready for ``resume``. SIGTERM
-  (``ray job stop``, ``docker stop``, a scheduler's time limit) does the same.
+  (``ray job stop``, plain ``kill``, a scheduler's time limit) does the same.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def _ensure_ray(config: StudyConfig) -> bool:
 
 @contextlib.contextmanager
 def _sigterm_stops_like_ctrl_c() -> Iterator[Callable[[], None]]:
-    """While the driver runs, SIGTERM (``ray job stop``, ``docker stop``, a scheduler's time
+    """While the driver runs, SIGTERM (``ray job stop``, plain ``kill``, a scheduler's time
     limit) raises KeyboardInterrupt, so it stops as cleanly as Ctrl-C. ``ray.init`` installs a
     handler that exits at once (for a local instance after killing Ray), so the block's
     callable installs ours again once Ray is up. The handler from before is restored after.
