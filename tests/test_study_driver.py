@@ -138,7 +138,7 @@ def test_an_hours_budget_stops_the_study_and_counts_time_over_runs(toy_zoo, tmp_
 
 @pytest.mark.timeout(300)
 def test_sigterm_stops_like_ctrl_c_and_the_handler_from_before_comes_back(toy_zoo, tmp_path):
-    """`ray job stop`, `docker stop` and schedulers send SIGTERM: the study must stop cleanly
+    """`ray job stop`, `kill` and schedulers send SIGTERM: the study must stop cleanly
     (recorded results kept, trials in flight requeued, status `stopped`), not just exit."""
     db = str(tmp_path / "s.db")
     config = _config(toy_zoo, db, tmp_path, baselines=False)
@@ -156,8 +156,4 @@ def test_sigterm_stops_like_ctrl_c_and_the_handler_from_before_comes_back(toy_zo
     assert store.study("toy")["status"] == "stopped"
     states = [t.state for t in store.trials("toy")]
     assert "RUNNING" not in states and 3 <= states.count("COMPLETE") < 10
-    again = StudyDriver.for_stored(store, "toy").run()
-    assert again.status == "finished"
-    trials = store.trials("toy")
-    assert [t.number for t in trials] == list(range(10))
-    assert {t.state for t in trials} == {"COMPLETE"}
+    # Resuming it to the budget: tests/test_cluster_scripts.py, after a real `ray job stop`.
