@@ -256,17 +256,19 @@ class Proposer(ABC):
         return self._pending.pop(proposal_id)
 
 
-_LOCKS = {type(threading.Lock()): threading.Lock, type(threading.RLock()): threading.RLock}
+class _StatePickler(pickle.Pickler):
+    """Stores each thread lock as a new, unlocked one. A sampler may hold a lock for its caches
+    (Optuna 5.1's genetic samplers do); the state is taken between calls, when no lock is
+    held, so nothing of it is lost."""
+
+    dispatch_table: ClassVar[dict[type, Any]] = {
+        **copyreg.dispatch_table,
+        type(threading.Lock()): lambda lock: (threading.Lock, ()),
+        type(threading.RLock()): lambda lock: (threading.RLock, ()),
+    }
 
 
 def _dumps(state: dict[str, Any]) -> bytes:
-    """Pickle ``state``, storing each thread lock in it as a new, unlocked one. A sampler may
-    hold a lock for its caches (Optuna 5.1's genetic samplers do); the state is taken between
-    calls, when no lock is held, so nothing of it is lost."""
     buffer = io.BytesIO()
-    pickler = pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
-    pickler.dispatch_table = copyreg.dispatch_table.copy()
-    for kind, make in _LOCKS.items():
-        pickler.dispatch_table[kind] = lambda lock, make=make: (make, ())
-    pickler.dump(state)
+    _StatePickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(state)
     return buffer.getvalue()

@@ -99,7 +99,8 @@ def run_checks(
     path: Path, *, storage: str | None = None, address: str | None = None, resume: bool = False
 ) -> list[Check]:
     from evomerge.study.config import StudyConfig, load_study_config
-    from evomerge.study.store import mask_url, storage_url
+    from evomerge.study.launch import resume_command
+    from evomerge.study.store import storage_url
 
     try:
         config: StudyConfig = load_study_config(path)
@@ -121,12 +122,8 @@ def run_checks(
         _preflight(config, str(path)),
     ]
     database = _database(config.storage or "")
-    resume_command = (
-        f"evomerge resume {path} --storage {mask_url(storage_url(storage))}"
-        if storage
-        else f"evomerge resume {path}"
-    )
-    checks += [database, _study_name(config, resume, database.state == "ok", resume_command)]
+    how = resume_command(config.name, storage_url(config.storage or ""), None if storage else path)
+    checks += [database, _study_name(config, resume, database.state == "ok", how)]
     remote = bool(address or cluster.address or os.environ.get("RAY_ADDRESS"))
     checks += [_ray(config, address), _cuda(config.device, remote), _disk(config, path)]
     return checks

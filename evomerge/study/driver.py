@@ -96,29 +96,18 @@ def _ensure_ray(config: StudyConfig) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _sigterm_stops_like_ctrl_c() -> Iterator[Callable[[], None]]:
-    """While the driver runs, SIGTERM (``ray job stop``, plain ``kill``, a scheduler's time
-    limit) raises KeyboardInterrupt, so it stops as cleanly as Ctrl-C. ``ray.init`` installs a
-    handler that exits at once (for a local instance after killing Ray), so the block's
-    callable installs ours again once Ray is up. The handler from before is restored after.
-    Only the main thread receives signals: elsewhere this does nothing."""
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _stop_on_sigterm() -> Any:
+    """Make SIGTERM (``ray job stop``, plain ``kill``, a scheduler's time limit) raise
+    KeyboardInterrupt, so it stops the driver as cleanly as Ctrl-C; ``ray.init`` installs a
+    handler that exits at once. The handler replaced, to restore; None off the main thread,
+    which receives no signals."""
     if threading.current_thread() is not threading.main_thread():
-        yield lambda: None
-        return
-    before = signal.getsignal(signal.SIGTERM)
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    def install() -> None:
-        signal.signal(signal.SIGTERM, interrupt)
-
-    install()
-    try:
-        yield install
-    finally:
-        signal.signal(signal.SIGTERM, before)
+        return None
+    return signal.signal(signal.SIGTERM, _interrupt)
 
 
 def _check_reachable(address: str, where: str) -> None:
@@ -229,7 +218,6 @@ class StudyDriver:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         """This driver's name in the study's lease (one driver per study at a time)."""
         self.lease_lost = False
-        self._catch_sigterm: Callable[[], None] = lambda: None  # set while running
         self.database_lost = False
         """The database stayed unreachable past its retries: nothing more is written."""
         if resume:
@@ -601,7 +589,7 @@ class StudyDriver:
         def time_up() -> bool:
             return budget_seconds is not None and self.elapsed() >= budget_seconds
 
-        with self._lease(), _sigterm_stops_like_ctrl_c() as self._catch_sigterm:
+        with self._lease():
             return self._run(on_result, on_progress, time_up)
 
     @contextlib.contextmanager
@@ -662,9 +650,10 @@ class StudyDriver:
 
         if on_progress is not None:
             on_progress(self.progress())
+        sigterm_before = _stop_on_sigterm()
         try:
             started_ray = _ensure_ray(self.config)
-            self._catch_sigterm()  # again: ray.init replaced the handler
+            _stop_on_sigterm()  # again: ray.init installed its own
             with WorkerPool(
                 spec,
                 cluster.workers,
@@ -697,6 +686,8 @@ class StudyDriver:
                 import ray
 
                 ray.shutdown()
+            if sigterm_before is not None:
+                signal.signal(signal.SIGTERM, sigterm_before)
         if self.lease_lost:  # the other driver owns the study now: leave its state alone
             raise StudyBusy(
                 f"study '{self.name}': another driver took it over while this one was stalled; "

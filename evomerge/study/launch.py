@@ -70,7 +70,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from evomerge.study.driver import StudyDriver
 
     driver = StudyDriver(store, config)
-    return _run(driver, store, quiet=args.quiet, resume_with=_resume_command(args))
+    return _run(driver, store, quiet=args.quiet, config=_yaml_alone(args))
 
 
 def preflight(config: StudyConfig, where: str) -> None:
@@ -140,7 +140,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         f"{len(driver.queue)} to re-run or start, {len(driver.promotions)} promotions pending",
         file=sys.stderr,
     )
-    return _run(driver, store, quiet=args.quiet, resume_with=_resume_command(args))
+    return _run(driver, store, quiet=args.quiet, config=_yaml_alone(args))
 
 
 def _resume_target(args: argparse.Namespace) -> tuple[str, str, StudyConfig | None]:
@@ -175,34 +175,35 @@ def _note_changes(path: Path, config: StudyConfig, stored: dict[str, Any], name:
         )
 
 
-def _resume_command(args: argparse.Namespace) -> str | None:
-    """How to continue this study, when it can be said without a database URL (whose password
-    would be masked): ``evomerge resume STUDY.yaml``."""
-    if args.config is None or args.storage or getattr(args, "study", None):
-        return None
-    return f"evomerge resume {args.config}"
+def resume_command(name: str, url: str, config: Path | None = None) -> str:
+    """How to continue a study: by its YAML when that alone finds it (no database URL, whose
+    password would be masked), else by ``--storage`` and ``--study``."""
+    if config is not None:
+        return f"evomerge resume {config}"
+    return f"evomerge resume --storage {mask_url(url)} --study {name}"
 
 
-def _run(
-    driver: StudyDriver, store: StudyStore, quiet: bool, resume_with: str | None = None
-) -> int:
+def _yaml_alone(args: argparse.Namespace) -> Path | None:
+    """The command's YAML if no flag overrode where it says the study is."""
+    return None if args.storage or getattr(args, "study", None) else args.config
+
+
+def _run(driver: StudyDriver, store: StudyStore, quiet: bool, config: Path | None = None) -> int:
     with no_transformers_bars(), live_progress(driver.name, enabled=not quiet) as show:
         summary = driver.run(on_progress=show)
-    _report(summary, driver, store, resume_with)
+    _report(summary, driver, store, config)
     return 130 if summary.status == "stopped" else 0
 
 
 def _report(
-    summary: RunSummary, driver: StudyDriver, store: StudyStore, resume_with: str | None
+    summary: RunSummary, driver: StudyDriver, store: StudyStore, config: Path | None
 ) -> None:
     from evomerge.study.report import cmd_pareto
 
-    where = mask_url(store.url)
     if summary.status == "stopped":
-        command = resume_with or f"evomerge resume --storage {where} --study {driver.name}"
         print(
             f"stopped: {summary.finished} trials recorded ({summary.ran} in this run); "
-            f"continue with: {command}",
+            f"continue with: {resume_command(driver.name, store.url, config)}",
             file=sys.stderr,
         )
         return
