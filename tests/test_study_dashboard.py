@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -236,3 +237,62 @@ def test_a_busy_port_and_a_missing_database_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "nope.db" in err
     assert not missing.exists()
+
+
+SLOW_SERVER = """
+import sys, time
+from wsgiref.simple_server import make_server
+from evomerge.study.dashboard import _QuietHandler, serve_until_stopped
+
+def slow(environ, start_response):  # stands in for a dashboard page that takes a while
+    print("answering", flush=True)
+    time.sleep(1.5)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"the whole answer"]
+
+server = make_server("127.0.0.1", 0, slow, handler_class=_QuietHandler)
+print(server.server_address[1], flush=True)
+serve_until_stopped(server, finish_seconds=float(sys.argv[1]))
+print("stopped", flush=True)
+"""
+
+
+def _slow_server(finish_seconds: float) -> tuple[subprocess.Popen, int]:
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SERVER, str(finish_seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        preexec_fn=ignore_sigint,
+    )
+    return process, int(process.stdout.readline())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_a_stop_during_a_request_lets_it_finish_then_ends(signum):
+    # A SIGINT raised inside a request used to become wsgiref's 500, the server going on.
+    process, port = _slow_server(finish_seconds=10)
+    answers: list[tuple[int, bytes]] = []
+
+    def fetch() -> None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as response:
+            answers.append((response.status, response.read()))
+
+    client = threading.Thread(target=fetch)
+    client.start()
+    assert process.stdout.readline() == "answering\n"
+    process.send_signal(signum)
+    client.join(timeout=30)
+    assert answers == [(200, b"the whole answer")]
+    assert process.wait(timeout=30) == 0
+    assert process.stdout.read() == "stopped\n"
+
+
+def test_a_client_that_never_finishes_its_request_does_not_hold_the_stop():
+    process, port = _slow_server(finish_seconds=1)
+    with socket.create_connection(("127.0.0.1", port)) as stalled:
+        stalled.sendall(b"GET / HTTP/1.1\r\n")  # and never the rest of the headers
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    assert process.stdout.read() == "stopped\n"

@@ -11,8 +11,10 @@ import argparse
 import errno
 import json
 import logging
+import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -107,6 +109,36 @@ def make_dashboard_server(store: StudyStore, host: str, port: int) -> WSGIServer
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+FINISH_SECONDS = 10.0
+"""How long a stop waits for the request being answered before it leaves anyway."""
+
+
+def serve_until_stopped(server: WSGIServer, finish_seconds: float = FINISH_SECONDS) -> None:
+    """Serve until SIGINT or SIGTERM, letting the request in progress finish.
+
+    Requests are answered on a separate thread. A KeyboardInterrupt raised inside a request
+    would be caught by wsgiref's error handler (a 500, and the server going on), and SIGTERM
+    (``docker stop``) would kill the process mid-answer.
+    """
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in STOP_SIGNALS}
+    serving = threading.Thread(target=server.serve_forever, name="dashboard", daemon=True)
+    try:
+        serving.start()
+        while not stop.wait(timeout=1.0):
+            if not serving.is_alive():  # serve_forever itself failed; its error is on stderr
+                break
+        # shutdown() waits for serve_forever to return; a client that never finishes sending
+        # its request must not hold the stop, so it runs aside and is waited for a while.
+        threading.Thread(target=server.shutdown, daemon=True).start()
+        serving.join(timeout=finish_seconds)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        server.server_close()
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     store = open_store(args.storage)
     names = [row["name"] for row in store.studies()]
@@ -126,10 +158,6 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        print("dashboard stopped", file=sys.stderr)
-    finally:
-        server.server_close()
+    serve_until_stopped(server)
+    print("dashboard stopped", file=sys.stderr)
     return 0
