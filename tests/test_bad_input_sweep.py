@@ -393,7 +393,7 @@ CASES = [
     ),
     pytest.param(
         lambda c: ["search", str(c.study(storage=str(c.db()))), "--quiet"],
-        ["study 'toy' already exists", "evomerge resume"],
+        ["study 'toy' already exists", "resume it (evomerge resume {tmp}/study.yaml)"],
         id="study-name-taken",
     ),
     # -- resume -------------------------------------------------------------------------------

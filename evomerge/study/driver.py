@@ -220,6 +220,8 @@ class StudyDriver:
         self.lease_lost = False
         self.database_lost = False
         """The database stayed unreachable past its retries: nothing more is written."""
+        self.resume_hint = f"evomerge resume --storage {mask_url(store.url)} --study {self.name}"
+        """The command that continues this study, for messages; the launcher gives the YAML form."""
         if resume:
             store.acquire(self.name, self.owner)  # before touching anything of the study
             try:
@@ -568,7 +570,7 @@ class StudyDriver:
         if self.store.has_study(self.name):
             raise ConfigError(
                 f"study '{self.name}' already exists in {mask_url(self.store.url)}; resume it "
-                f"(evomerge resume --storage ... --study {self.name}) or choose another name"
+                f"({self.resume_hint}) or choose another name"
             )
         self.store.create_study(self.name, self.config.model_dump(mode="json"), self.budget or 0)
         self.store.acquire(self.name, self.owner)
@@ -674,8 +676,7 @@ class StudyDriver:
             self.database_lost = True  # retried already: leave the rest to `resume`
             raise StorageError(
                 f"{exc}; the study stopped with every finished result recorded; when the "
-                f"database works again, continue with: evomerge resume --storage "
-                f"{mask_url(self.store.url)} --study {self.name}"
+                f"database works again, continue with: {self.resume_hint}"
             ) from exc
         except BaseException:
             with contextlib.suppress(StorageError):  # the error that stopped us matters more

@@ -189,6 +189,7 @@ def _yaml_alone(args: argparse.Namespace) -> Path | None:
 
 
 def _run(driver: StudyDriver, store: StudyStore, quiet: bool, config: Path | None = None) -> int:
+    driver.resume_hint = resume_command(driver.name, store.url, config)
     with no_transformers_bars(), live_progress(driver.name, enabled=not quiet) as show:
         summary = driver.run(on_progress=show)
     _report(summary, driver, store, config)
