@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 import ray
@@ -136,8 +137,27 @@ def test_an_hours_budget_stops_the_study_and_counts_time_over_runs(toy_zoo, tmp_
     assert again.ran == 0 and len(store.trials("toy")) == ran
 
 
+def _swallowed_ctrl_c() -> None:
+    """A Ctrl-C that lands in code catching it (as wsgiref's and some libraries' handlers do)."""
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the handler runs here
+    except KeyboardInterrupt:
+        pass
+
+
 @pytest.mark.timeout(300)
-def test_sigterm_stops_like_ctrl_c_and_the_handler_from_before_comes_back(toy_zoo, tmp_path):
+@pytest.mark.parametrize(
+    "stop",
+    [
+        lambda: os.kill(os.getpid(), signal.SIGTERM),
+        _swallowed_ctrl_c,  # a plain Ctrl-C: tests/test_study_launch.py, on the command
+    ],
+    ids=["sigterm", "ctrl_c_swallowed"],
+)
+def test_a_stop_signal_stops_the_study_and_the_handlers_from_before_come_back(
+    toy_zoo, tmp_path, stop
+):
     """`ray job stop`, `kill` and schedulers send SIGTERM: the study must stop cleanly
     (recorded results kept, trials in flight requeued, status `stopped`), not just exit."""
     db = str(tmp_path / "s.db")
@@ -148,11 +168,12 @@ def test_sigterm_stops_like_ctrl_c_and_the_handler_from_before_comes_back(toy_zo
     def on_result(result):  # type: ignore[no-untyped-def]
         results.append(result)
         if len(results) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
+            stop()
 
-    before = signal.getsignal(signal.SIGTERM)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     summary = StudyDriver(store, config).run(on_result=on_result)
-    assert summary.status == "stopped" and signal.getsignal(signal.SIGTERM) is before
+    assert summary.status == "stopped"
+    assert {s: signal.getsignal(s) for s in before} == before
     assert store.study("toy")["status"] == "stopped"
     states = [t.state for t in store.trials("toy")]
     assert "RUNNING" not in states and 3 <= states.count("COMPLETE") < 10

@@ -35,7 +35,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,18 +96,8 @@ def _ensure_ray(config: StudyConfig) -> bool:
     return True
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _stop_on_sigterm() -> Any:
-    """Make SIGTERM (``ray job stop``, plain ``kill``, a scheduler's time limit) raise
-    KeyboardInterrupt, so it stops the driver as cleanly as Ctrl-C; ``ray.init`` installs a
-    handler that exits at once. The handler replaced, to restore; None off the main thread,
-    which receives no signals."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, _interrupt)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""Ctrl-C, and what ``ray job stop``, plain ``kill`` and schedulers' time limits send."""
 
 
 def _check_reachable(address: str, where: str) -> None:
@@ -220,6 +210,9 @@ class StudyDriver:
         self.lease_lost = False
         self.database_lost = False
         """The database stayed unreachable past its retries: nothing more is written."""
+        self.interrupted = False
+        """A stop signal arrived; checked again between results, in case the KeyboardInterrupt
+        it raised was swallowed by code the driver called."""
         self.resume_hint = f"evomerge resume --storage {mask_url(store.url)} --study {self.name}"
         """The command that continues this study, for messages; the launcher gives the YAML form."""
         if resume:
@@ -652,10 +645,10 @@ class StudyDriver:
 
         if on_progress is not None:
             on_progress(self.progress())
-        sigterm_before = _stop_on_sigterm()
+        handlers_before = self._catch_stop_signals()
         try:
             started_ray = _ensure_ray(self.config)
-            _stop_on_sigterm()  # again: ray.init installed its own
+            self._catch_stop_signals(handlers_before)  # again: ray.init's SIGTERM handler exits
             with WorkerPool(
                 spec,
                 cluster.workers,
@@ -665,7 +658,7 @@ class StudyDriver:
                 trial_timeout=cluster.trial_timeout,
             ) as pool:
                 unused = dispatch(
-                    pool, self.next_task, handle, should_stop=lambda: time_up() or self.lease_lost
+                    pool, self.next_task, handle, should_stop=lambda: self._should_stop(time_up)
                 )
             if not self.lease_lost:
                 self._put_back(unused)
@@ -687,14 +680,34 @@ class StudyDriver:
                 import ray
 
                 ray.shutdown()
-            if sigterm_before is not None:
-                signal.signal(signal.SIGTERM, sigterm_before)
+            for signum, handler in handlers_before.items():
+                if handler is not None:  # None: one installed outside Python, not restorable
+                    signal.signal(signum, handler)
         if self.lease_lost:  # the other driver owns the study now: leave its state alone
             raise StudyBusy(
                 f"study '{self.name}': another driver took it over while this one was stalled; "
                 "this driver stopped (its finished results are recorded)"
             )
         return self._finish(time_up)
+
+    def _on_stop_signal(self, signum: int, frame: object) -> None:
+        self.interrupted = True
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def _catch_stop_signals(self, signums: Iterable[int] | None = None) -> dict[int, Any]:
+        """Make SIGINT and SIGTERM (or ``signums``) stop the run as Ctrl-C does, unless the
+        process ignores them; the handlers replaced, to restore. Nothing off the main thread,
+        which receives no signals."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        if signums is None:
+            signums = [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+        return {signum: signal.signal(signum, self._on_stop_signal) for signum in signums}
+
+    def _should_stop(self, time_up: Callable[[], bool]) -> bool:
+        if self.interrupted:  # its KeyboardInterrupt did not get here: raise it again
+            raise KeyboardInterrupt("a stop signal")
+        return time_up() or self.lease_lost
 
     def _finish(self, time_up: Callable[[], bool]) -> RunSummary:
         self.store.set_elapsed(self.name, self.elapsed())
