@@ -262,8 +262,7 @@ def _slow_server(finish_seconds: float) -> tuple[subprocess.Popen, int]:
         [sys.executable, "-c", SLOW_SERVER, str(finish_seconds)],
         stdout=subprocess.PIPE,
         text=True,
-        cwd=ROOT,
-        preexec_fn=ignore_sigint,
+        cwd=ROOT,  # SIGINT as a terminal gives it (the CLI restores it where it was ignored)
     )
     return process, int(process.stdout.readline())
 

@@ -99,8 +99,7 @@ def run_checks(
     path: Path, *, storage: str | None = None, address: str | None = None, resume: bool = False
 ) -> list[Check]:
     from evomerge.study.config import StudyConfig, load_study_config
-    from evomerge.study.launch import resume_command
-    from evomerge.study.store import storage_url
+    from evomerge.study.store import resume_command, storage_url
 
     try:
         config: StudyConfig = load_study_config(path)

@@ -11,7 +11,6 @@ import argparse
 import errno
 import json
 import logging
-import signal
 import socket
 import sys
 import threading
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from evomerge.errors import ConfigError
+from evomerge.stop_signals import on_stop_signals
 from evomerge.study.report import open_store
 from evomerge.study.store import mask_url
 
@@ -109,7 +109,6 @@ def make_dashboard_server(store: StudyStore, host: str, port: int) -> WSGIServer
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 FINISH_SECONDS = 10.0
 """How long a stop waits for the request being answered before it leaves anyway."""
 
@@ -122,20 +121,18 @@ def serve_until_stopped(server: WSGIServer, finish_seconds: float = FINISH_SECON
     (``docker stop``) would kill the process mid-answer.
     """
     stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in STOP_SIGNALS}
     serving = threading.Thread(target=server.serve_forever, name="dashboard", daemon=True)
     try:
-        serving.start()
-        while not stop.wait(timeout=1.0):
-            if not serving.is_alive():  # serve_forever itself failed; its error is on stderr
-                break
-        # shutdown() waits for serve_forever to return; a client that never finishes sending
-        # its request must not hold the stop, so it runs aside and is waited for a while.
-        threading.Thread(target=server.shutdown, daemon=True).start()
-        serving.join(timeout=finish_seconds)
+        with on_stop_signals(lambda *_: stop.set()):
+            serving.start()
+            while not stop.wait(timeout=1.0):
+                if not serving.is_alive():  # serve_forever itself failed; its error is on stderr
+                    break
+            # shutdown() waits for serve_forever to return; a client that never finishes
+            # sending its request must not hold the stop, so it runs aside, waited for a while.
+            threading.Thread(target=server.shutdown, daemon=True).start()
+            serving.join(timeout=finish_seconds)
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
         server.server_close()
 
 

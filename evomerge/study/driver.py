@@ -29,13 +29,12 @@ import logging
 import math
 import os
 import re
-import signal
 import socket
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +47,7 @@ from evomerge.failpoints import failpoint
 from evomerge.optimize import dominates, pareto_front, scalarize
 from evomerge.search.loop import build_space_proposer
 from evomerge.space import space_from_setting
+from evomerge.stop_signals import on_stop_signals
 from evomerge.study.config import StudyConfig, parse_study_config
 from evomerge.study.store import (
     LEASE_SECONDS,
@@ -58,6 +58,7 @@ from evomerge.study.store import (
     Told,
     TrialView,
     mask_url,
+    resume_command,
 )
 
 SNAPSHOT_SECONDS = 30.0
@@ -94,10 +95,6 @@ def _ensure_ray(config: StudyConfig) -> bool:
             logging_level=logging.ERROR,  # a private local instance: no start-up chatter
         )
     return True
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-"""Ctrl-C, and what ``ray job stop``, plain ``kill`` and schedulers' time limits send."""
 
 
 def _check_reachable(address: str, where: str) -> None:
@@ -213,7 +210,7 @@ class StudyDriver:
         self.interrupted = False
         """A stop signal arrived; checked again between results, in case the KeyboardInterrupt
         it raised was swallowed by code the driver called."""
-        self.resume_hint = f"evomerge resume --storage {mask_url(store.url)} --study {self.name}"
+        self.resume_hint = resume_command(self.name, store.url)
         """The command that continues this study, for messages; the launcher gives the YAML form."""
         if resume:
             store.acquire(self.name, self.owner)  # before touching anything of the study
@@ -584,8 +581,8 @@ class StudyDriver:
         def time_up() -> bool:
             return budget_seconds is not None and self.elapsed() >= budget_seconds
 
-        with self._lease():
-            return self._run(on_result, on_progress, time_up)
+        with self._lease(), on_stop_signals(self._on_stop_signal) as catch_signals_again:
+            return self._run(on_result, on_progress, time_up, catch_signals_again)
 
     @contextlib.contextmanager
     def _lease(self) -> Iterator[None]:
@@ -619,6 +616,7 @@ class StudyDriver:
         on_result: Callable[[CandidateResult], None] | None,
         on_progress: Callable[[StudyProgress], None] | None,
         time_up: Callable[[], bool],
+        catch_signals_again: Callable[[], object],
     ) -> RunSummary:
         from evomerge.cluster.pool import WorkerPool, dispatch
 
@@ -645,10 +643,9 @@ class StudyDriver:
 
         if on_progress is not None:
             on_progress(self.progress())
-        handlers_before = self._catch_stop_signals()
         try:
             started_ray = _ensure_ray(self.config)
-            self._catch_stop_signals(handlers_before)  # again: ray.init's SIGTERM handler exits
+            catch_signals_again()  # ray.init installs a SIGTERM handler that exits at once
             with WorkerPool(
                 spec,
                 cluster.workers,
@@ -680,9 +677,6 @@ class StudyDriver:
                 import ray
 
                 ray.shutdown()
-            for signum, handler in handlers_before.items():
-                if handler is not None:  # None: one installed outside Python, not restorable
-                    signal.signal(signum, handler)
         if self.lease_lost:  # the other driver owns the study now: leave its state alone
             raise StudyBusy(
                 f"study '{self.name}': another driver took it over while this one was stalled; "
@@ -693,16 +687,6 @@ class StudyDriver:
     def _on_stop_signal(self, signum: int, frame: object) -> None:
         self.interrupted = True
         raise KeyboardInterrupt(f"signal {signum}")
-
-    def _catch_stop_signals(self, signums: Iterable[int] | None = None) -> dict[int, Any]:
-        """Make SIGINT and SIGTERM (or ``signums``) stop the run as Ctrl-C does, unless the
-        process ignores them; the handlers replaced, to restore. Nothing off the main thread,
-        which receives no signals."""
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        if signums is None:
-            signums = [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
-        return {signum: signal.signal(signum, self._on_stop_signal) for signum in signums}
 
     def _should_stop(self, time_up: Callable[[], bool]) -> bool:
         if self.interrupted:  # its KeyboardInterrupt did not get here: raise it again

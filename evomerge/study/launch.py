@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.progress import no_transformers_bars
 from evomerge.study.report import check_storage, open_store
-from evomerge.study.store import StudyStore, mask_url
+from evomerge.study.store import StudyStore, mask_url, resume_command
 
 if TYPE_CHECKING:  # the driver imports torch: loaded only by the commands that run it
     from evomerge.study.config import StudyConfig
@@ -175,14 +175,6 @@ def _note_changes(path: Path, config: StudyConfig, stored: dict[str, Any], name:
         )
 
 
-def resume_command(name: str, url: str, config: Path | None = None) -> str:
-    """How to continue a study: by its YAML when that alone finds it (no database URL, whose
-    password would be masked), else by ``--storage`` and ``--study``."""
-    if config is not None:
-        return f"evomerge resume {config}"
-    return f"evomerge resume --storage {mask_url(url)} --study {name}"
-
-
 def _yaml_alone(args: argparse.Namespace) -> Path | None:
     """The command's YAML if no flag overrode where it says the study is."""
     return None if args.storage or getattr(args, "study", None) else args.config
@@ -192,19 +184,17 @@ def _run(driver: StudyDriver, store: StudyStore, quiet: bool, config: Path | Non
     driver.resume_hint = resume_command(driver.name, store.url, config)
     with no_transformers_bars(), live_progress(driver.name, enabled=not quiet) as show:
         summary = driver.run(on_progress=show)
-    _report(summary, driver, store, config)
+    _report(summary, driver, store)
     return 130 if summary.status == "stopped" else 0
 
 
-def _report(
-    summary: RunSummary, driver: StudyDriver, store: StudyStore, config: Path | None
-) -> None:
+def _report(summary: RunSummary, driver: StudyDriver, store: StudyStore) -> None:
     from evomerge.study.report import cmd_pareto
 
     if summary.status == "stopped":
         print(
             f"stopped: {summary.finished} trials recorded ({summary.ran} in this run); "
-            f"continue with: {resume_command(driver.name, store.url, config)}",
+            f"continue with: {driver.resume_hint}",
             file=sys.stderr,
         )
         return

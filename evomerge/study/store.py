@@ -151,6 +151,14 @@ def mask_url(url: str) -> str:
     return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
+def resume_command(name: str, url: str, config: Path | None = None) -> str:
+    """How to continue a study: by its YAML when that alone finds it (no database URL, whose
+    password would be masked), else by ``--storage`` and ``--study``."""
+    if config is not None:
+        return f"evomerge resume {config}"
+    return f"evomerge resume --storage {mask_url(url)} --study {name}"
+
+
 def storage_url(value: str | Path) -> str:
     """A SQLAlchemy URL; a plain path means an SQLite file."""
     text = str(value)
