@@ -8,6 +8,7 @@ test runs' too): it stops its own head by killing the process group the head was
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -202,10 +203,14 @@ def test_each_script_is_clean_and_answers_help(name):
     assert wrong.returncode == 1 and len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: each probe stays bound until all are chosen (ports
+    probed one at a time can repeat, and Ray refuses one port for two components)."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
 
 
 def _stop_head(head: subprocess.Popen, temp: str) -> None:
@@ -263,13 +268,13 @@ def test_a_submitted_study_stopped_by_ray_job_stop_resumes_to_its_budget(toy_zoo
         RAY_USAGE_STATS_ENABLED="0",
     )
     env.pop("RAY_ADDRESS", None)
-    port, jobs_port = _free_port(), _free_port()
+    port, jobs_port, agent_port, client_port = _free_ports(4)
     jobs = f"http://127.0.0.1:{jobs_port}"
     head_cmd = [str(REPO / "scripts" / "cluster_head.sh"), "--port", str(port)]
     head_cmd += ["--dashboard-port", str(jobs_port), "--node-ip", "127.0.0.1"]
     head_cmd += ["--num-cpus", "2", "--num-gpus", "0", "--temp-dir", f"{temp}/ray", "--block"]
-    head_cmd += ["--", f"--dashboard-agent-listen-port={_free_port()}"]
-    head_cmd += [f"--ray-client-server-port={_free_port()}", "--object-store-memory=100000000"]
+    head_cmd += ["--", f"--dashboard-agent-listen-port={agent_port}"]
+    head_cmd += [f"--ray-client-server-port={client_port}", "--object-store-memory=100000000"]
     log = (folder / "head.log").open("w")
     head = subprocess.Popen(
         head_cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
