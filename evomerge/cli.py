@@ -317,7 +317,8 @@ def cmd_to_mergekit(args: argparse.Namespace) -> int:
     import yaml
 
     from evomerge.merge.mergekit_compat import recipe_to_mergekit
-    from evomerge.merge.recipe import load_yaml, parse_recipe
+    from evomerge.merge.recipe import parse_recipe
+    from evomerge.util import load_yaml
 
     recipe = parse_recipe(load_yaml(args.config), str(args.config))
     text = yaml.safe_dump(recipe_to_mergekit(recipe, args.config.parent), sort_keys=False)

@@ -33,9 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evomerge.checkpoint import ModelFolder
 from evomerge.errors import ConfigError
-from evomerge.merge.recipe import Recipe, evaluate_setting, load_yaml, parse_recipe
+from evomerge.merge.recipe import Recipe, evaluate_setting, parse_recipe
 from evomerge.merge.registry import MergeMethod, ParamSpec, get_method
 from evomerge.merge.tensors import layer_index, layer_position, tensor_kind
+from evomerge.util import load_yaml
 
 SEARCH_SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
 GeneKind = Literal["attention", "mlp", "norm", "embedding", "head"]
@@ -488,7 +489,7 @@ def space_from_setting(setting: str | dict[str, Any], folder: Path | None = None
 
 
 def parse_space(data: dict[str, Any], where: str = "search space") -> SearchSpace:
-    from evomerge.merge.recipe import pydantic_message
+    from evomerge.util import pydantic_message
 
     try:
         space = SearchSpace.model_validate(data)

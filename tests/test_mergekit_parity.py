@@ -28,7 +28,8 @@ from safetensors import safe_open
 from evomerge.cli import main as evomerge_main
 from evomerge.merge.config_file import plan_from_file
 from evomerge.merge.mergekit_compat import recipe_to_mergekit
-from evomerge.merge.recipe import load_yaml, parse_recipe
+from evomerge.merge.recipe import parse_recipe
+from evomerge.util import load_yaml
 
 mergekit_merge = pytest.importorskip("mergekit.merge")
 from mergekit.config import MergeConfiguration  # noqa: E402

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from evomerge.errors import EvaluationError
 from evomerge.evaluate.base import Evaluator, EvaluatorConfig
-from evomerge.merge.recipe import pydantic_message
+from evomerge.util import pydantic_message
 
 _EVALUATORS: dict[str, type[Evaluator]] = {}
 

@@ -8,12 +8,12 @@ from pathlib import Path
 from evomerge.merge.mergekit_compat import is_mergekit_config, parse_mergekit, plan_mergekit
 from evomerge.merge.plan import MergePlan
 from evomerge.merge.recipe import (
-    load_yaml,
     open_fisher_folders,
     open_recipe_models,
     parse_recipe,
     plan_recipe,
 )
+from evomerge.util import load_yaml
 
 
 def plan_from_file(

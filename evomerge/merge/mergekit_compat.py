@@ -24,11 +24,11 @@ from evomerge.merge.recipe import (
     evaluate_setting,
     open_recipe_models,
     plan_recipe,
-    pydantic_message,
     resolve_path,
 )
 from evomerge.merge.registry import MergeMethod, available_methods, get_method
 from evomerge.merge.tensors import KIND_PATTERNS, layer_index, tensor_kind, with_layer_index
+from evomerge.util import pydantic_message
 
 _TIES_FAMILY = {"ties", "dare_ties", "breadcrumbs_ties", "della"}
 # mergekit's 'rescale' default (True means L1-norm rescaling) for methods whose masks we rescale.

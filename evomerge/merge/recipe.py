@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from evomerge.checkpoint import ModelFolder, check_compatible
@@ -27,6 +26,7 @@ from evomerge.errors import ConfigError
 from evomerge.merge.plan import MergePlan, TensorJob, TensorRef, freeze
 from evomerge.merge.registry import MergeMethod, get_method
 from evomerge.merge.tensors import layer_position, tensor_kind
+from evomerge.util import pydantic_message
 
 Scalar = bool | int | float | str
 Value = Scalar | list[Scalar]
@@ -131,34 +131,11 @@ def interpolate(anchors: Sequence[Scalar], t: float) -> Scalar | None:
     return (1 - frac) * anchors[low] + frac * anchors[high]
 
 
-def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    file = Path(path)
-    try:
-        data = yaml.safe_load(file.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read {file}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{file} is not valid YAML: {exc}".replace("\n", " ")) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{file} must hold a YAML mapping, got {type(data).__name__}")
-    return data
-
-
 def parse_recipe(data: dict[str, Any], where: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{where}: {pydantic_message(exc)}") from None
-
-
-def pydantic_message(exc: ValidationError) -> str:
-    """The first validation error as 'field.path: message'."""
-    err = exc.errors()[0]
-    loc = ".".join(
-        str(part) for part in err["loc"] if not str(part).startswith(("function-", "union"))
-    )
-    extra = f" ({len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
-    return f"{loc or 'value'}: {err['msg']}{extra}"
 
 
 def resolve_path(path: str, relative_to: Path | None) -> str:

@@ -51,7 +51,7 @@ def parse_objectives(
         try:
             out.append(Objective.model_validate(item))
         except ValidationError as exc:
-            from evomerge.merge.recipe import pydantic_message
+            from evomerge.util import pydantic_message
 
             raise ConfigError(f"{where}[{i}]: {pydantic_message(exc)}") from None
     return out

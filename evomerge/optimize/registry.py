@@ -65,7 +65,7 @@ def parse_proposer_config(
     try:
         return cls.config_class.model_validate(dict(data))
     except ValidationError as exc:
-        from evomerge.merge.recipe import pydantic_message  # imports torch: only when needed
+        from evomerge.util import pydantic_message
 
         raise ConfigError(f"{where} ({cls.kind}): {pydantic_message(exc)}") from None
 

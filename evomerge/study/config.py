@@ -21,8 +21,8 @@ from pydantic import (
 
 from evomerge.errors import ConfigError
 from evomerge.evaluate.registry import anchor_evaluator_paths, parse_evaluator_config
-from evomerge.merge.recipe import load_yaml, pydantic_message
 from evomerge.optimize import Objective, parse_proposer_config
+from evomerge.util import load_yaml, pydantic_message
 
 DEFAULT_STORAGE = "evomerge_studies.db"
 

@@ -307,8 +307,8 @@ def _draw_images(
 
 def export_settings(config: Mapping[str, Any], study: str) -> ExportConfig:
     """The stored config's ``export`` section (its defaults when absent)."""
-    from evomerge.merge.recipe import pydantic_message
     from evomerge.study.config import ExportConfig
+    from evomerge.util import pydantic_message
 
     try:
         return ExportConfig.model_validate(config.get("export") or {})
