@@ -2,73 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
-
-from pydantic import ValidationError
+from typing import Any
 
 from evomerge.errors import EvaluationError
 from evomerge.evaluate.base import Evaluator, EvaluatorConfig
-from evomerge.util import pydantic_message
+from evomerge.registry import KindRegistry
 
-_EVALUATORS: dict[str, type[Evaluator]] = {}
+EVALUATORS: KindRegistry[Evaluator, EvaluatorConfig] = KindRegistry(
+    "evaluator",
+    EvaluatorConfig,
+    EvaluationError,
+    plugins=(
+        "evomerge.evaluate.harness",
+        "evomerge.evaluate.perplexity",
+        "evomerge.evaluate.python_callable",
+    ),
+)
 
-E = TypeVar("E", bound=type[Evaluator])
-
-
-def register_evaluator(kind: str, config_class: type[EvaluatorConfig]) -> Callable[[E], E]:
-    """Class decorator: make an Evaluator subclass available as ``kind``."""
-
-    def add(cls: E) -> E:
-        if kind in _EVALUATORS:
-            raise ValueError(f"evaluator kind {kind!r} is registered twice")
-        cls.kind = kind
-        cls.config_class = config_class
-        _EVALUATORS[kind] = cls
-        return cls
-
-    return add
-
-
-def _load_builtin() -> None:
-    from evomerge.evaluate import harness, perplexity, python_callable  # noqa: F401
-
-
-def available_evaluators() -> list[str]:
-    _load_builtin()
-    return sorted(_EVALUATORS)
-
-
-def evaluator_class(kind: str) -> type[Evaluator]:
-    _load_builtin()
-    if kind not in _EVALUATORS:
-        raise EvaluationError(
-            f"unknown evaluator kind {kind!r}; available: {', '.join(sorted(_EVALUATORS))}"
-        )
-    return _EVALUATORS[kind]
-
-
-def parse_evaluator_config(
-    data: Mapping[str, Any] | EvaluatorConfig, where: str = "evaluator"
-) -> EvaluatorConfig:
-    """Validate a mapping (``kind`` picks the model) into that kind's config."""
-    if isinstance(data, EvaluatorConfig):
-        return data
-    if not isinstance(data, Mapping):
-        raise EvaluationError(f"{where}: expected a mapping with a 'kind', got {data!r}")
-    if "kind" not in data:
-        raise EvaluationError(
-            f"{where}: missing 'kind' (one of {', '.join(available_evaluators())})"
-        )
-    try:
-        cls = evaluator_class(str(data["kind"]))
-    except EvaluationError as exc:
-        raise EvaluationError(f"{where}: kind: {exc}") from None
-    try:
-        return cls.config_class.model_validate(dict(data))
-    except ValidationError as exc:
-        raise EvaluationError(f"{where} ({cls.kind}): {pydantic_message(exc)}") from None
+register_evaluator = EVALUATORS.register
+"""Class decorator ``@register_evaluator(kind, ConfigClass)``: make an Evaluator available."""
+available_evaluators = EVALUATORS.names
+evaluator_class = EVALUATORS.get
+parse_evaluator_config = EVALUATORS.parse
 
 
 def preflight_evaluator(
