@@ -1,4 +1,4 @@
-"""Reading and validating Hugging Face model folders, and writing merged ones atomically.
+"""Reading and validating Hugging Face model folders (:mod:`evomerge.writer` writes them).
 
 Reading is lazy: a :class:`ModelFolder` knows every tensor's name, shape, dtype and file from
 the safetensors headers, and reads one tensor at a time. Pickled ``.bin`` checkpoints are refused

@@ -7,7 +7,6 @@ Descriptions are the attribute docstrings under each field (or the field's ``des
 
 from __future__ import annotations
 
-import argparse
 import ast
 import inspect
 import itertools
@@ -226,37 +225,6 @@ def block_in(document: str) -> str | None:
     if BEGIN not in document or END not in document:
         return None
     return document.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n") + "\n"
-
-
-def add_commands(commands: Any) -> None:
-    """Register ``config-reference`` on the CLI's sub-parsers."""
-    reference = commands.add_parser(
-        "config-reference",
-        help="print the reference of every config file's fields (generated from the code)",
-        description="Print, as Markdown, every field of the study YAML, proposers, evaluators, "
-        "search spaces and recipes: type, bounds, default and meaning. --write FILE replaces "
-        "the generated block in FILE (the README keeps one).",
-    )
-    reference.add_argument("--write", type=Path, metavar="FILE", help="update the block in FILE")
-    reference.set_defaults(handler=cmd_config_reference)
-
-
-def cmd_config_reference(args: argparse.Namespace) -> int:
-    text = generate()
-    if args.write is None:
-        print(text, end="")
-        return 0
-    try:
-        document = args.write.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"--write {args.write}: {exc.strerror or exc}") from None
-    updated = replace_block(document, text, str(args.write))
-    if updated != document:
-        args.write.write_text(updated, encoding="utf-8")
-        print(f"updated the config reference in {args.write}")
-    else:
-        print(f"the config reference in {args.write} is up to date")
-    return 0
 
 
 def iter_fields() -> Iterator[tuple[type[BaseModel], str, FieldInfo]]:

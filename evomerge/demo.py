@@ -13,7 +13,6 @@ exported again, a stopped one (Ctrl-C) is resumed.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +58,7 @@ def _run_demo(workdir: Path) -> None:
     from evomerge.progress import progress_bar
     from evomerge.study.config import load_study_config
     from evomerge.study.driver import StudyDriver
-    from evomerge.study.launch import live_progress
+    from evomerge.study.live import live_progress
     from evomerge.study.store import StudyStore
     from evomerge.toy_zoo import ToyZooSpec, build_toy_zoo, total_training_steps
 
@@ -103,7 +102,7 @@ def _run_demo(workdir: Path) -> None:
 
 def _print_results(store: Any, objectives: list[Any]) -> None:
     from evomerge.optimize import scalarize
-    from evomerge.study.report import cmd_pareto
+    from evomerge.study.report import pareto_report
 
     trials = [t for t in store.trials(STUDY, ["COMPLETE"]) if t.values(objectives)]
     best = max(
@@ -119,11 +118,12 @@ def _print_results(store: Any, objectives: list[Any]) -> None:
             f"{scalarize(objectives, trial.values(objectives)):.3f}"
         )
     print()
-    cmd_pareto(argparse.Namespace(storage=store.url, study=STUDY, json=False, plot=None))
+    print(pareto_report(store, STUDY))
 
 
 def _export(store: Any, workdir: Path, storage: str) -> None:
     from evomerge.study.export import export_trial
+    from evomerge.util import evomerge_command, shlex_quote
 
     result = export_trial(store, STUDY, "best", workdir / "merged", force=True)
     verdict = "scores exactly what the database recorded" if result.verified else "not verified"
@@ -131,9 +131,10 @@ def _export(store: Any, workdir: Path, storage: str) -> None:
         f"\nexported trial {result.number} to {result.path}; reloaded with transformers it "
         f"{verdict}."
     )
+    run, where = evomerge_command(), f"--storage {shlex_quote(storage)} --study {STUDY}"
     print(
         "Look closer:\n"
-        f"  evomerge status --storage {storage} --study {STUDY}\n"
-        f"  evomerge pareto --storage {storage} --study {STUDY} --plot pareto.png\n"
-        f"  evomerge export --storage {storage} --study {STUDY} --trial pareto:2 --out merged2"
+        f"  {run} status {where}\n"
+        f"  {run} pareto {where} --plot pareto.png\n"
+        f"  {run} export {where} --trial pareto:2 --out merged2"
     )

@@ -1,8 +1,8 @@
-"""The search loop in one process: propose, merge in place, evaluate, tell, until the budget.
+"""The search in one process, without Ray or a database: propose, merge in place, evaluate,
+tell, until the budget (a study runs the same steps on Ray workers against a database).
 
-The study service runs the same steps on Ray workers against a database; this module is the
-logic it reuses. Baselines come first: every source alone and the space's uniform merges, so
-each search contains its reference points. Baselines are recorded, not told to the proposer
+Baselines come first: every source alone and the space's uniform merges, so each search
+contains its reference points. Baselines are recorded, not told to the proposer
 (they are not points it chose, and several lie outside the space's genome, e.g. a source
 alone). They count towards the evaluation budget.
 """
@@ -21,17 +21,14 @@ import torch
 
 from evomerge.checkpoint import ModelFolder
 from evomerge.errors import ConfigError, EvaluationError, EvomergeError
-from evomerge.evaluate import Evaluator, build_evaluator
-from evomerge.failpoints import failpoint
+from evomerge.evaluate import build_evaluator
+from evomerge.evaluate.suite import EvaluatorSuite
 from evomerge.merge.engine import InPlaceMerger
 from evomerge.merge.recipe import Recipe, plan_recipe
 from evomerge.optimize import (
     Objective,
     Proposer,
-    build_proposer,
     pareto_front,
-    parse_proposer_config,
-    restore_proposer,
     scalarize,
 )
 from evomerge.space import BoundSpace
@@ -40,7 +37,7 @@ Role = Literal["source", "uniform", "proposal"]
 
 
 @dataclass
-class Trial:
+class InProcessTrial:
     """One evaluated candidate."""
 
     number: int
@@ -60,69 +57,23 @@ class Trial:
 @dataclass
 class SearchResult:
     objectives: list[Objective]
-    trials: list[Trial]
+    trials: list[InProcessTrial]
 
     @property
-    def complete(self) -> list[Trial]:
+    def complete(self) -> list[InProcessTrial]:
         return [t for t in self.trials if t.status == "complete"]
 
-    def best(self, role: Role | None = None) -> Trial:
+    def best(self, role: Role | None = None) -> InProcessTrial:
         """The complete trial with the highest scalarized objective (optionally of one role)."""
         pool = [t for t in self.complete if role is None or t.role == role]
         if not pool:
             raise ConfigError("no complete trial" + (f" of role {role}" if role else ""))
         return max(pool, key=lambda t: scalarize(self.objectives, t.values or []))
 
-    def pareto(self) -> list[Trial]:
+    def pareto(self) -> list[InProcessTrial]:
         """The complete trials no other complete trial dominates."""
         pool = self.complete
         return [pool[i] for i in pareto_front([t.values or [] for t in pool], self.objectives)]
-
-
-def build_space_proposer(
-    settings: Mapping[str, Any],
-    space: BoundSpace,
-    objectives: Sequence[Objective],
-    state: bytes | None = None,
-) -> Proposer:
-    """The proposer a search config asks for (restored from ``state`` if given); CMA-ES
-    starts from the mean of the space's uniform baselines unless ``x0`` is given."""
-    settings = dict(settings)
-    if settings.get("kind", "cma") == "cma" and settings.get("x0") is None:
-        settings["x0"] = np.mean(space.uniform_genomes(), axis=0).tolist()
-    config = parse_proposer_config(settings)
-    if state is not None:
-        return restore_proposer(config, space.dimension, list(objectives), state)
-    return build_proposer(config, space.dimension, list(objectives))
-
-
-class EvaluatorSuite:
-    """Several evaluators on one model; their metrics merged, a clash is an error."""
-
-    def __init__(self, evaluators: Sequence[Evaluator]) -> None:
-        self.evaluators = list(evaluators)
-
-    def evaluate(self, limit: int | float | None = None) -> tuple[dict[str, float], float]:
-        metrics: dict[str, float] = {}
-        seconds = 0.0
-        for evaluator in self.evaluators:
-            result = evaluator.evaluate(limit)
-            clash = set(result.metrics) & set(metrics)
-            if clash:
-                raise EvaluationError(f"two evaluators both produce metric {sorted(clash)[0]}")
-            metrics.update(result.metrics)
-            seconds += result.seconds
-            failpoint("mid_evaluation")  # a test kills the worker between two evaluators
-        return metrics, seconds
-
-    def check_metrics(self, names: Sequence[str]) -> None:
-        available = sorted({m for e in self.evaluators for m in e.metric_names()})
-        missing = [name for name in names if name not in available]
-        if missing:
-            raise EvaluationError(
-                f"no evaluator produces metric(s) {', '.join(missing)}; "
-                f"available: {', '.join(available)}"
-            )
 
 
 def objective_values(objectives: Sequence[Objective], metrics: Mapping[str, float]) -> list[float]:
@@ -173,7 +124,7 @@ class InProcessSearch:
     def recipe(self, genome: np.ndarray) -> Recipe:
         return self.space.decode(genome, str(self.base), [str(s) for s in self.sources])
 
-    def _score(self, trial: Trial, load: Callable[[], None]) -> Trial:
+    def _score(self, trial: InProcessTrial, load: Callable[[], None]) -> InProcessTrial:
         start = time.perf_counter()
         try:
             load()
@@ -185,14 +136,16 @@ class InProcessSearch:
             trial.error = f"{type(exc).__name__}: {exc}"
         return trial
 
-    def evaluate_genome(self, number: int, role: Role, label: str, genome: np.ndarray) -> Trial:
+    def evaluate_genome(
+        self, number: int, role: Role, label: str, genome: np.ndarray
+    ) -> InProcessTrial:
         recipe = self.recipe(genome)
-        trial = Trial(number, role, label, genome.copy(), recipe)
+        trial = InProcessTrial(number, role, label, genome.copy(), recipe)
         plan = plan_recipe(recipe, self.folders)
         return self._score(trial, lambda: self.merger.merge_into(plan, self.model))
 
-    def evaluate_source(self, number: int, index: int) -> Trial:
-        trial = Trial(number, "source", self.folders[index + 1].label, None, None)
+    def evaluate_source(self, number: int, index: int) -> InProcessTrial:
+        trial = InProcessTrial(number, "source", self.folders[index + 1].label, None, None)
 
         def load() -> None:
             with torch.no_grad():
@@ -201,7 +154,7 @@ class InProcessSearch:
 
         return self._score(trial, load)
 
-    def baselines(self, start: int = 0) -> list[Trial]:
+    def baselines(self, start: int = 0) -> list[InProcessTrial]:
         trials = [self.evaluate_source(start + i, i) for i in range(len(self.sources))]
         for label, genome in self.space.uniform_baselines():
             trials.append(self.evaluate_genome(start + len(trials), "uniform", label, genome))
@@ -213,7 +166,7 @@ class InProcessSearch:
         budget: int,
         *,
         baselines: bool = True,
-        on_trial: Callable[[Trial], None] | None = None,
+        on_trial: Callable[[InProcessTrial], None] | None = None,
     ) -> SearchResult:
         """Baselines, then proposals until ``budget`` evaluations or the proposer is done.
 
@@ -221,7 +174,7 @@ class InProcessSearch:
         """
         if budget < 1:
             raise ConfigError(f"the budget must be at least 1 evaluation, got {budget}")
-        trials: list[Trial] = []
+        trials: list[InProcessTrial] = []
         if baselines:
             for trial in self.baselines():
                 if len(trials) >= budget:

@@ -1,4 +1,4 @@
-"""Tiny local model families for tests, benchmarks and the demo: no download, seconds to build.
+"""Random tiny model families for tests and benchmarks: no download, seconds to build.
 
 :func:`build_random_family` writes a randomly initialised Llama base and "fine-tunes" that are
 the base plus small seeded perturbations, each a normal Hugging Face folder (config, word-level

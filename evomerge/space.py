@@ -23,14 +23,15 @@ any recipe (the final norm therefore shares the first group's ``norm`` or ``rest
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from evomerge.bundled import bundled_folder
 from evomerge.checkpoint import ModelFolder
 from evomerge.errors import ConfigError
 from evomerge.merge.recipe import Recipe, evaluate_setting, parse_recipe
@@ -38,7 +39,10 @@ from evomerge.merge.registry import MergeMethod, ParamSpec, get_method
 from evomerge.merge.tensors import layer_index, layer_position, tensor_kind
 from evomerge.util import load_yaml
 
-SEARCH_SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
+if TYPE_CHECKING:
+    from evomerge.optimize import Objective, Proposer
+
+SEARCH_SPACES_DIR = bundled_folder("search_spaces")
 GeneKind = Literal["attention", "mlp", "norm", "embedding", "head"]
 Scope = Literal["source", "group", "kind"]
 REST = "rest"
@@ -554,3 +558,22 @@ def _layer_groups(layers: str | LayerGroups, num_layers: int, where: str) -> lis
             f"{where}: group_size {size} is larger than the model's {num_layers} layers"
         )
     return [tuple(range(s, min(s + size, num_layers))) for s in range(0, num_layers, size)]
+
+
+def build_space_proposer(
+    settings: Mapping[str, Any],
+    space: BoundSpace,
+    objectives: Sequence[Objective],
+    state: bytes | None = None,
+) -> Proposer:
+    """The proposer a search config asks for (restored from ``state`` if given); CMA-ES
+    starts from the mean of the space's uniform baselines unless ``x0`` is given."""
+    from evomerge.optimize import build_proposer, parse_proposer_config, restore_proposer
+
+    settings = dict(settings)
+    if settings.get("kind", "cma") == "cma" and settings.get("x0") is None:
+        settings["x0"] = np.mean(space.uniform_genomes(), axis=0).tolist()
+    config = parse_proposer_config(settings)
+    if state is not None:
+        return restore_proposer(config, space.dimension, list(objectives), state)
+    return build_proposer(config, space.dimension, list(objectives))

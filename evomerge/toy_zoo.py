@@ -195,7 +195,7 @@ def build_toy_zoo(
     """
     from transformers import LlamaForCausalLM
 
-    from evomerge.zoo import build_tokenizer, tiny_llama_config
+    from evomerge.random_family import build_tokenizer, tiny_llama_config
 
     spec = spec or ToyZooSpec()
     spec.check()

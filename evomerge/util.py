@@ -99,3 +99,31 @@ def pydantic_message(exc: ValidationError) -> str:
     )
     extra = f" ({len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
     return f"{loc or 'value'}: {err['msg']}{extra}"
+
+
+def evomerge_command() -> str:
+    """How to run evomerge again from this shell, for commands printed as advice: ``evomerge``
+    when that name on the PATH is the program running now, else that program's path (such as
+    ``.venv/bin/evomerge`` when the virtual environment is not activated)."""
+    import shutil
+    import sys
+
+    running = Path(sys.argv[0] if sys.argv and sys.argv[0] else "evomerge")
+    if running.name == "__main__.py":  # python -m evomerge(.cli)
+        return f"{shlex_quote(sys.executable)} -m evomerge"
+    if running.name != "evomerge":
+        return "evomerge"
+    found = shutil.which("evomerge")
+    if found and Path(found).resolve() == running.resolve():
+        return "evomerge"
+    try:
+        return shlex_quote(str(running.resolve().relative_to(Path.cwd().resolve())))
+    except ValueError:
+        return shlex_quote(str(running.resolve()))
+
+
+def shlex_quote(word: str) -> str:
+    """``word`` quoted for a POSIX shell when it needs to be."""
+    import shlex
+
+    return shlex.quote(word)

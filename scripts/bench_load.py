@@ -233,8 +233,8 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     from evomerge.optimize import Objective, pareto_front
     from evomerge.study.config import parse_study_config
     from evomerge.study.driver import StudyDriver
-    from evomerge.study.report import study_status
     from evomerge.study.schema import SnapshotRow, TrialRow
+    from evomerge.study.status import study_status
     from evomerge.study.store import StudyStore
     from evomerge.toy_zoo import build_toy_zoo
 

@@ -164,7 +164,7 @@ def build_family(workdir: Path, spec: dict, rebuild: bool) -> dict[str, Path]:
     family.mkdir(parents=True)
     import torch
 
-    from evomerge.zoo import build_tokenizer
+    from evomerge.random_family import build_tokenizer
 
     config = llama_config(spec)
     tensors = expected_tensors(config)

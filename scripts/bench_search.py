@@ -212,13 +212,13 @@ def main() -> int:
 
     from evomerge.checkpoint import ModelFolder
     from evomerge.evaluate.harness import quiet_lm_eval_logs
+    from evomerge.inprocess import InProcessSearch
     from evomerge.optimize import (
         Objective,
         build_proposer,
         parse_proposer_config,
         scalarize,
     )
-    from evomerge.search import InProcessSearch
     from evomerge.space import load_space
     from evomerge.toy_zoo import build_toy_zoo
 

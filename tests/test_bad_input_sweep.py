@@ -25,7 +25,7 @@ import torch
 from evomerge.cli import main
 from evomerge.study import StudyStore
 from evomerge.study.config import load_study_config
-from evomerge.study.launch import preflight
+from evomerge.study.preflight import preflight
 from tests.helpers import copy_model, edit_config, edit_tensors, write_yaml
 
 UP = "model.layers.1.mlp.up_proj.weight"
@@ -610,7 +610,7 @@ def ctx(family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     def no_ray(config: Any) -> bool:
         raise AssertionError("a bad input must be refused before Ray starts")
 
-    monkeypatch.setattr("evomerge.study.driver._ensure_ray", no_ray)
+    monkeypatch.setattr("evomerge.study.driver.ensure_ray", no_ray)
     monkeypatch.chdir(tmp_path)  # anything written to the working directory is seen
     (tmp_path / "junk.db").write_bytes(b"not a database, just junk " * 40)
     yield Ctx(tmp_path, family)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from evomerge.cli import format_metrics, main
+from evomerge.cli import main
+from evomerge.cli.output import format_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -68,19 +67,6 @@ def _check(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[st
 @pytest.fixture(autouse=True)
 def _no_ray_address(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # `check` without --address: this machine
-
-
-@pytest.fixture
-def postgres_url():  # type: ignore[no-untyped-def]
-    """A fresh PostgreSQL schema, dropped afterwards."""
-    schema = f"evomerge_check_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(POSTGRES)
-    with admin.begin() as connection:
-        connection.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))
-    yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
-    with admin.begin() as connection:
-        connection.execute(sqlalchemy.text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
 
 
 # -- evomerge check ---------------------------------------------------------------------------

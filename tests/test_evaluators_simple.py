@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from evomerge.errors import EvaluationError
 from evomerge.evaluate.perplexity import PerplexityConfig, PerplexityEvaluator
 from evomerge.evaluate.python_callable import PythonConfig, PythonEvaluator
-from evomerge.zoo import build_random_family
+from evomerge.random_family import build_random_family
 
 N_TOKENS = 30
 

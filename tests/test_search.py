@@ -8,8 +8,8 @@ import pytest
 
 from evomerge.checkpoint import ModelFolder
 from evomerge.errors import ConfigError, EvaluationError
+from evomerge.inprocess import InProcessSearch
 from evomerge.optimize import Objective, build_proposer, dominates, parse_proposer_config
-from evomerge.search import InProcessSearch
 from evomerge.space import load_space
 
 FACTS_AB = [{"kind": "lm_eval", "tasks": ["toy_facts_a", "toy_facts_b"]}]

@@ -13,8 +13,8 @@ import psutil
 import pytest
 
 import evomerge
+from evomerge.cluster.connect import ensure_ray
 from evomerge.study.config import parse_study_config
-from evomerge.study.driver import _ensure_ray
 
 PACKAGE = Path(evomerge.__file__).parent
 SHELL_CALLS = {"system", "popen", "Popen", "run", "call", "check_call", "check_output"}
@@ -62,7 +62,7 @@ def test_the_local_ray_instance_has_no_dashboard_or_client_port_and_wants_its_to
         "study",
     )
     assert not ray.is_initialized()
-    assert _ensure_ray(config)  # the instance `evomerge search` starts when given no address
+    assert ensure_ray(config.cluster)  # the instance `evomerge search` starts when given no address
     try:
         gcs = ray.get_runtime_context().gcs_address
         ours = {p.pid for p in psutil.Process().children(recursive=True)}

@@ -58,8 +58,8 @@ def test_resume_names_what_the_yaml_changed_since_the_study_started(tmp_path, ca
 
     import yaml
 
+    from evomerge.cli.run import config_changes_note
     from evomerge.study.config import load_study_config
-    from evomerge.study.launch import _note_changes
 
     data = {
         "name": "toy",
@@ -74,12 +74,10 @@ def test_resume_names_what_the_yaml_changed_since_the_study_started(tmp_path, ca
     path = Path(tmp_path / "study.yaml")
     path.write_text(yaml.safe_dump(data))
     stored = load_study_config(path).model_dump(mode="json")  # what `search` stored
-    _note_changes(path, load_study_config(path), stored, "toy")
-    assert capsys.readouterr().err == ""  # the YAML as it was: nothing to say
+    assert config_changes_note(path, load_study_config(path), stored, "toy") is None  # as it was
 
     data.update(budget=40, proposer={"kind": "cma", "seed": 1}, storage="elsewhere.db")
     path.write_text(yaml.safe_dump(data))
-    _note_changes(path, load_study_config(path), stored, "toy")
-    err = capsys.readouterr().err
+    err = config_changes_note(path, load_study_config(path), stored, "toy") or ""
     assert f"note: {path} differs from the config study 'toy' started with" in err
     assert "(budget, proposer); resume runs the stored config" in err  # storage: where, not what

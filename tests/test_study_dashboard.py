@@ -31,15 +31,13 @@ from evomerge.optimize import parse_objectives
 from evomerge.space import space_from_setting
 from evomerge.study import StudyStore
 from evomerge.study.optuna_view import ReadOnlyStorageError, StudyStorageView
-from tests.test_study_export import study_config
-from tests.test_study_launch import ignore_sigint
-from tests.test_study_report import _study
-from tests.test_study_store import url  # noqa: F401  (the SQLite / PostgreSQL fixture)
+from tests.study_helpers import ignore_sigint, make_report_study, study_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FRONT = {0, 1, 3}
-"""Of _study's complete trials (max a/acc, min b/loss): 0 (0.9, 0.8), 1 (0.2, 0.1), 2 (0.5,
-0.5), 3 (0.7, 0.3) once promoted, 7 (0.6, 0.6); 3 dominates 2 and 7, the rest trade off."""
+"""Of make_report_study's complete trials (max a/acc, min b/loss): 0 (0.9, 0.8), 1 (0.2,
+0.1), 2 (0.5, 0.5), 3 (0.7, 0.3) once promoted, 7 (0.6, 0.6); 3 dominates 2 and 7, the rest
+trade off."""
 
 
 def rows(store: StudyStore) -> list[tuple[Any, ...]]:
@@ -52,7 +50,7 @@ def rows(store: StudyStore) -> list[tuple[Any, ...]]:
 
 
 def test_optuna_reads_the_study_and_finds_the_same_front(url):
-    store = _study(url)
+    store = make_report_study(url)
     view = StudyStorageView(store)
     study = optuna.load_study(study_name="s", storage=view)
 
@@ -103,7 +101,7 @@ def test_genes_are_parameters_in_their_own_units(toy_zoo, tmp_path):
 
 
 def test_a_space_that_cannot_be_bound_shows_unit_genes(tmp_path, caplog):
-    store = _study(str(tmp_path / "unbound.db"))  # its config names no models or space
+    store = make_report_study(str(tmp_path / "unbound.db"))  # its config names no models or space
     store.add_trial("s", 11, role="proposal", label="proposal 8", genome=[0.25, 0.75])
     trial = StudyStorageView(store).get_all_trials(1)[-1]
     assert trial.params == {"gene_0": 0.25, "gene_1": 0.75}
@@ -112,7 +110,7 @@ def test_a_space_that_cannot_be_bound_shows_unit_genes(tmp_path, caplog):
 
 
 def test_every_write_is_refused_and_nothing_changes(tmp_path):
-    store = _study(str(tmp_path / "ro.db"))
+    store = make_report_study(str(tmp_path / "ro.db"))
     before = rows(store)
     view = StudyStorageView(store)
     study = optuna.load_study(study_name="s", storage=view)
@@ -150,9 +148,9 @@ def send(base: str, method: str, path: str, body: dict[str, Any] | None = None) 
 
 @pytest.fixture
 def served(tmp_path):  # type: ignore[no-untyped-def]
-    """`evomerge dashboard --port 0` on _study's database, as a user starts it."""
+    """`evomerge dashboard --port 0` on make_report_study's database, as a user starts it."""
     database = tmp_path / "served.db"
-    store = _study(str(database))
+    store = make_report_study(str(database))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         [
@@ -222,7 +220,7 @@ def test_the_dashboard_serves_the_study_live_and_refuses_writes(served):
 
 
 def test_a_busy_port_and_a_missing_database_are_one_line(tmp_path, capsys):
-    store = _study(str(tmp_path / "s.db"))
+    store = make_report_study(str(tmp_path / "s.db"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

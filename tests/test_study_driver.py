@@ -7,7 +7,6 @@ import signal
 import time
 
 import pytest
-import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -17,20 +16,10 @@ from evomerge.study import StudyStore
 from evomerge.study.config import parse_study_config
 from evomerge.study.driver import StudyDriver
 from evomerge.study.export import export_trial
-from tests.test_study_store import url  # noqa: F401  (the SQLite / PostgreSQL fixture)
+
+pytestmark = pytest.mark.usefixtures("ray_session")  # one Ray for the whole module
 
 EVALUATOR = {"kind": "lm_eval", "tasks": ["toy_facts_a", "toy_facts_b"]}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():  # type: ignore[no-untyped-def]
-    ray.init(
-        num_cpus=2, include_dashboard=False, object_store_memory=100_000_000, log_to_driver=False
-    )
-    threads = torch.get_num_threads()
-    yield
-    ray.shutdown()
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.timeout(300)

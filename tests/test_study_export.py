@@ -11,104 +11,42 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 from sqlalchemy import select, update
 
-from evomerge.checkpoint import ModelFolder
 from evomerge.cli import main
 from evomerge.errors import ConfigError
 from evomerge.evaluate import build_evaluator
-from evomerge.merge.engine import InPlaceMerger
 from evomerge.merge.mergekit_compat import recipe_to_mergekit
-from evomerge.merge.recipe import parse_recipe, plan_recipe
-from evomerge.space import space_from_setting
+from evomerge.merge.recipe import parse_recipe
 from evomerge.study import StudyStore
-from evomerge.study.config import StudyConfig, parse_study_config
-from evomerge.study.export import export_trial, fidelity_limit, select_trial
-from evomerge.study.schema import ExportRow, MetricRow, TrialRow
+from evomerge.study.export import export_trial, fidelity_limit
+from evomerge.study.read import select_trial
+from evomerge.study.schema import MetricRow, TrialRow
 from evomerge.study.store import fidelity_name
-from tests.test_study_store import url  # noqa: F401  (the SQLite / PostgreSQL fixture)
-
-EVALUATOR = {"kind": "lm_eval", "tasks": ["toy_facts_a", "toy_facts_b"]}
-METRICS = ("toy_facts_a/acc", "toy_facts_b/acc")
-GENOMES = [[0.1, 0.1], [0.5, 0.5], [0.9, 0.2], [0.2, 0.9], [0.6, 0.45]]
-LIMIT = 20
-FAILED, RUNNING = len(GENOMES), len(GENOMES) + 1
-
-
-def study_config(zoo: dict[str, Path], storage: str, **extra: Any) -> StudyConfig:
-    return parse_study_config(
-        {
-            "name": "toy",
-            "storage": storage,
-            "base": str(zoo["base"]),
-            "sources": [str(zoo["ft_a"]), str(zoo["ft_b"])],
-            "space": "task_arithmetic_global",
-            "proposer": {"kind": "random", "seed": 0},
-            "objectives": [{"metric": m} for m in METRICS],
-            "evaluators": [EVALUATOR],
-            "budget": 5,
-            **extra,
-        },
-        "study",
-    )
-
-
-@pytest.fixture(scope="module")
-def scored(toy_zoo: dict[str, Path]) -> list[dict[str, Any]]:
-    """Each genome's recipe and its metrics on all documents and on LIMIT, computed in place."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    config = study_config(toy_zoo, "unused.db")
-    folders = [ModelFolder(config.base, label="base"), *(ModelFolder(s) for s in config.sources)]
-    space = space_from_setting(config.space).bind(folders[0], [f.label for f in folders[1:]])
-    merger = InPlaceMerger(folders)
-    model = AutoModelForCausalLM.from_pretrained(config.base, dtype=torch.float32).eval()
-    evaluator = build_evaluator(EVALUATOR, model, AutoTokenizer.from_pretrained(config.base))
-    rows = []
-    for genome in GENOMES:
-        recipe = space.decode(np.array(genome), config.base, config.sources)
-        merger.merge_into(plan_recipe(recipe, folders), model)
-        rows.append(
-            {
-                "recipe": recipe.model_dump(exclude_defaults=True),
-                "full": evaluator.evaluate().metrics,
-                "limit": evaluator.evaluate(LIMIT).metrics,
-            }
-        )
-    evaluator.close()
-    return rows
-
-
-def fill(
-    storage: str, zoo: dict[str, Path], rows: list[dict[str, Any]], **extra: Any
-) -> StudyStore:
-    """Study 'toy': one COMPLETE trial per genome, then a FAILED and a RUNNING one."""
-    store = StudyStore(storage)
-    config = study_config(zoo, storage, **extra)
-    store.create_study("toy", config.model_dump(mode="json"), 5)
-    for number, row in enumerate(rows):
-        store.add_trial(
-            "toy", number, role="proposal", label=f"proposal {number}", recipe=row["recipe"]
-        )
-        store.finish_trial("toy", number, state="COMPLETE", metrics=row["full"], worker="w0")
-    store.add_trial("toy", FAILED, role="proposal", label="bad", recipe=rows[0]["recipe"])
-    store.finish_trial("toy", FAILED, state="FAILED", error="RuntimeError: NaN in layers.0")
-    store.add_trial("toy", RUNNING, role="proposal", label="busy", recipe=rows[0]["recipe"])
-    return store
+from tests.study_helpers import (
+    FAILED_TRIAL,
+    RUNNING_TRIAL,
+    SCORE_LIMIT,
+    TOY_EVALUATOR,
+    TOY_METRICS,
+    export_rows,
+    fill,
+    one_line_error,
+    run,
+)
 
 
 def expected_best(rows: list[dict[str, Any]]) -> int:
-    return max(range(len(rows)), key=lambda i: (sum(rows[i]["full"][m] for m in METRICS), -i))
+    return max(range(len(rows)), key=lambda i: (sum(rows[i]["full"][m] for m in TOY_METRICS), -i))
 
 
 def expected_front(rows: list[dict[str, Any]]) -> list[int]:
     """Non-dominated trials (the first of equal points), highest sum first, ties by number."""
-    points = [[row["full"][m] for m in METRICS] for row in rows]
+    points = [[row["full"][m] for m in TOY_METRICS] for row in rows]
 
     def dominated(i: int) -> bool:
         return any(
@@ -125,24 +63,6 @@ def expected_front(rows: list[dict[str, Any]]) -> list[int]:
 
 def export_args(storage: Any, *more: Any) -> list[str]:
     return [str(a) for a in ("export", "--storage", storage, "--study", "toy", *more)]
-
-
-def run(args: list[Any], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_line_error(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("evomerge: error: "), err
-    return lines[0]
-
-
-def export_rows(store: StudyStore) -> list[tuple[int, str, bool]]:
-    with store.session() as session:
-        rows = session.scalars(select(ExportRow).order_by(ExportRow.id)).all()
-        return [(r.trial_number, r.path, r.verified) for r in rows]
 
 
 def hidden(folder: Path) -> list[str]:
@@ -185,10 +105,10 @@ def test_best_export_loads_and_scores_the_recorded_metrics(toy_zoo, scored, url,
     assert code == 0, err
     assert f"exported trial {best} (proposal {best}, proposal)" in stdout
     assert "verified: yes" in stdout and "mergekit_config.yml: written" in stdout
-    for name in METRICS:
+    for name in TOY_METRICS:
         assert f"{scored[best]['full'][name]:.4f}" in stdout
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    evaluator = build_evaluator(EVALUATOR, model, AutoTokenizer.from_pretrained(out))
+    evaluator = build_evaluator(TOY_EVALUATOR, model, AutoTokenizer.from_pretrained(out))
     assert evaluator.evaluate().metrics == scored[best]["full"]
     evaluator.close()
     assert export_rows(store) == [(best, str(out.resolve()), True)]
@@ -257,7 +177,7 @@ def test_card_front_matter_and_scores(exported, scored, toy_zoo):
         "tags": ["merge", "evomerge"],
     }
     assert f"# toy: trial {best}" in body and "**task_arithmetic**" in body
-    for name in METRICS:
+    for name in TOY_METRICS:
         assert f"| {name} | {scored[best]['full'][name]:.6g} |" in body
     assert "on all documents" in body and "Verified" not in body
     assert f"--study toy --trial {best} --out OUT" in body
@@ -314,16 +234,16 @@ def test_unexpressible_recipe_has_no_mergekit_config_and_the_card_says_why(
 
 
 def test_study_export_settings_are_the_defaults(toy_zoo, scored, tmp_path, capsys):
-    """shard_size and verify from the stored config; a trial scored on LIMIT documents is
+    """shard_size and verify from the stored config; a trial scored on SCORE_LIMIT documents is
     verified at that fidelity; --dtype and --no-verify override."""
     storage = str(tmp_path / "s.db")
     store = fill(storage, toy_zoo, scored, export={"shard_size": "1MB", "verify": True})
     store.add_trial("toy", 9, role="proposal", label="cheap", recipe=scored[2]["recipe"])
-    store.finish_trial("toy", 9, state="COMPLETE", metrics=scored[2]["limit"], limit=LIMIT)
+    store.finish_trial("toy", 9, state="COMPLETE", metrics=scored[2]["limit"], limit=SCORE_LIMIT)
     base = export_args(storage, "--trial", "9", "--quiet")
     code, stdout, err = run([*base, "--out", tmp_path / "a"], capsys)
     assert code == 0, err
-    assert "verified: yes" in stdout and f"fidelity limit={LIMIT}" in stdout
+    assert "verified: yes" in stdout and f"fidelity limit={SCORE_LIMIT}" in stdout
     shards = sorted((tmp_path / "a").glob("*.safetensors"))
     sizes = [sum(t.numel() * t.element_size() for t in load_file(f).values()) for f in shards]
     assert len(shards) >= 3 and max(sizes) <= 1_000_000  # float32 toy model: about 3 MB
@@ -400,9 +320,9 @@ def test_unexportable_trials_are_one_line_errors(toy_zoo, scored, tmp_path, caps
     out = tmp_path / "exports" / "m"
     args = export_args(tmp_path / "s.db", "--out", out, "--quiet")
     cases = {
-        str(FAILED): ["is FAILED (RuntimeError: NaN in layers.0), not COMPLETE"],
-        str(RUNNING): ["is RUNNING, not COMPLETE"],
-        "42": ["has no trial 42", f"its trials are 0-{RUNNING}, 9"],
+        str(FAILED_TRIAL): ["is FAILED (RuntimeError: NaN in layers.0), not COMPLETE"],
+        str(RUNNING_TRIAL): ["is RUNNING, not COMPLETE"],
+        "42": ["has no trial 42", f"its trials are 0-{RUNNING_TRIAL}, 9"],
         "pareto:99": ["pareto:99", "Pareto front of study 'toy' has"],
         "9": [str(moved), "does not exist"],
     }

@@ -21,10 +21,17 @@ from evomerge.cluster.worker import CandidateTask
 from evomerge.study import StudyStore
 from evomerge.study.config import parse_study_config
 from evomerge.study.driver import StudyDriver
-from evomerge.study.export import select_trial
-from tests.test_study_export import export_rows, fill, one_line_error, run, scored  # noqa: F401
-from tests.test_study_launch import _cli, _study_yaml
-from tests.test_study_resume import EVALUATOR, OBJECTIVES, worker  # noqa: F401 (a fixture)
+from evomerge.study.read import select_trial
+from tests.study_helpers import (
+    TOY_EVALUATOR,
+    TOY_OBJECTIVES,
+    export_rows,
+    fill,
+    one_line_error,
+    run,
+    start_cli,
+    write_study_yaml,
+)
 
 POSTGRES = os.environ.get(
     "EVOMERGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -99,8 +106,8 @@ def _assert_exact_budget(store: StudyStore, budget: int) -> None:
 @pytest.mark.timeout(420)
 def test_postgres_restarted_mid_study_the_driver_retries_and_finishes(toy_zoo, tmp_path, pg_url):
     cluster = _cluster()
-    path = _study_yaml(tmp_path, toy_zoo, budget=20, storage=pg_url, snapshot_every=3)
-    search = _cli("search", str(path))
+    path = write_study_yaml(tmp_path, toy_zoo, budget=20, storage=pg_url, snapshot_every=3)
+    search = start_cli("search", str(path))
     _wait_until_finished(pg_url, 4, search)
     _server("stop", cluster)
     try:
@@ -117,8 +124,8 @@ def test_postgres_restarted_mid_study_the_driver_retries_and_finishes(toy_zoo, t
 @pytest.mark.timeout(420)
 def test_postgres_down_past_the_retries_stops_with_a_resume_line(toy_zoo, tmp_path, pg_url):
     cluster = _cluster()
-    path = _study_yaml(tmp_path, toy_zoo, budget=16, storage=pg_url)
-    search = _cli("search", str(path), EVOMERGE_DB_RETRY_SECONDS="2")
+    path = write_study_yaml(tmp_path, toy_zoo, budget=16, storage=pg_url)
+    search = start_cli("search", str(path), EVOMERGE_DB_RETRY_SECONDS="2")
     _wait_until_finished(pg_url, 4, search)
     before = {t.number: t.metrics for t in StudyStore(pg_url).trials("toy")}
     _server("stop", cluster)
@@ -131,7 +138,7 @@ def test_postgres_down_past_the_retries_stops_with_a_resume_line(toy_zoo, tmp_pa
     assert "Traceback" not in err and last.startswith("evomerge: error: database"), err
     assert "unreachable for 2 s" in last and f"continue with: evomerge resume {path}" in last
 
-    resume = _cli("resume", str(path))  # as the line says
+    resume = start_cli("resume", str(path))  # as the line says
     _, err = resume.communicate(timeout=300)
     assert resume.returncode == 0, err
     store = StudyStore(pg_url)
@@ -171,9 +178,9 @@ def test_a_worker_killed_mid_merge_or_mid_evaluation_loses_nothing(
             "sources": [str(toy_zoo["ft_a"]), str(toy_zoo["ft_b"])],
             "space": "task_arithmetic_global",
             "proposer": {"kind": "random", "seed": 0},
-            "objectives": OBJECTIVES,
+            "objectives": TOY_OBJECTIVES,
             "evaluators": [
-                EVALUATOR,
+                TOY_EVALUATOR,
                 {"kind": "python", "function": f"{tmp_path / 'alive.py'}:alive"},
             ],
             "budget": 6,  # each first worker dies in its 3rd trial; replacements finish

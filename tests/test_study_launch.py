@@ -4,68 +4,17 @@ study holds exactly its budget of trials, none twice."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 from PIL import Image
 
 from evomerge.cli import main
 from evomerge.study import StudyStore
-
-NAP = """
-import time
-
-
-def nap(model, tokenizer, seconds=0.25, limit=None):
-    time.sleep(seconds)
-    return {"slept": seconds}
-"""
-
-
-def _study_yaml(folder: Path, zoo: dict, **changes: object) -> Path:
-    (folder / "nap.py").write_text(NAP)
-    data = {
-        "name": "toy",
-        "base": str(zoo["base"]),
-        "sources": [str(zoo["ft_a"]), str(zoo["ft_b"])],
-        "space": "task_arithmetic_global",
-        "proposer": {"kind": "cma", "seed": 0, "popsize": 6},
-        "objectives": [{"metric": "toy_facts_a/acc"}, {"metric": "toy_facts_b/acc"}],
-        "evaluators": [
-            {"kind": "lm_eval", "tasks": ["toy_facts_a", "toy_facts_b"]},
-            {"kind": "python", "function": "nap.py:nap"},
-        ],
-        "budget": 24,
-        "cluster": {"workers": 2},
-    }
-    data.update(changes)
-    path = folder / "study.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def ignore_sigint() -> None:
-    """In the child: SIGINT ignored, as a shell script's background commands inherit it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _cli(*args: str, **extra_env: str) -> subprocess.Popen:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **extra_env)
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    return subprocess.Popen(
-        [sys.executable, "-m", "evomerge.cli", *args, "--quiet"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=ignore_sigint,  # SIGINT must stop it all the same (it did not, once)
-    )
+from tests.study_helpers import start_cli, write_study_yaml
 
 
 def _wait_for(store_path: Path, finished: int, process: subprocess.Popen) -> None:
@@ -87,7 +36,7 @@ def _wait_for(store_path: Path, finished: int, process: subprocess.Popen) -> Non
 
 
 def test_search_refuses_an_existing_study_and_bad_configs_in_one_line(toy_zoo, tmp_path, capsys):
-    path = _study_yaml(tmp_path, toy_zoo, storage=str(tmp_path / "s.db"))
+    path = write_study_yaml(tmp_path, toy_zoo, storage=str(tmp_path / "s.db"))
     store = StudyStore(tmp_path / "s.db")
     store.create_study("toy", {"objectives": []}, budget=3)
     assert main(["search", str(path), "--quiet"]) == 1
@@ -102,7 +51,7 @@ def test_search_refuses_an_existing_study_and_bad_configs_in_one_line(toy_zoo, t
         ({"space": "no_such_space"}, "ready spaces"),
         ({"colour": "red"}, "colour"),
     ]:
-        path = _study_yaml(tmp_path, toy_zoo, name="other", **changes)
+        path = write_study_yaml(tmp_path, toy_zoo, name="other", **changes)
         assert main(["search", str(path), "--quiet"]) == 1, changes
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, (changes, err)
@@ -146,7 +95,7 @@ def test_the_demo_runs_a_study_and_exports_a_verified_best_merge(toy_zoo, tmp_pa
 
 
 def test_a_cluster_that_does_not_answer_is_one_line(toy_zoo, tmp_path, capsys):
-    path = _study_yaml(tmp_path, toy_zoo, cluster={"address": "127.0.0.1:9"})
+    path = write_study_yaml(tmp_path, toy_zoo, cluster={"address": "127.0.0.1:9"})
     assert main(["search", str(path), "--quiet"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot join the Ray cluster at 127.0.0.1:9" in err
@@ -159,19 +108,19 @@ def test_a_second_driver_is_refused_while_another_study_shares_the_database(toy_
     slow = {"kind": "python", "function": "nap.py:nap", "options": {"seconds": 1.5}}
     lm_eval = {"kind": "lm_eval", "tasks": ["toy_facts_a", "toy_facts_b"]}
     # Slow trials: the first study is surely still running when the second driver has started.
-    path = _study_yaml(tmp_path, toy_zoo, budget=14, evaluators=[lm_eval, slow])
+    path = write_study_yaml(tmp_path, toy_zoo, budget=14, evaluators=[lm_eval, slow])
     db = tmp_path / "evomerge_studies.db"
     (tmp_path / "other").mkdir()
-    other = _study_yaml(tmp_path / "other", toy_zoo, name="other", storage=str(db), budget=8)
+    other = write_study_yaml(tmp_path / "other", toy_zoo, name="other", storage=str(db), budget=8)
 
-    first = _cli("search", str(path))
+    first = start_cli("search", str(path))
     _wait_for(db, 2, first)
-    second = _cli("resume", "--storage", str(db), "--study", "toy")
+    second = start_cli("resume", "--storage", str(db), "--study", "toy")
     _, err = second.communicate(timeout=120)
     assert second.returncode == 1
     assert len(err.strip().splitlines()) == 1 and "being run by another driver" in err, err
 
-    side = _cli("search", str(other))  # a different study in the same SQLite file, at once
+    side = start_cli("search", str(other))  # a different study in the same SQLite file, at once
     for process in (first, side):
         _, err = process.communicate(timeout=300)
         assert process.returncode == 0, err
@@ -197,10 +146,10 @@ def test_ctrl_c_then_kills_at_three_fault_points_then_resume_ends_with_exactly_t
 ):
     """One study through every way a driver stops: Ctrl-C, then a resume SIGKILLed at each
     fault point in turn, then a last resume. (One chain: each process start costs ~25 s.)"""
-    path = _study_yaml(tmp_path, toy_zoo, budget=BUDGET, snapshot_every=3)
+    path = write_study_yaml(tmp_path, toy_zoo, budget=BUDGET, snapshot_every=3)
     db = tmp_path / "evomerge_studies.db"  # the default storage, beside the YAML
 
-    search = _cli("search", str(path))
+    search = start_cli("search", str(path))
     _wait_for(db, 6, search)
     search.send_signal(signal.SIGINT)
     out, err = search.communicate(timeout=60)
@@ -213,7 +162,7 @@ def test_ctrl_c_then_kills_at_three_fault_points_then_resume_ends_with_exactly_t
 
     for failpoint in KILLS:
         before = store.trials("toy")
-        resume = _cli(
+        resume = start_cli(
             "resume", "--storage", str(db), "--study", "toy", EVOMERGE_FAILPOINTS=failpoint
         )
         _, err = resume.communicate(timeout=300)
@@ -224,7 +173,7 @@ def test_ctrl_c_then_kills_at_three_fault_points_then_resume_ends_with_exactly_t
             if old.state == "COMPLETE":
                 assert after[old.number].metrics == old.metrics, (failpoint, old.number)
 
-    final = _cli("resume", str(path))  # found by its YAML this time
+    final = start_cli("resume", str(path))  # found by its YAML this time
     out, err = final.communicate(timeout=300)
     assert final.returncode == 0, err
     assert f"finished: {BUDGET}/{BUDGET} trials" in out and "Pareto front" in out

@@ -16,7 +16,8 @@ import pytest
 from evomerge.study import StudyStore
 from evomerge.study.config import parse_study_config
 from evomerge.study.driver import StudyDriver
-from tests.test_study_driver import ray_session  # noqa: F401 (autouse: Ray for this module)
+
+pytestmark = pytest.mark.usefixtures("ray_session")  # one Ray for the whole module
 
 TRIALS = 400
 WORKERS = 8

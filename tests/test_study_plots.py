@@ -23,19 +23,13 @@ from PIL import Image
 from evomerge.cli import main
 from evomerge.merge.recipe import open_recipe_models, parse_recipe, plan_recipe
 from evomerge.optimize import Objective, scalarize
+from evomerge.plots import images as images_module
+from evomerge.plots.history import best_so_far, history_series, search_clock
+from evomerge.plots.labels import baseline_tags
+from evomerge.plots.pareto import pareto_figure
+from evomerge.plots.recipe import OUTSIDE, recipe_grid, recipe_matrix
 from evomerge.study import StudyStore
-from evomerge.study import plots as plots_module
 from evomerge.study.export import export_trial
-from evomerge.study.plots import (
-    OUTSIDE,
-    baseline_tags,
-    best_so_far,
-    history_series,
-    pareto_figure,
-    recipe_grid,
-    recipe_matrix,
-    search_clock,
-)
 from evomerge.study.store import TrialView
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -252,7 +246,7 @@ def test_a_plot_that_cannot_be_drawn_does_not_fail_the_export(study, tmp_path, m
     def broken(*args: Any, **kwargs: Any) -> None:
         raise ValueError("no room for a heatmap\nsecond line")
 
-    monkeypatch.setattr(plots_module, "recipe_figure", broken)
+    monkeypatch.setattr(images_module, "recipe_figure", broken)
     result = export_trial(StudyStore(study), "toy", "best", tmp_path / "m", verify=False)
     assert result.images == ("images/pareto.png", "images/history.png")
     assert result.images_skipped == ("recipe.png: no room for a heatmap",)

@@ -1,6 +1,7 @@
 """`evomerge status` and `evomerge pareto` (# column, --plot) on real SQLite and PostgreSQL.
 
-Every expected number below is worked out by hand from the trials that ``_study`` writes.
+Every expected number below is worked out by hand from the trials that ``make_report_study``
+writes (tests/study_helpers.py).
 """
 
 from __future__ import annotations
@@ -13,65 +14,14 @@ import pytest
 from PIL import Image
 
 from evomerge.cli import main
+from evomerge.plots.pareto import staircase
 from evomerge.study import StudyStore
-from evomerge.study.plots import staircase
-from evomerge.study.report import error_type, study_status
 from evomerge.study.schema import StudyRow, TrialRow
-from tests.test_study_store import url  # noqa: F401  (the SQLite / PostgreSQL fixture)
+from evomerge.study.status import error_type, study_status
+from tests.study_helpers import REPORT_OBJECTIVES, TIMED_OUT, make_report_study
 
-OBJECTIVES = [
-    {"metric": "a/acc", "direction": "maximize", "weight": 1.0},
-    {"metric": "b/loss", "direction": "minimize", "weight": 0.5},
-]
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-DIED_TWICE = "WorkerDied: worker died 2 times running this candidate (last: OOM)"
-DIED_ONCE = "WorkerDied: worker died once running this candidate (last: gone)"
-TIMEOUT = "TrialTimeout: timed out after 60 s"
-NAN = "evomerge.errors.EvaluationError: objective values [nan]"
-TRIALS = [  # number, role, label, worker, (a/acc, b/loss), limit, merge s, eval s, error
-    (0, "source", "ft_a", "w0", (0.9, 0.8), None, 1.0, 10.0, None),
-    (1, "source", "ft_b", "w1", (0.2, 0.1), None, 3.0, 20.0, None),
-    (2, "uniform", "uniform", "w0", (0.5, 0.5), None, 2.0, 12.0, None),
-    (3, "proposal", "proposal 0", "w1", (0.95, 0.2), 10, 1.0, 4.0, None),
-    (4, "proposal", "proposal 1", "w0", None, None, None, None, DIED_TWICE),
-    (5, "proposal", "proposal 2", "w1", None, None, 2.0, None, TIMEOUT),
-    (6, "proposal", "proposal 3", "w1", None, None, None, None, DIED_ONCE),
-    (7, "proposal", "proposal 4", "w0", (0.6, 0.6), 10, 2.0, 5.0, None),
-    (8, "proposal", "proposal 5", "w0", None, None, 1.0, 3.0, NAN),
-]
-
-
-def _study(database: str) -> StudyStore:
-    """Study "s": max a/acc, min b/loss (weights 1, 0.5); budget 20 trials or 2 hours.
-
-    The trials of TRIALS finished in order; trial 3 is promoted from limit=10 (0.95, 0.2) to
-    full fidelity (0.7, 0.3); trial 9 is RUNNING and trial 10 QUEUED.
-    """
-    store = StudyStore(database)
-    config = {"objectives": OBJECTIVES, "budget": {"trials": 20, "hours": 2.0}}
-    store.create_study("s", config, budget=20)
-    store.set_status("s", "running")
-    for number, role, label, worker, values, limit, merge, evaluate, error in TRIALS:
-        store.add_trial("s", number, role=role, label=label)
-        store.finish_trial(
-            "s",
-            number,
-            state="FAILED" if error else "COMPLETE",
-            metrics=dict(zip(("a/acc", "b/loss"), values)) if values else None,
-            limit=limit,
-            worker=worker,
-            attempts=2 if error == DIED_TWICE else 1,
-            error=error,
-            merge_seconds=merge,
-            eval_seconds=evaluate,
-        )
-    store.add_metrics("s", 3, {"a/acc": 0.7, "b/loss": 0.3}, limit=None)
-    store.add_trial("s", 9, role="proposal", label="proposal 6")
-    store.add_trial("s", 10, role="proposal", label="proposal 7", state="QUEUED")
-    return store
 
 
 def _set_times(store: StudyStore, elapsed: float) -> None:
@@ -85,7 +35,7 @@ def _set_times(store: StudyStore, elapsed: float) -> None:
 
 
 def test_status_numbers_by_hand(url):
-    store = _study(url)
+    store = make_report_study(url)
     _set_times(store, elapsed=0.0)
     status = study_status(store, "s", latest=3)
     assert status["study"] == "s" and status["status"] == "running"
@@ -110,7 +60,7 @@ def test_status_numbers_by_hand(url):
     ]
     assert [f["trial"] for f in failures["latest"]] == [8, 6, 5]
     assert failures["latest"][0]["finished_at"].startswith("2024-05-01T12:13:30")
-    assert failures["latest"][2]["error"] == TIMEOUT and failures["latest"][2]["worker"] == "w1"
+    assert failures["latest"][2]["error"] == TIMED_OUT and failures["latest"][2]["worker"] == "w1"
     # Trial 3's full-fidelity (0.7, 0.3) counts, not its limit=10 (0.95, 0.2).
     best_a, best_b = status["best"]
     assert best_a == {
@@ -155,8 +105,10 @@ def test_status_numbers_by_hand(url):
 
 def test_status_of_an_empty_study_and_other_budgets(tmp_path):
     store = StudyStore(tmp_path / "s.db")
-    store.create_study("hours", {"objectives": OBJECTIVES, "budget": {"hours": 1.5}}, budget=10**9)
-    store.create_study("count", {"objectives": OBJECTIVES, "budget": 7}, budget=7)
+    store.create_study(
+        "hours", {"objectives": REPORT_OBJECTIVES, "budget": {"hours": 1.5}}, budget=10**9
+    )
+    store.create_study("count", {"objectives": REPORT_OBJECTIVES, "budget": 7}, budget=7)
     store.create_study("bare", {}, budget=3)
     status = study_status(store, "hours")
     assert status["progress"]["budget_trials"] is None
@@ -209,7 +161,7 @@ def test_staircase_follows_the_directions():
 
 
 def test_status_cli_text_and_json(url, capsys):
-    store = _study(url)
+    store = make_report_study(url)
     _set_times(store, elapsed=1800.0)
     assert main(["status", "--storage", url, "--study", "s", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -241,14 +193,14 @@ def test_status_cli_text_and_json(url, capsys):
 
 
 def test_status_unknown_study_is_one_line(tmp_path, capsys):
-    StudyStore(tmp_path / "s.db").create_study("s", {"objectives": OBJECTIVES}, budget=1)
+    StudyStore(tmp_path / "s.db").create_study("s", {"objectives": REPORT_OBJECTIVES}, budget=1)
     assert main(["status", "--storage", str(tmp_path / "s.db"), "--study", "nope"]) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "no study 'nope'" in err
 
 
 def test_pareto_rank_column_and_json(url, capsys):
-    _study(url)
+    make_report_study(url)
     assert main(["pareto", "--storage", url, "--study", "s"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:2] == ["#", "trial"]
@@ -271,7 +223,11 @@ def _plot_db(tmp_path: Path) -> str:
     path = tmp_path / "db" / "s.db"
     store = StudyStore(path)
     third = {"metric": "c/x", "direction": "maximize", "weight": 1.0}
-    configs = {"one": OBJECTIVES[:1], "two": OBJECTIVES, "three": [*OBJECTIVES, third]}
+    configs = {
+        "one": REPORT_OBJECTIVES[:1],
+        "two": REPORT_OBJECTIVES,
+        "three": [*REPORT_OBJECTIVES, third],
+    }
     rows = [
         ("source", "ft_a", 0.9, 0.8, 0.3),
         ("source", "ft_b", 0.2, 0.1, 0.5),
@@ -287,7 +243,7 @@ def _plot_db(tmp_path: Path) -> str:
             store.finish_trial(study, number, state="COMPLETE", metrics=metrics)
         store.add_trial(study, 5, role="proposal", label="p2")
         store.finish_trial(study, 5, state="FAILED", error="WorkerDied: x")
-    store.create_study("none", {"objectives": OBJECTIVES}, budget=10)
+    store.create_study("none", {"objectives": REPORT_OBJECTIVES}, budget=10)
     store.add_trial("none", 0, role="proposal", label="p0")
     store.finish_trial("none", 0, state="FAILED", error="TrialTimeout: x")
     return str(path)

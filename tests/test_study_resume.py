@@ -12,31 +12,13 @@ from collections import deque
 
 import pytest
 
-from evomerge.cluster.worker import CandidateTask, MergeWorker, WorkerSpec
+from evomerge.cluster.worker import CandidateTask, MergeWorker
 from evomerge.errors import ConfigError
 from evomerge.optimize import Objective, scalarize
 from evomerge.study import StudyStore
 from evomerge.study.config import parse_study_config
 from evomerge.study.driver import StudyDriver
-from tests.test_study_store import url  # noqa: F401  (the SQLite / PostgreSQL fixture)
-
-EVALUATOR = {"kind": "lm_eval", "tasks": ["toy_facts_a", "toy_facts_b"]}
-OBJECTIVES = [{"metric": "toy_facts_a/acc"}, {"metric": "toy_facts_b/acc"}]
-
-
-@pytest.fixture(scope="module")
-def worker(toy_zoo):  # type: ignore[no-untyped-def]
-    import torch
-
-    threads = torch.get_num_threads()
-    spec = WorkerSpec(
-        base=str(toy_zoo["base"]),
-        sources=[str(toy_zoo["ft_a"]), str(toy_zoo["ft_b"])],
-        evaluators=[EVALUATOR],
-        torch_threads=1,
-    )
-    yield MergeWorker(spec, "in-process")
-    torch.set_num_threads(threads)
+from tests.study_helpers import TOY_EVALUATOR, TOY_OBJECTIVES
 
 
 def _config(toy_zoo, storage, **changes):  # type: ignore[no-untyped-def]
@@ -47,8 +29,8 @@ def _config(toy_zoo, storage, **changes):  # type: ignore[no-untyped-def]
         "sources": [str(toy_zoo["ft_a"]), str(toy_zoo["ft_b"])],
         "space": "task_arithmetic_global",
         "proposer": {"kind": "cma", "seed": 3, "popsize": 4},
-        "objectives": OBJECTIVES,
-        "evaluators": [EVALUATOR],
+        "objectives": TOY_OBJECTIVES,
+        "evaluators": [TOY_EVALUATOR],
         "budget": 16,
     }
     data.update(changes)
@@ -204,7 +186,7 @@ def test_the_best_of_each_batch_is_promoted_to_full_fidelity(toy_zoo, worker, tm
     resumed.begin()
     _drive(resumed, worker, workers=1)
 
-    objectives = [Objective(**o) for o in OBJECTIVES]
+    objectives = [Objective(**o) for o in TOY_OBJECTIVES]
     trials = store.trials("toy")
     assert len(trials) == 15
     assert all(t.fidelity == "full" for t in trials if t.role != "proposal")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import uuid
-
 import pytest
 import sqlalchemy
 
@@ -13,26 +10,7 @@ from evomerge.optimize import Objective
 from evomerge.study import StorageError, StudyStore, mask_url
 from evomerge.study.schema import SCHEMA_VERSION
 
-POSTGRES = os.environ.get(
-    "EVOMERGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 OBJECTIVES = [Objective(metric="a/acc"), Objective(metric="b/acc")]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path):  # type: ignore[no-untyped-def]
-    """A fresh database: an SQLite file, or a PostgreSQL schema dropped afterwards."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'study.db'}"
-        return
-    schema = f"evomerge_test_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(POSTGRES)
-    with admin.begin() as connection:
-        connection.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))
-    yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
-    with admin.begin() as connection:
-        connection.execute(sqlalchemy.text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
 
 
 def test_studies_trials_metrics_round_trip(url):

@@ -1,14 +1,12 @@
-"""The worker side of the study service: merge workers and a pool of them on Ray.
+"""The worker side of the study service: merge workers, a pool of them on Ray, and joining Ray.
 
-``evomerge.cluster.worker`` needs no Ray; ``WorkerPool`` and ``dispatch`` (which import Ray)
-are loaded on first use.
+``evomerge.cluster.worker`` needs no Ray; ``connect`` says which cluster and joins it. Every
+name here is loaded on first use, so importing ``evomerge.cluster.connect`` stays light.
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-from evomerge.cluster.worker import CandidateResult, CandidateTask, MergeWorker, WorkerSpec
 
 __all__ = [
     "CandidateResult",
@@ -25,4 +23,8 @@ def __getattr__(name: str) -> Any:
         from evomerge.cluster import pool
 
         return getattr(pool, name)
+    if name in __all__:
+        from evomerge.cluster import worker
+
+        return getattr(worker, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

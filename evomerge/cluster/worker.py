@@ -124,7 +124,7 @@ class MergeWorker:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from evomerge.evaluate import build_evaluator
-        from evomerge.search.loop import EvaluatorSuite
+        from evomerge.evaluate.suite import EvaluatorSuite
 
         start = time.perf_counter()
         self.spec = spec if isinstance(spec, WorkerSpec) else WorkerSpec.model_validate(spec)

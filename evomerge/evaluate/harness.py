@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from evomerge.bundled import bundled_folder
 from evomerge.errors import EvaluationError
 from evomerge.evaluate.base import (
     EvalResult,
@@ -76,7 +77,7 @@ def bundled_suites_dir() -> Path | None:
     override = os.environ.get(SUITES_ENV)
     if override:
         return Path(override).expanduser().resolve()
-    candidate = Path(__file__).resolve().parents[2] / "evaluators"
+    candidate = bundled_folder("evaluators")
     return candidate if candidate.is_dir() else None
 
 

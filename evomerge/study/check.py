@@ -1,11 +1,11 @@
-"""``evomerge check STUDY.yaml``: everything an overnight run needs, checked before it starts.
+"""Everything an overnight run needs, checked before it starts (``evomerge check STUDY.yaml``).
 
 One line per check (``ok``, ``FAIL`` or ``skip`` with the reason); exit code 0 only when none
 failed. It creates nothing: no study, no database file, no Ray instance. The checks:
 
 - ``yaml``: the study file loads and validates.
-- ``preflight``: what ``search`` checks before it starts (:func:`launch.preflight`): the models
-  exist and can be merged, the space, the proposer, the evaluators and the objectives.
+- ``preflight``: what ``search`` checks before it starts (:mod:`evomerge.study.preflight`): the
+  models exist and can be merged, the space, the proposer, the evaluators and the objectives.
 - ``database``: the database answers and takes writes (PostgreSQL: a temporary table in a
   transaction that is rolled back; SQLite: a file can be made in its folder).
 - ``study``: the name is new (``search`` refuses an existing one), or, with ``--resume``, a
@@ -19,27 +19,27 @@ failed. It creates nothing: no study, no database file, no Ray instance. The che
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
 import re
 import shutil
-import sys
 import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from evomerge.cluster.connect import ray_address
 from evomerge.errors import EvomergeError
+from evomerge.util import first_line, format_bytes
 
 State = Literal["ok", "FAIL", "skip"]
 CONNECT_SECONDS = 5
 """How long a database or Ray address may take to answer before its check fails."""
 RAY_JOIN_SECONDS = 30
 """How long joining a Ray cluster that answers may take (Ray itself waits for minutes)."""
-_stuck = threading.Event()
+ray_join_stuck = threading.Event()
 """Set when a join is left hanging: the command then ends without waiting for it."""
 
 
@@ -51,48 +51,6 @@ class Check:
 
     def line(self) -> str:
         return f"{self.state:<5} {self.name:<10} {self.detail}"
-
-
-def add_commands(commands: Any) -> None:
-    """Register ``check`` on the CLI's sub-parsers."""
-    check = commands.add_parser(
-        "check",
-        help="check a study YAML, its database, the Ray cluster, GPUs and disk before a run",
-        description="Check, without creating anything, what a study run needs: the YAML and "
-        "what 'search' checks before it starts (models, space, proposer, evaluators, "
-        "objectives), that the database answers and takes writes, that the study name is free, "
-        "that the Ray cluster has the CPUs and GPUs the workers ask for, CUDA for device: cuda, "
-        "and disk space for an export. Exit code 0 only if every check passes.",
-    )
-    check.add_argument("config", type=Path, help="study YAML file")
-    check.add_argument("--storage", help="database URL or SQLite file (overrides the YAML)")
-    check.add_argument(
-        "--address",
-        help="Ray cluster to check (HOST:PORT, auto, ray://HOST:10001); default: the YAML's "
-        "cluster.address, else RAY_ADDRESS, else this machine",
-    )
-    check.add_argument(
-        "--resume",
-        action="store_true",
-        help="the study exists and is to be continued with 'evomerge resume'",
-    )
-    check.set_defaults(handler=cmd_check)
-
-
-def cmd_check(args: argparse.Namespace) -> int:
-    checks = run_checks(args.config, storage=args.storage, address=args.address, resume=args.resume)
-    for check in checks:
-        print(check.line(), flush=True)
-    failed = [c.name for c in checks if c.state == "FAIL"]
-    if failed:
-        print(f"{len(failed)} of {len(checks)} checks failed: {', '.join(failed)}")
-    else:
-        print(f"all {len(checks)} checks passed")
-    if _stuck.is_set():  # Ray's threads would hold the interpreter at exit
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1 if failed else 0)
-    return 1 if failed else 0
 
 
 def run_checks(
@@ -123,13 +81,13 @@ def run_checks(
     database = _database(config.storage or "")
     how = resume_command(config.name, storage_url(config.storage or ""), None if storage else path)
     checks += [database, _study_name(config, resume, database.state == "ok", how)]
-    remote = bool(address or cluster.address or os.environ.get("RAY_ADDRESS"))
+    remote = ray_address(cluster, address)[0] is not None
     checks += [_ray(config, address), _cuda(config.device, remote), _disk(config, path)]
     return checks
 
 
 def _preflight(config: Any, where: str) -> Check:
-    from evomerge.study.launch import preflight
+    from evomerge.study.preflight import preflight
 
     try:
         preflight(config, where)
@@ -146,7 +104,7 @@ def _database(storage: str) -> Check:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
-    from evomerge.study.report import check_storage
+    from evomerge.study.read import check_storage
     from evomerge.study.store import mask_url
 
     try:
@@ -174,7 +132,7 @@ def _database(storage: str) -> Check:
             connection.execute(text("INSERT INTO evomerge_check_write (x) VALUES (1)"))
             transaction.rollback()
     except SQLAlchemyError as exc:
-        return Check("database", "FAIL", f"{shown}: {_first_line(exc)}")
+        return Check("database", "FAIL", f"{shown}: {first_line(exc)}")
     finally:
         engine.dispose()
     return Check("database", "ok", f"{shown} answers and takes writes")
@@ -251,8 +209,7 @@ def _ray(config: Any, address: str | None) -> Check:
         f"{cluster.workers} workers x ({cluster.cpus_per_worker:g} CPU, "
         f"{cluster.gpus_per_worker:g} GPU) = {need_cpus:g} CPUs, {need_gpus:g} GPUs"
     )
-    where = "--address" if address else "cluster.address" if cluster.address else "RAY_ADDRESS"
-    address = address or cluster.address or os.environ.get("RAY_ADDRESS") or None
+    address, where = ray_address(cluster, address)
     if address is None:
         cpus = os.cpu_count() or 1
         gpus = _local_gpus()
@@ -293,10 +250,10 @@ def _cluster_nodes(address: str, where: str) -> list[dict[str, float]] | str:
             f"{address} ({where}) is a Ray Jobs (dashboard) address; give the cluster's "
             "address HOST:6379 (as `ray start --address` takes it), or auto"
         )
-    from evomerge.study.driver import _check_reachable
+    from evomerge.cluster.connect import check_reachable
 
     try:
-        _check_reachable(address, where)
+        check_reachable(address, where)
     except EvomergeError as exc:
         return str(exc)
     found: list[list[dict[str, float]] | str] = []
@@ -304,7 +261,7 @@ def _cluster_nodes(address: str, where: str) -> list[dict[str, float]] | str:
     thread.start()
     thread.join(RAY_JOIN_SECONDS)
     if thread.is_alive():  # a port that answers but is not Ray: ray.init waits for minutes
-        _stuck.set()
+        ray_join_stuck.set()
         return (
             f"cannot join the Ray cluster at {address} ({where}): the port answers, but no Ray "
             f"cluster replied within {RAY_JOIN_SECONDS} s"
@@ -322,7 +279,7 @@ def _join(address: str, where: str) -> list[dict[str, float]] | str:
         ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
         return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
     except Exception as exc:  # ConnectionError, an auth error, a timeout: all one line
-        return f"cannot join the Ray cluster at {address} ({where}): {_first_line(exc)}"
+        return f"cannot join the Ray cluster at {address} ({where}): {first_line(exc)}"
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -352,7 +309,7 @@ def _cuda(device: str, remote: bool) -> Check:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         names = [torch.cuda.get_device_name(i) for i in range(count)]
     except Exception as exc:  # a driver that does not answer
-        return Check("cuda", "FAIL", f"device {device}: torch cannot use CUDA ({_first_line(exc)})")
+        return Check("cuda", "FAIL", f"device {device}: torch cannot use CUDA ({first_line(exc)})")
     if not count:
         build = f"torch {torch.__version__}, " + (
             f"CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
@@ -378,21 +335,9 @@ def _disk(config: Any, path: Path) -> Check:
     need = sum(w.stat().st_size for w in weights)
     free = shutil.disk_usage(folder).free
     text = (
-        f"an export needs about {_size(need)} (the base's weights); {folder} has {_size(free)} free"
+        f"an export needs about {format_bytes(need)} (the base's weights); "
+        f"{folder} has {format_bytes(free)} free"
     )
     if free < need * 1.1:  # and a little for the tokenizer, the card and the file system
         return Check("disk", "FAIL", text)
     return Check("disk", "ok", text)
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0].strip() if lines else type(exc).__name__

@@ -22,7 +22,7 @@ from pydantic import (
 from evomerge.errors import ConfigError
 from evomerge.evaluate.registry import anchor_evaluator_paths, parse_evaluator_config
 from evomerge.optimize import Objective, parse_proposer_config
-from evomerge.util import load_yaml, pydantic_message
+from evomerge.util import load_yaml, parse_size, pydantic_message
 
 DEFAULT_STORAGE = "evomerge_studies.db"
 
@@ -101,14 +101,7 @@ class ExportConfig(_Strict):
     @field_validator("shard_size")
     @classmethod
     def _size(cls, value: str) -> str:
-        from argparse import ArgumentTypeError
-
-        from evomerge.cli import parse_size
-
-        try:
-            parse_size(value)
-        except ArgumentTypeError as exc:
-            raise ValueError(str(exc)) from None
+        parse_size(value)  # a ValueError pydantic reports against this field
         return value
 
 

@@ -1,4 +1,4 @@
-"""``evomerge dashboard``: optuna-dashboard on a study database, live and read-only.
+"""optuna-dashboard on a study database, live and read-only (``evomerge dashboard``).
 
 The dashboard reads the trials through :class:`~evomerge.study.optuna_view.StudyStorageView`,
 so it shows a running study as it goes (objectives, Pareto front, parameter importances,
@@ -7,12 +7,10 @@ parallel coordinates, per-trial metrics) without writing anything to the databas
 
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import logging
 import socket
-import sys
 import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -20,37 +18,9 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from evomerge.errors import ConfigError
 from evomerge.stop_signals import on_stop_signals
-from evomerge.study.report import open_store
-from evomerge.study.store import mask_url
 
 if TYPE_CHECKING:
     from evomerge.study.store import StudyStore
-
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8080
-
-
-def add_commands(commands: Any) -> None:
-    """Register ``dashboard`` on the CLI's sub-parsers."""
-    dashboard = commands.add_parser(
-        "dashboard",
-        help="open optuna-dashboard on a study database (live, read-only)",
-        description="Serve optuna-dashboard over the studies in a database: objectives, the "
-        "Pareto front, parameter importances and every trial's metrics, refreshed as a "
-        "running study records results. Nothing is written to the database. It listens on "
-        "127.0.0.1 unless --host says otherwise; reach it from elsewhere through an SSH tunnel.",
-    )
-    dashboard.add_argument("--storage", required=True, help="database URL or SQLite file")
-    dashboard.add_argument(
-        "--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})"
-    )
-    dashboard.add_argument(
-        "--port",
-        type=int,
-        default=DEFAULT_PORT,
-        help=f"port to listen on (default {DEFAULT_PORT}; 0 picks a free one)",
-    )
-    dashboard.set_defaults(handler=cmd_dashboard)
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -134,27 +104,3 @@ def serve_until_stopped(server: WSGIServer, finish_seconds: float = FINISH_SECON
             serving.join(timeout=finish_seconds)
     finally:
         server.server_close()
-
-
-def cmd_dashboard(args: argparse.Namespace) -> int:
-    store = open_store(args.storage)
-    names = [row["name"] for row in store.studies()]
-    server = make_dashboard_server(store, args.host, args.port)
-    host, port = server.server_address[:2]
-    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    print(
-        f"optuna-dashboard on {mask_url(store.url)} ({len(names)} studies: "
-        f"{', '.join(names) or 'none yet'})",
-        flush=True,
-    )
-    print(f"open http://{shown}:{port}/dashboard  (Ctrl-C stops; read-only)", flush=True)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(
-            f"note: listening on {host}: anyone who can reach port {port} can read these "
-            "studies; prefer 127.0.0.1 and an SSH tunnel",
-            file=sys.stderr,
-            flush=True,
-        )
-    serve_until_stopped(server)
-    print("dashboard stopped", file=sys.stderr)
-    return 0

@@ -25,10 +25,8 @@ The driver is the only writer of the study database.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
-import re
 import socket
 import threading
 import time
@@ -41,12 +39,12 @@ from typing import Any
 import numpy as np
 
 from evomerge.checkpoint import ModelFolder
+from evomerge.cluster.connect import ensure_ray
 from evomerge.cluster.worker import CandidateResult, CandidateTask, WorkerSpec
-from evomerge.errors import ConfigError, EvomergeError
+from evomerge.errors import ConfigError
 from evomerge.failpoints import failpoint
 from evomerge.optimize import dominates, pareto_front, scalarize
-from evomerge.search.loop import build_space_proposer
-from evomerge.space import space_from_setting
+from evomerge.space import build_space_proposer, space_from_setting
 from evomerge.stop_signals import on_stop_signals
 from evomerge.study.config import StudyConfig, parse_study_config
 from evomerge.study.store import (
@@ -64,55 +62,8 @@ from evomerge.study.store import (
 SNAPSHOT_SECONDS = 30.0
 
 
-def _ensure_ray(config: StudyConfig) -> bool:
-    """Connect to Ray: ``cluster.address``, else ``RAY_ADDRESS`` (a driver submitted as a Ray
-    Job), else a new local instance. True if this call connected."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    cluster = config.cluster
-    address = cluster.address or os.environ.get("RAY_ADDRESS")  # set inside a Ray Job
-    if address:
-        _check_reachable(address, "cluster.address" if cluster.address else "RAY_ADDRESS")
-        os.environ["RAY_ADDRESS"] = address  # ray.init prefers the variable to its argument
-        try:
-            ray.init(address=address, log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            where = "cluster.address" if cluster.address else "RAY_ADDRESS"
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise EvomergeError(
-                f"cannot join the Ray cluster at {address} ({where}): {first}"
-            ) from None
-    else:
-        ray.init(
-            address="local",  # never a cluster some `ray start` left running on this machine
-            num_cpus=max(os.cpu_count() or 1, math.ceil(cluster.workers * cluster.cpus_per_worker)),
-            include_dashboard=False,
-            object_store_memory=100_000_000,
-            log_to_driver=False,
-            logging_level=logging.ERROR,  # a private local instance: no start-up chatter
-        )
-    return True
-
-
-def _check_reachable(address: str, where: str) -> None:
-    """Fail in seconds, not minutes, when a ``host:port`` address does not answer."""
-    match = re.fullmatch(r"([\w.-]+):(\d+)", address)
-    if match is None:  # "auto", "ray://...": Ray resolves these itself
-        return
-    try:
-        socket.create_connection((match[1], int(match[2])), timeout=5).close()
-    except OSError as exc:
-        raise EvomergeError(
-            f"cannot join the Ray cluster at {address} ({where}): {exc.strerror or exc}; "
-            "is `ray start --head` running there?"
-        ) from None
-
-
 @dataclass
-class _Trial:
+class _PendingTrial:
     """A trial waiting for a worker; ``number`` is None until it is first written."""
 
     role: str
@@ -189,7 +140,7 @@ class StudyDriver:
         self.failed = 0
         self.jobs: dict[int, _Job] = {}
         self._next_job = 0
-        self.queue: deque[_Trial] = deque()
+        self.queue: deque[_PendingTrial] = deque()
         self.promotions: deque[int] = deque()
         self.batch: list[tuple[float, int]] = []
         self.values: dict[int, list[float]] = {}
@@ -231,16 +182,16 @@ class StudyDriver:
 
     # -- trials --------------------------------------------------------------------------------
 
-    def _baselines(self) -> list[_Trial]:
+    def _baselines(self) -> list[_PendingTrial]:
         out = []
         for source in self.config.sources:
             recipe = {
                 "method": "linear",
                 "sources": [{"model": source, "parameters": {"weight": 1.0}}],
             }
-            out.append(_Trial("source", ModelFolder(source).label, recipe))
+            out.append(_PendingTrial("source", ModelFolder(source).label, recipe))
         for label, genome in self.space.uniform_baselines():
-            out.append(_Trial("uniform", label, self._recipe(genome), genome.tolist()))
+            out.append(_PendingTrial("uniform", label, self._recipe(genome), genome.tolist()))
         return out if self.config.baselines else []
 
     def _recipe(self, genome: np.ndarray) -> dict[str, Any]:
@@ -253,7 +204,7 @@ class StudyDriver:
         self.jobs[key] = job
         return key
 
-    def _dispatch(self, trial: _Trial) -> CandidateTask:
+    def _dispatch(self, trial: _PendingTrial) -> CandidateTask:
         if trial.number is None:
             trial.number = self.next_number
             self.next_number += 1
@@ -292,9 +243,11 @@ class StudyDriver:
             return None
         return self._dispatch(self._proposal_trial(proposal.id, proposal.genome))
 
-    def _proposal_trial(self, proposal_id: int, genome: np.ndarray) -> _Trial:
+    def _proposal_trial(self, proposal_id: int, genome: np.ndarray) -> _PendingTrial:
         recipe = self._recipe(genome)
-        return _Trial("proposal", f"proposal {proposal_id}", recipe, genome.tolist(), proposal_id)
+        return _PendingTrial(
+            "proposal", f"proposal {proposal_id}", recipe, genome.tolist(), proposal_id
+        )
 
     # -- results -------------------------------------------------------------------------------
 
@@ -492,8 +445,8 @@ class StudyDriver:
         return trial
 
     @staticmethod
-    def _stored(trial: TrialView) -> _Trial:
-        return _Trial(
+    def _stored(trial: TrialView) -> _PendingTrial:
+        return _PendingTrial(
             trial.role,
             trial.label,
             trial.recipe or {},
@@ -502,7 +455,9 @@ class StudyDriver:
             trial.number,
         )
 
-    def _replay(self, waiting: list[TrialView], by_proposal: dict[int, TrialView]) -> list[_Trial]:
+    def _replay(
+        self, waiting: list[TrialView], by_proposal: dict[int, TrialView]
+    ) -> list[_PendingTrial]:
         """Match unfinished proposal trials to the restored proposer's proposals: pending ones
         directly, the ones asked after the last recorded tell by asking them again."""
         pending = set(self.proposer.pending)
@@ -644,7 +599,7 @@ class StudyDriver:
         if on_progress is not None:
             on_progress(self.progress())
         try:
-            started_ray = _ensure_ray(self.config)
+            started_ray = ensure_ray(self.config.cluster)
             catch_signals_again()  # ray.init installs a SIGTERM handler that exits at once
             with WorkerPool(
                 spec,

@@ -12,15 +12,13 @@ error or Ctrl-C nothing is left at the output folder or beside it.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
 import shlex
 import shutil
 import uuid
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,9 +30,10 @@ from evomerge.errors import ConfigError, EvomergeError
 from evomerge.failpoints import failpoint
 from evomerge.merge.card import TrialCard, trial_card
 from evomerge.merge.plan import MergePlan
-from evomerge.optimize import Objective, parse_objectives, scalarize
 from evomerge.staging import remove_abandoned, staging_folder
+from evomerge.study.read import select_trial, trial_recipe
 from evomerge.study.store import StudyStore, TrialView, mask_url
+from evomerge.util import parse_size
 
 if TYPE_CHECKING:  # torch-heavy; imported where used so `evomerge --help` stays fast
     from evomerge.checkpoint import ModelFolder
@@ -42,14 +41,12 @@ if TYPE_CHECKING:  # torch-heavy; imported where used so `evomerge --help` stays
     from evomerge.study.config import ExportConfig
 
 Progress = Callable[[int, int], None]
-DTYPES = ("float32", "float16", "bfloat16")
 TOLERANCE = 1e-6
 """Largest absolute difference between a re-scored metric and the recorded one."""
 RECIPE_FILE = "evomerge_recipe.yaml"
 MERGEKIT_FILE = "mergekit_config.yml"
 IMAGES_FOLDER = "images"
 
-_SELECTOR = re.compile(r"(best)|(\d+)|pareto:(\d+)")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -76,97 +73,6 @@ class ExportResult:
     """The plots written beside the weights (``images/pareto.png`` ...), shown in the card."""
     images_skipped: tuple[str, ...] = ()
     """``"recipe.png: why"`` for each plot that could not be drawn (the export went on)."""
-
-
-# -- choosing the trial ----------------------------------------------------------------------
-
-
-def select_trial(store: StudyStore, study: str, selector: str) -> TrialView:
-    """The trial ``selector`` names: ``best``, a trial number, or ``pareto:K`` (1-based row of
-    the Pareto front, best scalarized first). Only a COMPLETE trial is returned."""
-    match = _SELECTOR.fullmatch(selector.strip())
-    if match is None:
-        raise ConfigError(
-            f"trial selector '{selector}' is not 'best', a trial number or 'pareto:K' (K >= 1)"
-        )
-    best, number, row = match.groups()
-    if number is not None:
-        return _numbered(store, study, int(number))
-    objectives = study_objectives(store, study)
-    if best:
-        return _best(store, study, objectives)
-    return _pareto_row(store, study, objectives, int(row))
-
-
-def study_objectives(store: StudyStore, study: str) -> list[Objective]:
-    """The objectives in the study's stored config."""
-    raw = store.study_config(study).get("objectives")
-    if not raw:
-        raise ConfigError(f"study '{study}' stores no objectives; select a trial by its number")
-    return parse_objectives(raw, where=f"study '{study}' objectives")
-
-
-def _numbered(store: StudyStore, study: str, number: int) -> TrialView:
-    trials = store.trials(study)
-    trial = next((t for t in trials if t.number == number), None)
-    if trial is None:
-        have = f"its trials are {_ranges([t.number for t in trials])}" if trials else "no trials"
-        raise ConfigError(f"study '{study}' has no trial {number}; {have}")
-    if trial.state != "COMPLETE":
-        why = f" ({_first_line(trial.error)})" if trial.error else ""
-        raise ConfigError(
-            f"trial {number} of study '{study}' is {trial.state}{why}, not COMPLETE; "
-            "only a complete trial can be exported"
-        )
-    return trial
-
-
-def _best(store: StudyStore, study: str, objectives: Sequence[Objective]) -> TrialView:
-    pool = [t for t in store.trials(study, ["COMPLETE"]) if t.values(objectives) is not None]
-    if not pool:
-        raise _nothing_complete(store, study)
-    # The pool is ordered by number and max keeps the first maximum: ties go to the lower one.
-    return max(pool, key=lambda t: scalarize(objectives, t.values(objectives) or []))
-
-
-def _pareto_row(
-    store: StudyStore, study: str, objectives: Sequence[Objective], row: int
-) -> TrialView:
-    front = store.pareto(study, objectives)
-    if not front:
-        raise _nothing_complete(store, study)
-    if not 1 <= row <= len(front):
-        raise ConfigError(
-            f"pareto:{row}: the Pareto front of study '{study}' has {len(front)} trial(s); "
-            f"choose pareto:1 to pareto:{len(front)}"
-        )
-    return front[row - 1]
-
-
-def _nothing_complete(store: StudyStore, study: str) -> ConfigError:
-    counts = Counter(t.state for t in store.trials(study))
-    if not counts:
-        return ConfigError(f"study '{study}' has no trials yet; there is nothing to export")
-    states = ", ".join(f"{count} {state}" for state, count in sorted(counts.items()))
-    return ConfigError(
-        f"study '{study}' has no complete trial with a score for every objective ({states})"
-    )
-
-
-def _ranges(numbers: Sequence[int]) -> str:
-    """``[0, 1, 2, 5]`` -> ``'0-2, 5'``."""
-    spans: list[list[int]] = []
-    for n in sorted(numbers):
-        if spans and n == spans[-1][1] + 1:
-            spans[-1][1] = n
-        else:
-            spans.append([n, n])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
-
-
-def _first_line(text: str) -> str:
-    lines = text.strip().splitlines()
-    return lines[0] if lines else text
 
 
 # -- the export ------------------------------------------------------------------------------
@@ -295,9 +201,9 @@ def _write(
 def _draw_images(
     store: StudyStore, study: str, trial: TrialView, parts: _Parts, staging: Path
 ) -> tuple[TrialCard, list[str]]:
-    """The study's plots in ``staging/images`` (see :func:`~evomerge.study.plots.study_images`),
+    """The study's plots in ``staging/images`` (see :func:`~evomerge.plots.images.study_images`),
     and the card that shows them."""
-    from evomerge.study.plots import study_images
+    from evomerge.plots.images import study_images
 
     drawn, skipped = study_images(
         store, study, trial, parts.plan, parts.recipe, staging / IMAGES_FOLDER
@@ -317,38 +223,10 @@ def export_settings(config: Mapping[str, Any], study: str) -> ExportConfig:
 
 
 def _shard_bytes(text: str, study: str) -> int:
-    from evomerge.cli import parse_size
-
     try:
         return parse_size(text)
-    except argparse.ArgumentTypeError as exc:
+    except ValueError as exc:
         raise ConfigError(f"study '{study}' export.shard_size: {exc}") from None
-
-
-def trial_recipe(trial: TrialView, study: str, dtype: str | None = None) -> Recipe:
-    """The trial's stored recipe with absolute model paths, its ``dtype`` replaced if given."""
-    from evomerge.merge.recipe import parse_recipe
-
-    if trial.recipe is None:
-        raise ConfigError(f"trial {trial.number} of study '{study}' has no stored recipe")
-    if dtype is not None and dtype not in DTYPES:
-        raise ConfigError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
-    where = f"trial {trial.number} recipe"
-    data = parse_recipe(trial.recipe, where).model_dump(mode="json", exclude_defaults=True)
-    if data.get("base") is not None:
-        data["base"] = _absolute(data["base"])
-    for source in data["sources"]:
-        source["model"] = _absolute(source["model"])
-        if source.get("fisher"):
-            source["fisher"] = _absolute(source["fisher"])
-    if dtype is not None:
-        data["dtype"] = dtype
-    return parse_recipe(data, where)
-
-
-def _absolute(path: str) -> str:
-    """As a worker reads it: relative to the working directory."""
-    return str(Path(path).expanduser().resolve())
 
 
 def mergekit_config(recipe: Recipe) -> tuple[dict[str, Any] | None, str | None]:
@@ -436,29 +314,6 @@ def fidelity_limit(fidelity: str | None) -> int | float | None:
     return int(value) if value.is_integer() else value
 
 
-def score_folder(
-    folder: Path,
-    evaluators: Sequence[Mapping[str, Any]],
-    limit: int | float | None,
-    device: str = "cpu",
-) -> dict[str, float]:
-    """Load a model folder and score it with the evaluators, as a study worker would."""
-    from evomerge.evaluate import build_evaluator
-    from evomerge.evaluate.model_loading import load_model_for_eval
-    from evomerge.search.loop import EvaluatorSuite
-
-    model, tokenizer = load_model_for_eval(folder, device=device)
-    built = []
-    try:
-        for config in evaluators:
-            built.append(build_evaluator(dict(config), model, tokenizer))
-        metrics, _ = EvaluatorSuite(built).evaluate(limit)
-    finally:
-        for evaluator in built:
-            evaluator.close()
-    return metrics
-
-
 def first_mismatch(recorded: Mapping[str, float], measured: Mapping[str, float]) -> str | None:
     """The first recorded metric (by name, ``*_stderr`` included) the measurement does not
     reproduce within :data:`TOLERANCE`, described; None when all agree."""
@@ -485,6 +340,8 @@ def _verify(
     evaluators = config.get("evaluators") or []
     if not evaluators:
         raise ConfigError("the study stores no evaluators; export without verification")
+    from evomerge.evaluate.suite import score_folder
+
     measured = score_folder(staging, evaluators, fidelity_limit(trial.fidelity), device)
     problem = first_mismatch(trial.metrics, measured)
     if problem is not None:
@@ -499,92 +356,3 @@ def _dtype_note(trial: TrialView, recipe: Recipe) -> str:
     if recipe.dtype is None or recipe.dtype == scored:
         return ""
     return f" (exported as {recipe.dtype}; the trial was scored as {scored or 'the base dtype'})"
-
-
-# -- the command line ------------------------------------------------------------------------
-
-
-def add_commands(commands: Any) -> None:
-    """Register ``export`` on the CLI's sub-parsers."""
-    from evomerge.cli import parse_size
-
-    export = commands.add_parser(
-        "export",
-        help="export one trial of a study as a Hugging Face checkpoint",
-        description="Merge one trial of a study into a Hugging Face folder with its recipe, a "
-        "mergekit config when one merges the same way, and a model card. The folder appears "
-        "only when everything (and --verify) succeeded.",
-    )
-    export.add_argument("--storage", required=True, help="database URL or SQLite file")
-    export.add_argument("--study", required=True, help="study name")
-    export.add_argument(
-        "--trial",
-        required=True,
-        help="best (highest weighted objectives), a trial number, or pareto:K (row K of "
-        "`evomerge pareto`)",
-    )
-    export.add_argument("--out", type=Path, required=True, help="output folder (must not exist)")
-    export.add_argument(
-        "--verify",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="score the export again and require the recorded metrics (default: the study's "
-        "export.verify)",
-    )
-    export.add_argument(
-        "--dtype", choices=list(DTYPES), help="output dtype (default: export.dtype, the recipe's)"
-    )
-    export.add_argument(
-        "--shard-size",
-        type=parse_size,
-        help="largest safetensors shard, e.g. 2GB (default: export.shard_size, 5GB)",
-    )
-    export.add_argument("--device", default="cpu", help="where to merge and verify (cpu, cuda)")
-    export.add_argument(
-        "--force", action="store_true", help="replace an existing --out, after success"
-    )
-    export.add_argument("--quiet", action="store_true", help="no progress bar")
-    export.set_defaults(handler=cmd_export)
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from evomerge.cli import check_device, format_metrics
-    from evomerge.progress import no_transformers_bars, progress_bar
-
-    device = check_device(args.device)
-    from evomerge.study.report import open_store
-
-    store = open_store(args.storage)
-    with (
-        no_transformers_bars(),
-        progress_bar("exporting", total=0, enabled=not args.quiet) as advance,
-    ):
-        result = export_trial(
-            store,
-            args.study,
-            args.trial,
-            args.out,
-            verify=args.verify,
-            dtype=args.dtype,
-            shard_size=args.shard_size,
-            force=args.force,
-            device=device,
-            progress=advance,
-        )
-    print(
-        f"exported trial {result.number} ({result.label}, {result.role}) of study "
-        f"'{args.study}' to {result.path}"
-    )
-    if result.metrics:
-        print(format_metrics(result.metrics))
-        print(f"scores as recorded at fidelity {result.fidelity}")
-    if result.mergekit_written:
-        print(f"{MERGEKIT_FILE}: written")
-    else:
-        print(f"{MERGEKIT_FILE}: not written ({result.mergekit_reason})")
-    if result.images:
-        print(f"plots: {', '.join(result.images)}")
-    for skipped in result.images_skipped:
-        print(f"plot not drawn: {skipped}")
-    print(f"verified: {'yes' if result.verified else 'no'}")
-    return 0

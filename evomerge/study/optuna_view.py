@@ -28,8 +28,10 @@ from optuna.study import StudyDirection
 from optuna.study._frozen import FrozenStudy
 from optuna.trial import FrozenTrial, TrialState
 
-from evomerge.optimize import Objective, parse_objectives
+from evomerge.optimize import Objective
+from evomerge.study.read import config_objectives
 from evomerge.study.store import StudyStore, TrialView
+from evomerge.util import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +98,7 @@ class StudyStorageView(BaseStorage):
         studies = []
         for row in self.store.studies():
             config = self._config(row["name"])
-            objectives = parse_objectives(config.get("objectives") or [])
+            objectives = config_objectives(config, row["name"], required=False)
             directions = [
                 StudyDirection.MAXIMIZE if o.direction == "maximize" else StudyDirection.MINIMIZE
                 for o in objectives
@@ -302,7 +304,7 @@ def _bind_genes(study: str, config: Mapping[str, Any]) -> list[_Gene]:
             "study '%s': parameters shown as gene_0.. in [0, 1]: its space cannot be bound "
             "here (%s)",
             study,
-            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            first_line(exc),
         )
         return []
     if len({g.name for g in space.genes}) != len(space.genes):

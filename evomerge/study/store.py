@@ -51,6 +51,7 @@ from evomerge.study.schema import (
     TrialRow,
     utcnow,
 )
+from evomerge.util import first_line
 
 TERMINAL = ("COMPLETE", "FAILED")
 
@@ -740,8 +741,8 @@ def _aware(moment: datetime | None) -> datetime | None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc)
-    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    """The first line of the database driver's own error (SQLAlchemy wraps it as ``orig``)."""
+    return first_line(getattr(exc, "orig", None) or exc)
 
 
 _SCHEMA_RACE_ATTEMPTS = 8

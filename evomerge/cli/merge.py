@@ -1,0 +1,199 @@
+"""``evomerge merge``, ``methods``, ``recipe`` and ``space``: build a merge from a recipe, and
+look at methods, recipes and search spaces."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from evomerge.cli.args import (
+    DTYPES,
+    add_allow_pickle,
+    add_device,
+    add_quiet,
+    check_device,
+    parse_size,
+)
+from evomerge.errors import ConfigError
+
+
+def add_commands(commands: Any) -> None:
+    """Register ``merge``, ``methods``, ``recipe`` and ``space``."""
+    merge = commands.add_parser(
+        "merge",
+        help="merge models from an evomerge recipe or a mergekit YAML",
+        description="Merge models from an evomerge recipe or a mergekit YAML (auto-detected) "
+        "into a Hugging Face folder. The folder appears only when the merge is complete.",
+    )
+    merge.add_argument("config", type=Path, help="recipe or mergekit YAML")
+    merge.add_argument("out_dir", type=Path, help="output folder (must be empty or absent)")
+    add_device(merge)
+    merge.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        help="output dtype (default: the recipe's, else the base's)",
+    )
+    merge.add_argument(
+        "--shard-size",
+        default="5GB",
+        type=parse_size,
+        help="largest safetensors shard, e.g. 2GB, 500MB (default 5GB)",
+    )
+    merge.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    add_allow_pickle(merge)
+    add_quiet(merge)
+    merge.set_defaults(handler=cmd_merge)
+
+    methods = commands.add_parser("methods", help="list merge methods and their parameters")
+    methods.set_defaults(handler=cmd_methods)
+
+    recipe = commands.add_parser("recipe", help="inspect or convert a recipe")
+    recipe_cmds = recipe.add_subparsers(dest="recipe_command", required=True, metavar="ACTION")
+    show = recipe_cmds.add_parser("show", help="resolve a recipe or mergekit YAML and summarise it")
+    show.add_argument("config", type=Path)
+    show.add_argument("--tensors", action="store_true", help="print every tensor's parameters")
+    show.set_defaults(handler=cmd_recipe_show)
+    to_mk = recipe_cmds.add_parser("to-mergekit", help="write an evomerge recipe as mergekit YAML")
+    to_mk.add_argument("config", type=Path)
+    to_mk.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
+    to_mk.set_defaults(handler=cmd_to_mergekit)
+
+    space = commands.add_parser("space", help="inspect search spaces")
+    space_cmds = space.add_subparsers(dest="space_command", required=True, metavar="ACTION")
+    space_show = space_cmds.add_parser(
+        "show",
+        help="list a search space's genes for a base model and sources",
+        description="Bind a search space (a YAML file, or the name of a ready one in "
+        "search_spaces/) to a base model and print its genes: name, scope, bounds, scale.",
+    )
+    space_show.add_argument("space", help="search space YAML file or ready space name")
+    space_show.add_argument("--base", type=Path, required=True, help="base model folder")
+    space_show.add_argument(
+        "--source",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="source model folder (repeatable; default: two sources named s0, s1)",
+    )
+    space_show.set_defaults(handler=cmd_space_show)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from evomerge.merge.card import model_card
+    from evomerge.merge.config_file import plan_from_file
+    from evomerge.merge.engine import merge_to_folder
+    from evomerge.progress import progress_bar
+
+    device = check_device(args.device)
+    plan, kind = plan_from_file(args.config, allow_pickle=args.allow_pickle)
+    if args.dtype:
+        import dataclasses
+
+        plan = dataclasses.replace(plan, out_dtype=args.dtype)
+    card = model_card(plan, args.config.read_text(), kind)
+    with progress_bar("merging", total=len(plan.jobs), enabled=not args.quiet) as advance:
+        out = merge_to_folder(
+            plan,
+            args.out_dir,
+            device=device,
+            shard_size=args.shard_size,
+            force=args.force,
+            model_card=card,
+            progress=advance,
+            allow_pickle=args.allow_pickle,
+        )
+    print(f"merged {len(plan.jobs)} tensors with {plan.method} ({kind} config) into {out}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from evomerge.merge.registry import available_methods, get_method
+
+    table = Table(title="merge methods")
+    for column in ("method", "base", "sources", "parameters", "mergekit"):
+        table.add_column(column)
+    for name in available_methods():
+        method = get_method(name)
+        params = ", ".join(
+            f"{p.name}{'' if p.required else '=' + repr(p.default)}"
+            + (" (per source)" if p.scope == "per_source" else "")
+            for p in method.params
+        )
+        count = (
+            f"{method.min_sources}+"
+            if method.max_sources is None
+            else str(method.min_sources)
+            if method.max_sources == method.min_sources
+            else f"{method.min_sources}-{method.max_sources}"
+        )
+        table.add_row(
+            name, "yes" if method.uses_base else "no", count, params, method.mergekit_name or "-"
+        )
+    Console().print(table)
+    return 0
+
+
+def cmd_recipe_show(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from evomerge.merge.config_file import plan_from_file
+
+    plan, kind = plan_from_file(args.config)
+    print(
+        f"{kind} config: method {plan.method}, {len(plan.jobs)} tensors, "
+        f"fingerprint {plan.fingerprint()}"
+    )
+    for index, label in enumerate(plan.labels):
+        print(f"  model {index}: {label}  ({plan.models[index]})")
+    if args.tensors:
+        for job in plan.jobs:
+            print(f"  {job.name}: {job.shared_dict()} {job.per_source_dicts()}")
+    else:
+        distinct = Counter(repr((job.shared, job.per_source)) for job in plan.jobs)
+        print(f"  {len(distinct)} distinct parameter settings (--tensors lists them)")
+    return 0
+
+
+def cmd_to_mergekit(args: argparse.Namespace) -> int:
+    import yaml
+
+    from evomerge.merge.mergekit_compat import recipe_to_mergekit
+    from evomerge.merge.recipe import parse_recipe
+    from evomerge.util import load_yaml
+
+    recipe = parse_recipe(load_yaml(args.config), str(args.config))
+    text = yaml.safe_dump(recipe_to_mergekit(recipe, args.config.parent), sort_keys=False)
+    if args.output:
+        args.output.write_text(text)
+    else:
+        print(text, end="")
+    return 0
+
+
+def cmd_space_show(args: argparse.Namespace) -> int:
+    from evomerge.checkpoint import ModelFolder
+    from evomerge.space import load_space
+
+    space = load_space(args.space)
+    base = ModelFolder(args.base)
+    labels = [ModelFolder(s).label for s in args.source] if args.source else ["s0", "s1"]
+    if space.method == "slerp" and not args.source:
+        labels = ["s0"]
+    try:
+        bound = space.bind(base, labels)
+    except ConfigError as exc:
+        raise ConfigError(f"{args.space}: {exc}") from None
+    rows = [("gene", "scope", "bounds", "scale"), *bound.table()]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    print(f"{space.name}: {space.method}, {space.description.strip()}".rstrip(", "))
+    for row in rows:
+        print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    fixed = ", ".join(f"{k}={v}" for k, v in space.fixed.items()) or "none"
+    sources = ", ".join(labels) + ("" if args.source else " (placeholders; pass --source)")
+    print(f"dimension {bound.dimension}; sources {sources}; fixed {fixed}; seed {space.seed}")
+    return 0

@@ -1,0 +1,72 @@
+"""The three images of an exported trial, shown in its model card: the Pareto plot with the
+model starred, the history, and the model's recipe heatmap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from evomerge.plots.history import history_figure
+from evomerge.plots.pareto import pareto_figure
+from evomerge.plots.png import write_png
+from evomerge.plots.recipe import recipe_figure, recipe_grid, recipe_title
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from evomerge.merge.plan import MergePlan
+    from evomerge.merge.recipe import Recipe
+    from evomerge.study.store import StudyStore, TrialView
+
+IMAGES = (
+    ("pareto.png", "The study's trials and its Pareto front; this model is starred."),
+    ("history.png", "Best score so far against trials and hours of search."),
+    ("recipe.png", "This model's merge coefficients by layer and tensor kind."),
+)
+
+
+def study_images(
+    store: StudyStore,
+    study: str,
+    trial: TrialView,
+    plan: MergePlan,
+    recipe: Recipe,
+    folder: Path,
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """Draw the three images of an exported trial into ``folder`` (created).
+
+    Returns ``(drawn, skipped)``: ``(path relative to the folder's parent, caption)`` per
+    image written, and ``"name: why"`` per image that could not be drawn (a study without
+    objectives, a plotting error): a picture is not worth failing an export. A failure to
+    write (a full disk) is raised.
+    """
+    from evomerge.study.read import study_objectives
+
+    trials = store.trials(study)
+
+    def pareto() -> Figure:
+        objectives = study_objectives(store, study)
+        front = store.pareto(study, objectives)
+        return pareto_figure(study, trials, front, objectives, trial.number)
+
+    def history() -> Figure:
+        return history_figure(study, trials, study_objectives(store, study), None, trial.number)
+
+    def heatmap() -> Figure:
+        return recipe_figure(recipe_grid(plan, recipe), recipe_title(study, trial))
+
+    folder.mkdir(parents=True, exist_ok=True)
+    drawn: list[tuple[str, str]] = []
+    skipped: list[str] = []
+    for (name, caption), draw in zip(IMAGES, (pareto, history, heatmap)):
+        try:
+            figure = draw()
+        except Exception as exc:  # reported; the export goes on
+            lines = str(exc).strip().splitlines()
+            skipped.append(f"{name}: {lines[0] if lines else type(exc).__name__}")
+            continue
+        write_png(figure, folder / name)
+        drawn.append((f"{folder.name}/{name}", caption))
+    if not drawn:
+        folder.rmdir()
+    return drawn, skipped
