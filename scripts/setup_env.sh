@@ -19,7 +19,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install -q --no-compile "$torch_spec" 2>&1 | grep -v '^WARNING: Location' >&2 || true
   fi
   target="."; [ -n "$extra" ] && target=".[$extra]"
-  .venv/bin/python -m pip install -q --no-compile -e "$target" 2>&1 | grep -v '^WARNING: Location' >&2 || true
+  # With the package at the top of the repo (no src/), setuptools installs it editable through
+  # an import hook (so tests/, scripts/ ... stay unimportable) and then always warns, a screen
+  # long, that a folder named evomerge in the working directory may shadow it: here that folder
+  # is the package itself. Ignore that one Python warning in the build backend; others still show.
+  PYTHONWARNINGS="ignore:Editable installation" \
+    .venv/bin/python -m pip install -q --no-compile -e "$target" 2>&1 | grep -v '^WARNING: Location' >&2 || true
   site="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   .venv/bin/python -m compileall -q -j 0 "$site" >/dev/null 2>&1 || true  # a file that fails is only slower
   .venv/bin/python -c "import evomerge, torch, transformers" || { echo "install failed" >&2; exit 1; }
