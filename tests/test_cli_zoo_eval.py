@@ -221,3 +221,27 @@ def test_eval_missing_evaluator_file(
     )
     assert code == 1
     assert "does not exist" in one_line_error(err)
+
+
+def test_eval_a_bundled_preset_by_name_from_any_folder(
+    toy_zoo: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--evaluator toy_perplexity`` scores what the preset's file does, from a folder
+    without it; an unknown name lists the presets."""
+    preset = Path(__file__).resolve().parents[1] / "evaluators" / "presets" / "toy_perplexity.yaml"
+    args = ["eval", str(toy_zoo["ft_a"]), "--json", "--evaluator"]
+    code, by_file, err = run([*args, str(preset)], capsys)
+    assert code == 0, err
+    monkeypatch.chdir(tmp_path)
+    code, by_name, err = run([*args, "toy_perplexity"], capsys)
+    assert code == 0, err
+    assert json.loads(by_name)["metrics"] == json.loads(by_file)["metrics"]
+    assert set(json.loads(by_name)["metrics"]) == {"toy_heldout/nll", "toy_heldout/perplexity"}
+    code, _, err = run([*args, "toy_nothing"], capsys)
+    assert code == 1
+    assert one_line_error(err).endswith(
+        "evaluator file toy_nothing does not exist; bundled presets: toy_facts, toy_perplexity"
+    )

@@ -58,7 +58,12 @@ def add_commands(commands: Any) -> None:
     evaluate.add_argument("model_dir", type=Path, help="Hugging Face model folder")
     what = evaluate.add_mutually_exclusive_group()
     what.add_argument("--tasks", help="comma-separated lm-eval tasks or groups (default toy_facts)")
-    what.add_argument("--evaluator", type=Path, help="YAML file of evaluator mapping(s)")
+    what.add_argument(
+        "--evaluator",
+        type=Path,
+        help="YAML file of evaluator mapping(s), or the name of a bundled preset "
+        "(toy_facts, toy_perplexity)",
+    )
     evaluate.add_argument(
         "--limit",
         type=parse_limit,
@@ -220,14 +225,22 @@ def lm_eval_mapping(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load_evaluator_file(path: Path) -> list[dict[str, Any]]:
-    """The evaluator mapping(s) in a YAML file, relative paths anchored at the file's folder."""
+    """The evaluator mapping(s) in a YAML file (or a bundled preset named without a folder or
+    suffix), relative paths anchored at the file's folder."""
     import yaml
 
+    from evomerge.bundled import bundled_folder
+
+    preset = bundled_folder("evaluators") / "presets" / f"{path}.yaml"
+    if not path.exists() and path.name == str(path) and not path.suffix and preset.is_file():
+        path = preset
     try:
         with path.open(encoding="utf-8") as handle:
             data = yaml.safe_load(handle)
     except FileNotFoundError:
-        raise ConfigError(f"evaluator file {path} does not exist") from None
+        names = sorted(p.stem for p in preset.parent.glob("*.yaml"))
+        hint = f"; bundled presets: {', '.join(names)}" if names and not path.suffix else ""
+        raise ConfigError(f"evaluator file {path} does not exist{hint}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read evaluator file {path} ({exc})") from None
     except yaml.YAMLError as exc:

@@ -90,21 +90,18 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from evomerge.study.config import parse_study_config
     from evomerge.study.driver import StudyDriver
     from evomerge.study.preflight import preflight
-    from evomerge.study.read import open_store
+    from evomerge.study.read import open_store, stored_study_config
     from evomerge.study.store import mask_url
 
     storage, name, yaml_config = _resume_target(args)
     what = "--storage" if args.storage or yaml_config is None else f"{args.config}: storage"
     store = open_store(storage, what=what)
     store.check_free(name)  # a study another driver runs is refused before any check
-    where = f"study '{name}' in {mask_url(store.url)}"
-    stored = store.study_config(name)
-    preflight(parse_study_config(stored, where), where)
+    preflight(stored_study_config(store, name), f"study '{name}' in {mask_url(store.url)}")
     if yaml_config is not None:
-        note = config_changes_note(args.config, yaml_config, stored, name)
+        note = config_changes_note(args.config, yaml_config, store.study_config(name), name)
         if note:
             print(note, file=sys.stderr)
     driver = StudyDriver.for_stored(store, name)

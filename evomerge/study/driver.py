@@ -46,7 +46,8 @@ from evomerge.failpoints import failpoint
 from evomerge.optimize import dominates, pareto_front, scalarize
 from evomerge.space import build_space_proposer, space_from_setting
 from evomerge.stop_signals import on_stop_signals
-from evomerge.study.config import StudyConfig, parse_study_config
+from evomerge.study.config import StudyConfig
+from evomerge.study.read import stored_study_config
 from evomerge.study.store import (
     LEASE_SECONDS,
     TERMINAL,
@@ -176,9 +177,7 @@ class StudyDriver:
     @classmethod
     def for_stored(cls, store: StudyStore, name: str) -> StudyDriver:
         """The driver that resumes study ``name`` from its stored config."""
-        where = f"study '{name}' in {mask_url(store.url)}"
-        config = parse_study_config(store.study_config(name), where)
-        return cls(store, config, resume=True)
+        return cls(store, stored_study_config(store, name), resume=True)
 
     # -- trials --------------------------------------------------------------------------------
 
