@@ -13,6 +13,7 @@ exported again, a stopped one (Ctrl-C) is resumed.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,7 @@ def _print_results(store: Any, objectives: list[Any]) -> None:
 
 def _export(store: Any, workdir: Path, storage: str) -> None:
     from evomerge.study.export import export_trial
-    from evomerge.util import evomerge_command, shlex_quote
+    from evomerge.util import evomerge_command
 
     result = export_trial(store, STUDY, "best", workdir / "merged", force=True)
     verdict = "scores exactly what the database recorded" if result.verified else "not verified"
@@ -131,7 +132,7 @@ def _export(store: Any, workdir: Path, storage: str) -> None:
         f"\nexported trial {result.number} to {result.path}; reloaded with transformers it "
         f"{verdict}."
     )
-    run, where = evomerge_command(), f"--storage {shlex_quote(storage)} --study {STUDY}"
+    run, where = evomerge_command(), f"--storage {shlex.quote(storage)} --study {STUDY}"
     print(
         "Look closer:\n"
         f"  {run} status {where}\n"

@@ -1,14 +1,17 @@
 """Small helpers every layer shares: an error's first line, durations and byte sizes as text,
-reading a YAML mapping, and pydantic's first validation error as one line.
+reading a YAML mapping, pydantic's first validation error as one line, JSON-safe values, the
+merge dtypes, and the ``evomerge`` command as a shell here runs it.
 
 Pure standard library plus PyYAML and pydantic; nothing here imports torch or the CLI.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
-from collections.abc import Sequence
+import shlex
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +19,9 @@ from evomerge.errors import ConfigError
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
+
+DTYPES = ("float32", "float16", "bfloat16")
+"""The dtypes a merge can be written in (``--dtype``, ``export.dtype``, a recipe's ``dtype``)."""
 
 
 def first_line(error: BaseException | str | None) -> str:
@@ -110,20 +116,24 @@ def evomerge_command() -> str:
 
     running = Path(sys.argv[0] if sys.argv and sys.argv[0] else "evomerge")
     if running.name == "__main__.py":  # python -m evomerge(.cli)
-        return f"{shlex_quote(sys.executable)} -m evomerge"
+        return f"{shlex.quote(sys.executable)} -m evomerge"
     if running.name != "evomerge":
         return "evomerge"
     found = shutil.which("evomerge")
     if found and Path(found).resolve() == running.resolve():
         return "evomerge"
     try:
-        return shlex_quote(str(running.resolve().relative_to(Path.cwd().resolve())))
+        return shlex.quote(str(running.resolve().relative_to(Path.cwd().resolve())))
     except ValueError:
-        return shlex_quote(str(running.resolve()))
+        return shlex.quote(str(running.resolve()))
 
 
-def shlex_quote(word: str) -> str:
-    """``word`` quoted for a POSIX shell when it needs to be."""
-    import shlex
-
-    return shlex.quote(word)
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float as None (null), so it dumps as valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value

@@ -26,13 +26,12 @@ SOURCE_FIRST = (
 """With ``--source``: the editable install's finder would still answer first, so drop it."""
 
 
-def time_command(code: str, args: list[str], runs: int) -> float:
-    """Median wall seconds of ``python -c code args`` over ``runs`` processes (each must
-    succeed)."""
+def median_seconds(command: list[str], runs: int) -> float:
+    """Median wall seconds of ``command`` over ``runs`` processes (each must succeed)."""
     seconds = []
     for _ in range(runs):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True)
+        subprocess.run(command, check=True, capture_output=True)
         seconds.append(time.perf_counter() - start)
     return statistics.median(seconds)
 
@@ -62,17 +61,13 @@ def main() -> None:
     ).stdout.strip()
     print(f"timing {shown}")
     for flags in (["--version"], ["--help"]):
-        median = time_command(code, flags, args.runs)
+        median = median_seconds([sys.executable, "-c", code, *flags], args.runs)
         print(f"evomerge {' '.join(flags)}: {median:.3f} s (median of {args.runs})")
     script = Path(sys.executable).parent / "evomerge"
     if args.source is None and script.exists():
-        seconds = []
-        for _ in range(args.runs):
-            start = time.perf_counter()
-            subprocess.run([str(script), "--version"], check=True, capture_output=True)
-            seconds.append(time.perf_counter() - start)
-        print(f"{script} --version: {statistics.median(seconds):.3f} s (the console script)")
-    bare = time_command("pass", [], args.runs)
+        median = median_seconds([str(script), "--version"], args.runs)
+        print(f"{script} --version: {median:.3f} s (the console script)")
+    bare = median_seconds([sys.executable, "-c", "pass"], args.runs)
     print(f"python -c pass (the interpreter alone): {bare:.3f} s")
 
 

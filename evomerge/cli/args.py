@@ -9,7 +9,6 @@ import argparse
 
 from evomerge.errors import ConfigError
 
-DTYPES = ("float32", "float16", "bfloat16")
 TRIAL_HELP = (
     "best (highest weighted objectives), a trial number, or pareto:K (row K of `evomerge pareto`)"
 )

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.cli.args import (
-    DTYPES,
     TRIAL_HELP,
     add_device,
     add_quiet,
@@ -16,6 +15,7 @@ from evomerge.cli.args import (
     parse_size,
 )
 from evomerge.cli.output import format_metrics
+from evomerge.util import DTYPES
 
 
 def add_commands(commands: Any) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.cli.args import (
-    DTYPES,
     add_allow_pickle,
     add_device,
     add_quiet,
@@ -16,6 +15,7 @@ from evomerge.cli.args import (
     parse_size,
 )
 from evomerge.errors import ConfigError
+from evomerge.util import DTYPES
 
 
 def add_commands(commands: Any) -> None:

@@ -11,15 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.cli.args import (
-    DTYPES,
     add_allow_pickle,
     add_device,
     add_quiet,
     check_device,
     parse_limit,
 )
-from evomerge.cli.output import format_metrics, json_number
+from evomerge.cli.output import format_metrics
 from evomerge.errors import ConfigError
+from evomerge.util import DTYPES, json_safe
 
 
 def add_commands(commands: Any) -> None:
@@ -196,10 +196,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(
             json.dumps(
-                {
-                    "metrics": {k: json_number(v) for k, v in sorted(metrics.items())},
-                    "seconds": round(seconds, 4),
-                },
+                json_safe({"metrics": dict(sorted(metrics.items())), "seconds": round(seconds, 4)}),
                 indent=2,
             )
         )

@@ -1,8 +1,6 @@
-"""Text the commands print that is not a study's: metric tables and JSON numbers."""
+"""Text the commands print that is not a study's: the metrics table."""
 
 from __future__ import annotations
-
-import math
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -20,8 +18,3 @@ def format_metrics(metrics: dict[str, float]) -> str:
     lines = [f"{'metric':<{width}}  value"]
     lines += [f"{key:<{width}}  {value}" for key, value in rows]
     return "\n".join(lines)
-
-
-def json_number(value: float) -> float | None:
-    """``value``, or None (JSON null) when it is not finite."""
-    return value if math.isfinite(value) else None

@@ -53,7 +53,8 @@ def cmd_studies(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from evomerge.study.read import open_store
     from evomerge.study.report import format_status
-    from evomerge.study.status import json_safe, study_status
+    from evomerge.study.status import study_status
+    from evomerge.util import json_safe
 
     status = study_status(open_store(args.storage), args.study)
     if args.json:

@@ -41,6 +41,7 @@ def study_images(
     write (a full disk) is raised.
     """
     from evomerge.study.read import study_objectives
+    from evomerge.util import first_line
 
     trials = store.trials(study)
 
@@ -62,8 +63,7 @@ def study_images(
         try:
             figure = draw()
         except Exception as exc:  # reported; the export goes on
-            lines = str(exc).strip().splitlines()
-            skipped.append(f"{name}: {lines[0] if lines else type(exc).__name__}")
+            skipped.append(f"{name}: {first_line(exc)}")
             continue
         write_png(figure, folder / name)
         drawn.append((f"{folder.name}/{name}", caption))

@@ -17,14 +17,13 @@ from typing import TYPE_CHECKING, Any
 from evomerge.errors import ConfigError
 from evomerge.optimize import Objective, parse_objectives, scalarize
 from evomerge.study.store import StorageError, StudyStore, TrialView, mask_url, storage_url
-from evomerge.util import first_line, number_ranges
+from evomerge.util import DTYPES, first_line, number_ranges
 
 if TYPE_CHECKING:  # torch-heavy; imported where used
     from evomerge.merge.recipe import Recipe
     from evomerge.study.config import StudyConfig
 
 SQLITE_HEADER = b"SQLite format 3\x00"
-DTYPES = ("float32", "float16", "bfloat16")
 _SELECTOR = re.compile(r"(best)|(\d+)|pareto:(\d+)")
 
 
@@ -105,9 +104,9 @@ def config_objectives(
     return parse_objectives(raw, where=f"study '{study}': objectives")
 
 
-def study_objectives(store: StudyStore, study: str, *, required: bool = True) -> list[Objective]:
-    """The objectives in the study's stored config."""
-    return config_objectives(store.study_config(study), study, required=required)
+def study_objectives(store: StudyStore, study: str) -> list[Objective]:
+    """The objectives in the study's stored config; none is an error."""
+    return config_objectives(store.study_config(study), study)
 
 
 def study_budget(config: Mapping[str, Any], row_budget: int) -> tuple[int | None, float | None]:

@@ -11,9 +11,9 @@ from typing import Any
 
 from evomerge.optimize import Objective
 from evomerge.study.read import study_objectives
-from evomerge.study.status import STATES, json_safe
+from evomerge.study.status import STATES
 from evomerge.study.store import StudyStore, TrialView, mask_url
-from evomerge.util import first_line, format_duration
+from evomerge.util import first_line, format_duration, json_safe
 
 TOP_REASONS = 5
 
