@@ -7,7 +7,9 @@ A method is a pure function ``fn(base, sources, shared, per_source, ctx) -> Tens
 - ``sources``: one tensor per source model, same shape as ``base``;
 - ``shared``: the method-level parameters (``lambda``, ``normalize``, ``t``, ...), defaults filled;
 - ``per_source``: one dict per source (``weight``, ``density``, ...), defaults filled;
-- ``ctx``: the tensor's name, the recipe seed and auxiliary tensors (e.g. Fisher diagonals).
+- ``ctx``: the tensor's name, the recipe seed and auxiliary tensors (e.g. Fisher diagonals);
+  random masks draw their uniforms from :meth:`TensorContext.uniform`, a hash of (seed,
+  tensor name, source index, element index), so they are the same on every device.
 
 It computes in float32 (float64 if the inputs are float64) on the inputs' device and returns a
 tensor of the inputs' shape; casting to the output dtype is the caller's job. Adding a method is
@@ -16,7 +18,6 @@ one module in ``evomerge/merge/methods/`` that calls :func:`register`.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any, Literal
 import torch
 
 from evomerge.errors import MethodError
+from evomerge.merge.random_bits import mask_key, uniforms
 
 REQUIRED: Any = object()
 """Sentinel default: the parameter must be given."""
@@ -38,12 +40,16 @@ class TensorContext:
     seed: int = 0
     aux: Mapping[str, Sequence[torch.Tensor]] = field(default_factory=dict)
 
-    def generator(self, device: torch.device, salt: str = "") -> torch.Generator:
-        """A generator seeded from (recipe seed, tensor name, salt): reproducible masks."""
-        digest = hashlib.sha256(f"{self.seed}\0{self.name}\0{salt}".encode()).digest()
-        gen = torch.Generator(device=device)
-        gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-        return gen
+    def uniform(
+        self, shape: Sequence[int] | torch.Size, device: torch.device | str, source: int
+    ) -> torch.Tensor:
+        """float32 uniforms in [0, 1) for source ``source``'s mask of this tensor.
+
+        Each is a multiple of 2**-24 and a pure function of (seed, tensor name, source index,
+        row-major element index): the same bits on every device and for every dtype of the
+        tensor (see :mod:`evomerge.merge.random_bits`).
+        """
+        return uniforms(mask_key(self.seed, self.name, source), shape, device)
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,18 @@
 """Sparsification of task vectors (deltas): pure tensor helpers, no registration.
 
 Every helper returns ``delta`` itself when ``density >= 1`` and otherwise a new tensor of the
-same shape, dtype and device. Random helpers draw from the generator they are given, on the
-delta's device, so masks are reproducible and never touch the CPU for CUDA inputs.
+same shape, dtype and device. Random helpers take their uniforms as a float32 tensor of the
+delta's shape (from :meth:`~evomerge.merge.registry.TensorContext.uniform`: multiples of 2**-24,
+a hash of the element's position, the same bits on every device) and keep an entry exactly when
+its uniform is below its keep probability, compared without rounding the probability. Ranks by
+magnitude break ties by index (a stable order), so no mask depends on the device or the dtype.
 """
 
 from __future__ import annotations
 
 import torch
+
+from evomerge.merge.random_bits import threshold, thresholds
 
 L1_EPS = 1e-7
 """Below this L1 norm (before or after masking) the L1 rescale leaves the masked delta as is."""
@@ -17,7 +22,8 @@ def rank_range_mask(magnitude: torch.Tensor, start: int, stop: int) -> torch.Ten
     """Mask of the entries at ranks [start, stop) when sorted by ascending magnitude.
 
     Found with two ``kthvalue`` selections (linear time) instead of a full sort; entries tied
-    at a boundary are taken in index order, so the result is deterministic.
+    at a boundary are taken in index order, so the result is the ranks [start, stop) of a
+    stable sort, on every device.
     """
     flat = magnitude.reshape(-1)
     n = flat.numel()
@@ -76,19 +82,23 @@ def l1_rescaled(delta: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
 
 
 def bernoulli_keep(
-    delta: torch.Tensor, density: float, generator: torch.Generator, rescale: str
+    delta: torch.Tensor, density: float, uniforms: torch.Tensor, rescale: str
 ) -> torch.Tensor:
-    """DARE: keep each entry with probability ``density``.
+    """DARE: keep each entry whose uniform (of ``uniforms``, same shape) is below ``density``.
 
-    ``rescale``: ``"inverse_density"`` divides kept entries by ``density`` (unbiased),
-    ``"l1"`` restores the L1 norm of ``delta``, ``"none"`` leaves them as they are.
+    ``rescale``: ``"inverse_density"`` divides kept entries by ``density`` (unbiased; in the
+    delta's dtype, an IEEE division on every device), ``"l1"`` restores the L1 norm of
+    ``delta``, ``"none"`` leaves them as they are.
     """
     if density >= 1:
         return delta
-    draws = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32)
-    masked = delta * (draws < density).to(delta.dtype)
+    keep = uniforms.reshape(delta.shape) < threshold(density)
+    masked = delta * keep.to(delta.dtype)
+    del keep
     if rescale == "inverse_density":
-        return masked / density
+        # Divide by a tensor on the delta's device: CUDA computes ``x / python_float`` as
+        # ``x * (1 / float)``, which can differ from the CPU's division in the last bit.
+        return masked.div_(torch.tensor(density, dtype=masked.dtype, device=masked.device))
     if rescale == "l1":
         return l1_rescaled(delta, masked)
     return masked
@@ -98,29 +108,36 @@ def della_magprune(
     delta: torch.Tensor,
     density: float,
     epsilon: float,
-    generator: torch.Generator,
+    uniforms: torch.Tensor,
     rescale: str,
 ) -> torch.Tensor:
     """DELLA MagPrune: keep probabilities grow with the magnitude rank within each row.
 
-    Rows are ``delta.reshape(shape[0], -1)`` (a 0-D or 1-D tensor is one row). An entry of
-    normalized rank r in [0, 1] (0 = smallest magnitude of its row) is kept with probability
-    ``density - epsilon + 2 * epsilon * r``. The caller checks that these lie in (0, 1).
-    ``rescale``: ``"inverse_prob"`` divides kept entries by their own probability, ``"l1"``
+    Rows are ``delta.reshape(shape[0], -1)`` (a 0-D or 1-D tensor is one row) of width ``w``.
+    Entries are ranked ``j = 0 .. w - 1`` by ascending magnitude within their row, equal
+    magnitudes in index order; rank ``j`` is kept when its uniform (of ``uniforms``, the
+    delta's shape) is below ``p_j = (density - epsilon) + (2 * epsilon) * (j / max(w - 1, 1))``,
+    computed in float64. The caller checks that these lie in (0, 1).
+    ``rescale``: ``"inverse_prob"`` divides kept entries by their own ``p_j``, ``"l1"``
     restores the L1 norm of ``delta``, ``"none"`` leaves them as they are.
     """
     if density >= 1 or delta.numel() == 0:
         return delta
     rows = delta.reshape(delta.shape[0], -1) if delta.dim() >= 2 else delta.reshape(1, -1)
     width = rows.shape[1]
-    order = torch.argsort(rows.abs(), dim=1)
-    positions = torch.arange(width, dtype=delta.dtype, device=delta.device) / max(width - 1, 1)
-    rank_norm = torch.empty_like(rows).scatter_(1, order, positions.expand_as(rows).contiguous())
-    probs = (density - epsilon) + 2 * epsilon * rank_norm
-    draws = torch.rand(rows.shape, generator=generator, device=delta.device, dtype=torch.float32)
-    masked = rows * (draws < probs).to(delta.dtype)
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    ranks = torch.empty_like(order).scatter_(
+        1, order, torch.arange(width, device=delta.device).expand_as(order)
+    )
+    del order
+    # One probability per rank, on the host in float64: the same numbers on every device.
+    positions = torch.arange(width, dtype=torch.float64) / max(width - 1, 1)
+    probs = (density - epsilon) + (2 * epsilon) * positions
+    keep = uniforms.reshape(rows.shape) < thresholds(probs).to(delta.device)[ranks]
+    masked = rows * keep.to(delta.dtype)
+    del keep
     if rescale == "inverse_prob":
-        masked = masked / probs
+        masked = masked / probs.to(device=delta.device, dtype=delta.dtype)[ranks]
     elif rescale == "l1":
         masked = l1_rescaled(rows, masked)
     return masked.reshape(delta.shape)

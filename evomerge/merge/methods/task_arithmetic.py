@@ -8,7 +8,7 @@ sum of the weights that took part, scaled by ``lambda`` and added back to the ba
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -165,10 +165,10 @@ def _sparsify(
         return magnitude_topk(delta, density)
     if variant.sparsifier == "outliers":
         return magnitude_outliers(delta, density, params["gamma"])
-    generator = ctx.generator(delta.device, salt=str(index))
+    uniforms = ctx.uniform(delta.shape, delta.device, index)
     if variant.sparsifier == "random":
-        return bernoulli_keep(delta, density, generator, shared["rescale"])
-    return della_magprune(delta, density, params["epsilon"], generator, shared["rescale"])
+        return bernoulli_keep(delta, density, uniforms, shared["rescale"])
+    return della_magprune(delta, density, params["epsilon"], uniforms, shared["rescale"])
 
 
 def generalized_task_arithmetic(
@@ -198,28 +198,42 @@ def generalized_task_arithmetic(
         if shared["weighted_election"]:
             deltas.mul_(weights)
         if shared["sign_election"] == "mass":
-            tally = deltas.sum(dim=0)
+            tally = _sum_in_order(deltas)
         else:
-            tally = deltas.sign().sum(dim=0)
+            tally = _sum_in_order(deltas, torch.sign)
         majority = (tally >= 0).to(dtype) * 2 - 1
         del tally
         mask = deltas.sign() == majority
         if not shared["weighted_election"]:
             deltas.mul_(weights)
-        mixed = deltas.mul_(mask).sum(dim=0)
+        mixed = _sum_in_order(deltas.mul_(mask))
         divisor = torch.zeros_like(mixed)
         for index in range(len(per_source)):
             divisor.add_(mask[index].to(dtype) * weights[index])
         divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
     else:
-        mixed = deltas.mul_(weights).sum(dim=0)
-        divisor = weights.sum(dim=0)
+        mixed = _sum_in_order(deltas.mul_(weights))
+        divisor = _sum_in_order(weights)
         divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
     if shared["normalize"]:
         mixed = mixed / divisor
     if shared["lambda"] != 1:
         mixed = mixed * shared["lambda"]
     return base + mixed
+
+
+def _sum_in_order(
+    stack: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """``stack[0] + stack[1] + ...`` (each through ``transform``), added in source order.
+
+    A reduction such as ``stack.sum(dim=0)`` may add in another order on another device, and
+    floating-point sums depend on the order: a sign election could then differ by device.
+    """
+    total = transform(stack[0]) if transform else stack[0].clone()
+    for item in stack[1:]:
+        total.add_(transform(item) if transform else item)
+    return total
 
 
 def _weighted_task_sum(
@@ -235,7 +249,7 @@ def _weighted_task_sum(
         mixed.add_(source.to(base.dtype) - base, alpha=weight)
     if shared["normalize"]:
         # The same sum of weights as the general path, in the same dtype.
-        divisor = torch.tensor(weights, dtype=base.dtype).sum()
+        divisor = _sum_in_order(torch.tensor(weights, dtype=base.dtype))
         if divisor.abs() >= 1e-8:
             mixed.div_(divisor.to(mixed.device))
     if shared["lambda"] != 1:
