@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from evomerge.errors import CheckpointError
+from evomerge.errors import CheckpointError, ConfigError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -272,6 +272,37 @@ class ModelFolder:
 
     def __repr__(self) -> str:
         return f"ModelFolder({str(self.path)!r}, label={self.label!r})"
+
+
+def path_labels(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """A short name for each model folder: its shortest path suffix that no other folder's path
+    ends with (``runs/math/final`` and ``runs/code/final`` give ``math/final`` and
+    ``code/final``; folders with distinct names keep their name). A folder given twice gets
+    the same name twice: :func:`source_labels` refuses that."""
+    parts = [Path(p).expanduser().resolve().parts for p in paths]
+    labels = []
+    for own in parts:
+        others = [other for other in parts if other != own]
+        length = 1
+        while length < len(own) and any(o[-length:] == own[-length:] for o in others):
+            length += 1
+        labels.append(str(Path(*own[-length:])))
+    return labels
+
+
+def source_labels(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The label of each source folder of a study (see :func:`path_labels`): unique, so that
+    genes and recipes can name sources by it. Two paths of one folder are refused."""
+    seen: dict[Path, str] = {}
+    for path in paths:
+        resolved = Path(path).expanduser().resolve()
+        if resolved in seen:
+            raise ConfigError(
+                f"sources {seen[resolved]} and {path} are the same folder ({resolved}); "
+                "name each source once"
+            )
+        seen[resolved] = str(path)
+    return path_labels(paths)
 
 
 def check_compatible(models: Sequence[ModelFolder]) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from evomerge.checkpoint import ModelFolder
+from evomerge.checkpoint import ModelFolder, source_labels
 from evomerge.errors import ConfigError, EvaluationError, EvomergeError
 from evomerge.evaluate import build_evaluator
 from evomerge.evaluate.suite import EvaluatorSuite
@@ -109,7 +109,13 @@ class InProcessSearch:
         self.sources = [Path(s) for s in sources]
         self.objectives = list(objectives)
         self.limit = limit
-        self.folders = [ModelFolder(self.base), *(ModelFolder(s) for s in self.sources)]
+        self.folders = [
+            ModelFolder(self.base, label="base"),
+            *(
+                ModelFolder(s, label=label)
+                for s, label in zip(self.sources, source_labels(self.sources), strict=True)
+            ),
+        ]
         self.merger = InPlaceMerger(self.folders, device=device)
         self.model = AutoModelForCausalLM.from_pretrained(
             self.base, dtype=torch.float32, trust_remote_code=False

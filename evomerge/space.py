@@ -32,7 +32,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.bundled import bundled_folder
-from evomerge.checkpoint import ModelFolder
+from evomerge.checkpoint import ModelFolder, path_labels
 from evomerge.errors import ConfigError
 from evomerge.merge.recipe import Recipe, evaluate_setting, parse_recipe
 from evomerge.merge.registry import MergeMethod, ParamSpec, get_method
@@ -382,7 +382,8 @@ class BoundSpace:
         bounds are clipped and values that vary inside one gene's scope are sampled at its first
         layer.
         """
-        labels = [s.label or Path(s.model).name for s in recipe.sources]
+        defaults = path_labels([s.model for s in recipe.sources])
+        labels = [s.label or d for s, d in zip(recipe.sources, defaults, strict=True)]
         unit = np.empty(self.dimension, dtype=np.float64)
         for index, gene in enumerate(self.genes):
             tensor, t = self._probe(gene)

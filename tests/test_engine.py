@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from evomerge.checkpoint import ModelFolder
-from evomerge.errors import CheckpointError, ConfigError
+from evomerge.errors import CheckpointError, ConfigError, MergeError
 from evomerge.merge.config_file import plan_from_file
 from evomerge.merge.engine import InPlaceMerger, merge_to_folder
 from tests.helpers import copy_model, edit_tensors, load_folder, write_yaml
@@ -212,3 +213,17 @@ def test_fisher_recipe_reads_each_sources_diagonal(family, tmp_path):
     del recipe["sources"][1]["fisher"]
     with pytest.raises(ConfigError, match=r"sources\[1\]\.fisher"):
         plan_from_file(write_yaml(tmp_path / "s.yaml", recipe))
+
+
+def test_a_merge_that_overflows_its_output_dtype_fails_and_leaves_nothing(family, tmp_path):
+    """Streaming checks the merged tensors as the in-place path does: float16 holds at most
+    65504, so a huge weight makes Inf, and nothing is written."""
+    recipe = recipe_for("task_arithmetic", family)
+    recipe["sources"][0]["parameters"]["weight"] = 1e7
+    recipe["dtype"] = "float16"
+    plan, _ = plan_from_file(write_yaml(tmp_path / "r.yaml", recipe))
+    with pytest.raises(MergeError) as info:
+        merge_to_folder(plan, tmp_path / "out")
+    named = re.search(r"NaN or Inf in tensor (\S+) \(output dtype float16", str(info.value))
+    assert named and named.group(1) in {job.name for job in plan.jobs}, str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]

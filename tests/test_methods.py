@@ -274,6 +274,23 @@ def test_slerp_nearly_parallel_is_lerp_and_works_on_matrices() -> None:
     close(merge_tensor("slerp", zero, [vec(0.0, 2.0)], {"t": 0.5}), [0.0, 2 * s])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("threshold", [1e-6, 0.5, 0.9995, 1.0])
+def test_slerp_of_parallel_opposite_and_zero_tensors_is_finite(dtype, threshold) -> None:
+    """No angle to measure: lerp, for every allowed dot_threshold (0, 1], never 0/0."""
+    x = torch.tensor([[0.3, -1.2, 2.5], [0.7, 0.0, -0.4]], dtype=dtype)
+    params = {"t": 0.3, "dot_threshold": threshold}
+    same = merge_tensor("slerp", x, [x.clone()], params)
+    assert torch.allclose(same, x, atol=1e-6, rtol=0), same  # identical: the input itself
+    # Opposite directions: the lerp 0.7 x + 0.3 (-2 x) = 0.1 x (worked by hand).
+    close(merge_tensor("slerp", x, [-2 * x], params), (0.1 * x).tolist(), atol=1e-6)
+    close(merge_tensor("slerp", x, [3 * x], params), (1.6 * x).tolist(), atol=1e-5)
+    zero = torch.zeros_like(x)
+    assert torch.equal(merge_tensor("slerp", zero, [zero], params), zero)
+    for v0, v1 in [(zero, x), (x, zero)]:
+        assert torch.isfinite(merge_tensor("slerp", v0, [v1], params)).all()
+
+
 # --- DARE / DELLA ---------------------------------------------------------------------------
 
 

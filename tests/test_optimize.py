@@ -240,6 +240,46 @@ def test_cma_tie_restart_then_finished() -> None:
     assert proposer.ask() is None and proposer.ask() is None
 
 
+def test_cma_by_default_restarts_on_ties_until_the_budget() -> None:
+    """Coarse scores on few documents tie often: the search goes on, IPOP growing the
+    population, and says so; the count survives a save and restore."""
+    proposer = build_proposer({"kind": "cma", "popsize": 4}, D, ONE)
+    done = run(proposer, 4 + 8 + 16 + 32 + 10, lambda x: [0.5])
+    assert len(done) == 4 + 8 + 16 + 32 + 10 and not proposer.finished
+    assert proposer.restarts_done == 4 and proposer.popsize == 64
+    assert [(r["popsize"], r["reason"]) for r in proposer.runs] == [
+        (4, "tie"),
+        (8, "tie"),
+        (16, "tie"),
+        (32, "tie"),
+    ]
+    assert proposer.describe() == {
+        "CMA-ES restarts": "4 (tie: all fitnesses equal)",
+        "CMA-ES run": "5: population 64, 0 generations done",
+    }
+    restored = restore_proposer({"kind": "cma", "popsize": 4}, D, ONE, proposer.state_dict())
+    assert restored.describe() == proposer.describe()
+    capped = build_proposer({"kind": "cma", "popsize": 4, "restarts": 1}, D, ONE)
+    run(capped, 100, lambda x: [0.5])
+    assert capped.finished and capped.describe() == {
+        "CMA-ES restarts": "1 of at most 1 (tie: all fitnesses equal)",
+        "CMA-ES run": "finished: the last allowed run stopped (tie: all fitnesses equal)",
+    }
+
+
+def test_cma_state_saved_under_the_old_default_goes_on_restarting() -> None:
+    """A study saved when ``restarts`` defaulted to 0, its one run ended by a tie: resumed
+    with the default now (no limit), it restarts instead of staying finished."""
+    old = build_proposer({"kind": "cma", "popsize": 4, "restarts": 0}, D, ONE)
+    run(old, 10, lambda x: [0.5])
+    assert old.finished
+    resumed = restore_proposer({"kind": "cma", "popsize": 4}, D, ONE, old.state_dict())
+    assert not resumed.finished and resumed.restarts_done == 1 and resumed.popsize == 8
+    assert resumed.ask() is not None
+    with pytest.raises(ConfigError, match="config"):  # an explicit cap still has to match
+        restore_proposer({"kind": "cma", "popsize": 4, "restarts": 3}, D, ONE, old.state_dict())
+
+
 def test_cma_restart_regimes() -> None:
     ipop = build_proposer({"kind": "cma", "popsize": 6}, D, ONE)
     assert [ipop.regime(k) for k in range(3)] == [(6, 0.25), (12, 0.25), (24, 0.25)]

@@ -157,3 +157,24 @@ def test_numbers_written_as_yaml_strings_are_numbers(family, tmp_path):
     job = plan.job("model.layers.3.mlp.up_proj.weight")
     assert job.shared_dict()["lambda"] == 2.0
     assert job.per_source_dicts()[0]["weight"] == pytest.approx(0.9)
+
+
+def test_mergekit_slices_of_unequal_length_name_each_source_and_its_layers(family, tmp_path):
+    config = {
+        "merge_method": "linear",
+        "slices": [
+            {
+                "sources": [
+                    {"model": str(family["ft_0"]), "layer_range": [0, 4]},
+                    {"model": str(family["ft_1"]), "layer_range": [0, 2]},
+                ]
+            }
+        ],
+        "parameters": {"weight": 0.5},
+    }
+    with pytest.raises(ConfigError) as info:
+        plan_from_file(write_yaml(tmp_path / "mk.yaml", config))
+    message = str(info.value)
+    assert "slices[0]: all sources must span the same number of layers" in message
+    assert f"{family['ft_0']} (layers 0-3, 4 layers)" in message
+    assert f"{family['ft_1']} (layers 0-1, 2 layers)" in message

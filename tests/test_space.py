@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import yaml
 
-from evomerge.checkpoint import ModelFolder
+from evomerge.checkpoint import ModelFolder, source_labels
 from evomerge.cli import main
 from evomerge.errors import ConfigError
 from evomerge.merge.config_file import plan_from_file
 from evomerge.merge.engine import merge_to_folder
 from evomerge.merge.recipe import open_recipe_models, plan_recipe
 from evomerge.space import SEARCH_SPACES_DIR, load_space, parse_space
-from tests.helpers import load_folder
+from tests.helpers import copy_model, load_folder
 
 READY = sorted(p.stem for p in SEARCH_SPACES_DIR.glob("*.yaml"))
 
@@ -23,7 +23,7 @@ def _sources(space_name: str) -> list[str]:
 
 
 def test_every_kind_of_ready_space_exists():
-    methods = ["task_arithmetic", "ties", "dare_ties", "breadcrumbs", "slerp"]
+    methods = ["task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della", "slerp"]
     assert READY == sorted(f"{m}_{v}" for m in methods for v in ("global", "per_layer"))
 
 
@@ -171,6 +171,36 @@ def test_space_show_prints_the_genes(family, capsys):
     assert "weight[ft_0]/attention/L0" in out and "[0, 1.5]" in out
     assert main(["space", "show", "nope", "--base", str(family["base"])]) == 1
     assert "ready spaces" in capsys.readouterr().err
+
+
+def test_same_named_source_folders_each_get_their_genes(family, tmp_path, capsys):
+    math_ = copy_model(family["ft_0"], tmp_path / "runs" / "math" / "final")
+    code = copy_model(family["ft_1"], tmp_path / "runs" / "code" / "final")
+    args = ["space", "show", "task_arithmetic_global", "--base", str(family["base"])]
+    assert main([*args, "--source", str(math_), "--source", str(code)]) == 0
+    out = capsys.readouterr().out
+    assert "weight[math/final]" in out and "weight[code/final]" in out
+    assert "dimension 2" in out and "sources math/final, code/final" in out
+    labels = source_labels([math_, code])
+    assert labels == ["math/final", "code/final"]
+    assert source_labels([family["ft_0"], code]) == ["ft_0", "final"]
+    space = load_space("task_arithmetic_global").bind(ModelFolder(family["base"]), labels)
+    genome = np.array([0.2, 0.6])
+    recipe = space.decode(genome, str(family["base"]), [str(math_), str(code)])
+    assert [s.parameters for s in recipe.sources] == [
+        {"weight": pytest.approx(0.3)},
+        {"weight": pytest.approx(0.9)},
+    ]
+    # Encoding finds each source by its label, also in a recipe that gives none.
+    unlabelled = recipe.model_copy(
+        update={"sources": [s.model_copy(update={"label": None}) for s in recipe.sources]}
+    )
+    np.testing.assert_allclose(space.encode(unlabelled), genome)
+    # A second path to the same folder is refused, naming both paths.
+    again = tmp_path / "runs" / "code" / ".." / "math" / "final"
+    with pytest.raises(ConfigError) as info:
+        source_labels([math_, again])
+    assert f"sources {math_} and {again} are the same folder" in str(info.value)
 
 
 def test_genome_of_the_wrong_length_is_refused(family):

@@ -176,12 +176,14 @@ def cmd_to_mergekit(args: argparse.Namespace) -> int:
 
 
 def cmd_space_show(args: argparse.Namespace) -> int:
-    from evomerge.checkpoint import ModelFolder
+    from evomerge.checkpoint import ModelFolder, source_labels
     from evomerge.space import load_space
 
     space = load_space(args.space)
     base = ModelFolder(args.base)
-    labels = [ModelFolder(s).label for s in args.source] if args.source else ["s0", "s1"]
+    for source in args.source or []:
+        ModelFolder(source)  # a missing or unreadable folder is named here
+    labels = source_labels(args.source) if args.source else ["s0", "s1"]
     if space.method == "slerp" and not args.source:
         labels = ["s0"]
     try:

@@ -142,9 +142,10 @@ def merge_to_folder(
                 seed=plan.seed,
                 input_dtype=input_dtype,
             )
-            dtype = output_dtype(plan, job, tensors[_first_ref(job)].dtype)
-            writer.add(job.name, merged.to(dtype))
-            del tensors, merged
+            out = merged.to(output_dtype(plan, job, tensors[_first_ref(job)].dtype))
+            _check_merged_finite(job.name, out)  # the writer then removes its staged folder
+            writer.add(job.name, out)
+            del tensors, merged, out
             if progress is not None:
                 progress(index + 1, len(jobs))
         _write_metadata(writer, plan, models, model_card)
@@ -244,7 +245,11 @@ def _check_merged_finite(name: str, merged: torch.Tensor) -> None:
     fail the candidate, naming the tensor, rather than score a model full of NaN."""
     if merged.is_floating_point() and not bool(torch.isfinite(merged.sum())):
         if not bool(torch.isfinite(merged).all()):
-            raise MergeError(f"the merge produced NaN or Inf in tensor {name}")
+            dtype = str(merged.dtype).removeprefix("torch.")
+            raise MergeError(
+                f"the merge produced NaN or Inf in tensor {name} (output dtype {dtype}; "
+                "a value beyond its range becomes Inf)"
+            )
 
 
 def _named_tensors(model: torch.nn.Module) -> Mapping[str, torch.Tensor]:

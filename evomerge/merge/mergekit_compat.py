@@ -140,7 +140,15 @@ def plan_mergekit(
         inputs = [(model_index(s.model), s) for s in out_slice.sources]
         lengths = {s.layer_range[1] - s.layer_range[0] for _, s in inputs}
         if len(lengths) != 1:
-            raise ConfigError(f"slices[{number}]: all sources must span the same number of layers")
+            spans = ", ".join(
+                f"{s.model} (layers {start}-{end - 1}, {end - start} layers)"
+                for _, s in inputs
+                for start, end in [s.layer_range]
+            )
+            raise ConfigError(
+                f"slices[{number}]: all sources must span the same number of layers "
+                f"(layer_range is [first, last + 1)): {spans}"
+            )
         resolved_slices.append((out_slice, slice_base, inputs, lengths.pop()))
     check_compatible(folders)
     reference = folders[resolved_slices[0][2][0][0]]

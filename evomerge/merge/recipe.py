@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from evomerge.checkpoint import ModelFolder, check_compatible
+from evomerge.checkpoint import ModelFolder, check_compatible, path_labels
 from evomerge.errors import ConfigError
 from evomerge.merge.plan import MergePlan, TensorJob, TensorRef, freeze
 from evomerge.merge.registry import MergeMethod, get_method
@@ -157,10 +157,11 @@ def open_recipe_models(
             )
         )
     labels = {"base"}
-    for index, source in enumerate(recipe.sources):
-        folder = ModelFolder(
-            resolve_path(source.model, relative_to), label=source.label, allow_pickle=allow_pickle
-        )
+    paths = [resolve_path(source.model, relative_to) for source in recipe.sources]
+    for index, (source, path, default) in enumerate(
+        zip(recipe.sources, paths, path_labels(paths), strict=True)
+    ):
+        folder = ModelFolder(path, label=source.label or default, allow_pickle=allow_pickle)
         if folder.label in labels:
             folder.label = f"{folder.label}#{index}"
         labels.add(folder.label)

@@ -158,6 +158,12 @@ class Proposer(ABC):
             return None
         return self._best[0].copy(), self._best[1]
 
+    def describe(self) -> dict[str, str]:
+        """What this kind has to say about its own course, as ``{label: text}`` lines for
+        ``evomerge status`` (e.g. ``{"CMA-ES restarts": "2 (tie: all fitnesses equal)"}``);
+        nothing by default. Read from a restored state, so it covers resumed studies too."""
+        return {}
+
     def state_dict(self) -> bytes:
         """Everything needed to continue exactly where this proposer is (a pickle)."""
         state = {
@@ -208,6 +214,8 @@ class Proposer(ABC):
             "dimension": proposer.dimension,
             "objectives": [o.model_dump() for o in proposer.objectives],
         }
+        if isinstance(saved["config"], dict):
+            saved["config"] = cls._saved_config(saved["config"], now["config"])
         for key, value in now.items():
             if saved[key] != value:
                 raise ConfigError(f"{where}: saved with {key} {saved[key]!r}, not {value!r}")
@@ -222,6 +230,12 @@ class Proposer(ABC):
         return proposer
 
     # -- for subclasses --------------------------------------------------------------------
+
+    @classmethod
+    def _saved_config(cls, saved: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+        """A saved config as this version reads it (a kind whose defaults changed maps the old
+        default to the new one here); ``now`` is the config being restored with."""
+        return saved
 
     def score(self, values: Sequence[float]) -> float:
         """The scalarized value (to maximize) of raw objective values."""

@@ -12,7 +12,10 @@ fitness told in its generation; a generation in which every proposal failed is d
 
 Runs and restarts: a run stops when pycma's own criteria fire (``es.stop()``), when every
 fitness of a generation is equal (``tie_restart``; common with small evaluation sets), or
-after ``max_generations_per_run``. A restart starts again from ``x0``. IPOP: run ``k`` has
+after ``max_generations_per_run``. A restart starts again from ``x0``; by default there is no
+limit on restarts, so a study runs to its budget (``restarts`` caps them; the proposer is
+finished when the last allowed run stops). :meth:`CMAProposer.describe` tells how many
+restarts there were and why, for ``evomerge status``. IPOP: run ``k`` has
 ``popsize * incpopsize**k`` and ``sigma0``. BIPOP alternates: odd runs are large (the IPOP
 schedule over the large runs only), even runs (after the first) are small, with
 ``u ~ U(0, 1)``: popsize ``int(popsize * (0.5 * last_large / popsize) ** (u ** 2))`` and step
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
@@ -61,9 +65,11 @@ class CMAConfig(ProposerConfig):
     popsize: int | None = Field(default=None, ge=2)
     """Genomes per generation of the first run (restarts grow it). None is pycma's default,
     ``4 + int(3 ln d)`` for ``d`` genes."""
-    restarts: int = Field(default=0, ge=0)
-    """New runs started from ``x0`` after a run stops; 0 runs once. When the last run stops the
-    proposer is finished and proposes nothing more."""
+    restarts: int | None = Field(default=None, ge=0)
+    """New runs started from ``x0`` after a run stops (a tie, pycma's stop criteria, or
+    ``max_generations_per_run``). None (the default) restarts without limit, so the search
+    runs to the study's budget; a number caps the restarts (0 runs once), and when the last
+    run stops the proposer is finished and the study ends before its budget."""
     restart_strategy: Literal["ipop", "bipop"] = "ipop"
     """How restarts are sized: ``ipop`` grows the population by ``incpopsize`` every restart;
     ``bipop`` alternates such growing runs with small runs of a random, smaller population and
@@ -72,7 +78,8 @@ class CMAConfig(ProposerConfig):
     """Factor by which the population grows from one (large) run to the next: IPOP run ``k``
     has ``popsize * incpopsize**k`` genomes per generation; 1 keeps it constant."""
     tie_restart: bool = True
-    """Stop a run when all fitnesses of a generation are equal."""
+    """Stop a run (and restart, see ``restarts``) when all fitnesses of a generation are
+    equal: CMA-ES learns nothing from such a generation."""
     max_generations_per_run: int | None = Field(default=None, ge=1)
     """Generations after which a run stops (and the next restart, if any, begins); None leaves
     stopping to pycma's own criteria and ``tie_restart``."""
@@ -120,6 +127,15 @@ def _rehash_solution_dicts(root: Any) -> None:
             stack.extend(obj)
         elif type(obj).__module__.startswith("cma.") and hasattr(obj, "__dict__"):
             stack.extend(vars(obj).values())
+
+
+def _reason_text(reason: str) -> str:
+    """Why a run stopped, for people: ``tie``, ``max_generations`` or pycma's criteria."""
+    if reason == "tie":
+        return "tie: all fitnesses equal"
+    if reason == "max_generations":
+        return "max_generations_per_run reached"
+    return f"pycma: {reason}"
 
 
 def _run_seed(seed: int, run: int, stream: int = 0) -> int:
@@ -198,7 +214,7 @@ class CMAProposer(Proposer):
                 "reason": reason,
             }
         )
-        if self.restarts_done < self.config.restarts:
+        if self.config.restarts is None or self.restarts_done < self.config.restarts:
             self.restarts_done += 1
             self._start_run(self._run + 1)
         else:
@@ -230,6 +246,35 @@ class CMAProposer(Proposer):
     def popsize(self) -> int:
         """Population size of the current run."""
         return self._run_popsize
+
+    def describe(self) -> dict[str, str]:
+        """Restarts so far and why, and the current run: ``{"CMA-ES restarts": "2 (tie: all
+        fitnesses equal)", "CMA-ES run": "3 of 3: population 32, 1 generation done"}``."""
+        reasons = Counter(_reason_text(r["reason"]) for r in self.runs[: self.restarts_done])
+        why = ", ".join(
+            text if count == self.restarts_done else f"{count}x {text}"
+            for text, count in reasons.items()
+        )
+        cap = "" if self.config.restarts is None else f" of at most {self.config.restarts}"
+        notes = {"CMA-ES restarts": f"{self.restarts_done}{cap}" + (f" ({why})" if why else "")}
+        if self._finished:
+            last = _reason_text(self.runs[-1]["reason"]) if self.runs else "stopped"
+            notes["CMA-ES run"] = f"finished: the last allowed run stopped ({last})"
+        else:
+            done = self._generation
+            notes["CMA-ES run"] = (
+                f"{self._run + 1}: population {self._run_popsize}, "
+                f"{done} generation{'' if done == 1 else 's'} done"
+            )
+        return notes
+
+    @classmethod
+    def _saved_config(cls, saved: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+        """``restarts`` defaulted to 0 before it defaulted to None (no limit): a study that
+        never set it continues without a limit."""
+        if saved.get("restarts") == 0 and now.get("restarts") is None:
+            return {**saved, "restarts": None}
+        return saved
 
     def _propose(self) -> tuple[np.ndarray, Any] | None:
         if self._finished:
@@ -302,3 +347,10 @@ class CMAProposer(Proposer):
         for name in self._STATE_FIELDS:
             setattr(self, name, state[name])
         _rehash_solution_dicts(self._es)
+        restarts = self.config.restarts
+        if self._finished and (restarts is None or self.restarts_done < restarts):
+            # Saved finished under a lower cap (the old default was 0): restart as _end_run
+            # would have with this config.
+            self._finished = False
+            self.restarts_done += 1
+            self._start_run(self._run + 1)

@@ -43,3 +43,20 @@ def restore_proposer(
     """The proposer ``state`` (from ``state_dict()``) describes, continuing exactly."""
     parsed = parse_proposer_config(config)
     return proposer_class(parsed.kind).from_state(parsed, dimension, objectives, state)
+
+
+def describe_state(state: bytes) -> dict[str, str]:
+    """:meth:`Proposer.describe` of the proposer a ``state_dict()`` holds, rebuilt from the kind,
+    config, dimension and objectives saved with it (no search space needed). Empty for kinds
+    that describe nothing, and for a state this version cannot read."""
+    import pickle
+
+    try:
+        data = pickle.loads(state)
+        cls = proposer_class(data["kind"])
+        if cls.describe is Proposer.describe:
+            return {}
+        config = parse_proposer_config(data["config"])
+        return cls.from_state(config, data["dimension"], data["objectives"], state).describe()
+    except (ConfigError, KeyError, TypeError, ValueError, pickle.UnpicklingError, AttributeError):
+        return {}

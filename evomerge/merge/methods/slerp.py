@@ -13,6 +13,13 @@ from evomerge.merge.registry import MergeMethod, ParamSpec, TensorContext, compu
 NORM_EPS = 1e-8
 """A norm at or below this is treated as 1 when measuring the angle."""
 
+MIN_SIN = 1e-3
+"""Below this sin of the angle (|cos| within 5e-7 of 1, about what the cosine of float32
+tensors resolves) a pair is (anti)parallel whatever ``dot_threshold`` says, and is interpolated
+linearly: the great circle is undefined there, and dividing by sin(theta) would give NaN
+(identical tensors: 0/0) or coefficients over 1000 (nearly opposite tensors). Near cos 1 the
+two differ by O(theta^2) < 1e-6."""
+
 CHUNK = 1 << 20
 """Elements per partial sum: long float32 sums drift (cos > 1 on a 65M-entry embedding)."""
 
@@ -43,7 +50,9 @@ def slerp(
     """Interpolate from the base (t=0) to the source (t=1) along the great circle.
 
     The angle comes from the normalized, flattened tensors; the coefficients are applied to
-    the raw tensors. Nearly (anti)parallel pairs (|cos| > dot_threshold) fall back to lerp.
+    the raw tensors. Nearly (anti)parallel pairs (|cos| > dot_threshold, or too close to 1 to
+    measure an angle at all: see :data:`MIN_SIN`) fall back to lerp. The angle and the
+    coefficients are computed in float64.
     """
     if base is None:
         raise MethodError(f"method 'slerp' needs a base model (tensor {ctx.name})")
@@ -53,12 +62,14 @@ def slerp(
     t = torch.tensor(shared["t"], dtype=dtype, device=v0.device)
     if v0.numel() == 0:
         return ((1 - t) * v0 + t * v1).reshape(base.shape)
-    dot = cosine(v0, v1).to(dtype)
-    linear = dot.abs() > shared["dot_threshold"]
-    theta = torch.acos(torch.where(linear, torch.zeros_like(dot), dot))
+    dot = cosine(v0, v1)  # float64
+    theta = torch.acos(dot)
     sin_theta = torch.sin(theta)
-    c0 = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
-    c1 = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+    linear = (dot.abs() > shared["dot_threshold"]) | (sin_theta < MIN_SIN)
+    t64 = torch.tensor(float(shared["t"]), dtype=torch.float64, device=v0.device)
+    divisor = torch.where(linear, torch.ones_like(sin_theta), sin_theta)
+    c0 = torch.where(linear, 1 - t64, torch.sin((1 - t64) * theta) / divisor).to(dtype)
+    c1 = torch.where(linear, t64, torch.sin(t64 * theta) / divisor).to(dtype)
     return (c0 * v0 + c1 * v1).reshape(base.shape)
 
 
