@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
@@ -49,6 +50,66 @@ def check_limit(limit: int | float | None, owner: str) -> int | float | None:
     return limit
 
 
+Split = Literal["search", "holdout"]
+"""Which documents ``evaluate`` scores: those the search may see, or the held-out ones."""
+SPLITS: tuple[str, ...] = ("search", "holdout")
+
+
+def holdout_count(fraction: float, total: int) -> int:
+    """How many of ``total`` documents a ``holdout`` fraction holds out: ``fraction * total``
+    rounded half up, but at least 1 and at most ``total - 1`` (both splits keep a document).
+    EvaluationError when ``total`` is under 2."""
+    if total < 2:
+        raise EvaluationError(
+            f"has {total} document(s); holdout needs at least 2 (one to search on, one held out)"
+        )
+    return min(total - 1, max(1, math.floor(fraction * total + 0.5)))
+
+
+def holdout_indices(name: str, total: int, fraction: float) -> list[int]:
+    """The held-out document indices of task ``name`` (sorted): the ``holdout_count`` indices
+    whose SHA-256 of ``"{name}\\0{index}"`` is smallest.
+
+    It depends only on the name, the index and the count, so every process, machine and
+    evaluator instance holds out the same documents; a larger fraction holds out a superset.
+    """
+    try:
+        count = holdout_count(fraction, total)
+    except EvaluationError as exc:
+        raise EvaluationError(f"{name} {exc}") from None
+    ranked = sorted(
+        range(total),
+        key=lambda index: hashlib.sha256(f"{name}\0{index}".encode()).digest(),
+    )
+    return sorted(ranked[:count])
+
+
+def check_split(split: str, fraction: float | None, owner: str) -> None:
+    """EvaluationError unless ``split`` is "search", or "holdout" with a ``holdout`` fraction."""
+    if split not in SPLITS:
+        raise EvaluationError(f"{owner}: split must be 'search' or 'holdout', got {split!r}")
+    if split == "holdout" and fraction is None:
+        raise EvaluationError(f"{owner} has no holdout configured (set its holdout fraction)")
+
+
+def split_indices(
+    name: str, total: int, fraction: float | None, split: str, owner: str = "evaluator"
+) -> list[int]:
+    """The document indices (in their order) of ``split`` for task ``name`` of ``total``
+    documents: with no holdout, "search" is every document and "holdout" is an error."""
+    check_split(split, fraction, owner)
+    if fraction is None:
+        return list(range(total))
+    try:
+        held = holdout_indices(name, total, fraction)
+    except EvaluationError as exc:
+        raise EvaluationError(f"{owner}: {exc}") from None
+    if split == "holdout":
+        return held
+    chosen = set(held)
+    return [index for index in range(total) if index not in chosen]
+
+
 def limit_count(limit: int | float | None, total: int) -> int:
     """How many of ``total`` items a validated ``limit`` selects (at least 1 when total > 0)."""
     if limit is None:
@@ -84,8 +145,16 @@ class Evaluator(ABC):
         self.tokenizer = tokenizer
 
     @abstractmethod
-    def evaluate(self, limit: int | float | None = None) -> EvalResult:
-        """Score the model as it is now; ``limit`` overrides the config's subset size."""
+    def evaluate(self, limit: int | float | None = None, split: Split = "search") -> EvalResult:
+        """Score the model as it is now on ``split``'s documents: "search" (those not held
+        out: all of them when no ``holdout`` is configured) or "holdout" (the held-out ones;
+        EvaluationError when none are). ``limit`` overrides the config's subset size and
+        counts within the split."""
+
+    @property
+    def holdout(self) -> float | None:
+        """The configured ``holdout`` fraction; None when every document is searched on."""
+        return getattr(self.config, "holdout", None)
 
     def metric_names(self) -> list[str]:
         """Every metric key ``evaluate`` returns (runs a two-item evaluation to find out).
@@ -104,6 +173,10 @@ class Evaluator(ABC):
                 f"it produces: {', '.join(available)}"
             )
 
+    probe_at_preflight: ClassVar[bool] = False
+    """True for kinds whose metric names are known only by running them (user code):
+    preflight then scores a tiny stand-in model once to learn them."""
+
     @classmethod
     def preflight(cls, config: EvaluatorConfig) -> set[str] | None:
         """Check what can be checked without a model (files, functions, task names), raising
@@ -115,6 +188,11 @@ class Evaluator(ABC):
         """Release what the evaluator holds (it keeps the model alive otherwise)."""
         self.model = None
         self.tokenizer = None
+
+
+class EvaluatorReturnError(EvaluationError):
+    """An evaluator's code ran and returned something that is not metrics (nothing, or not
+    numbers): the same code will return it for every candidate."""
 
 
 def numeric_metrics(values: Mapping[str, Any], owner: str) -> dict[str, float]:

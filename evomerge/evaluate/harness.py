@@ -10,6 +10,12 @@ weights, and would return stale scores after an in-place merge.
 Subsets: ``limit`` picks a fixed, seeded sample of each task's documents, the same for every
 candidate, and a larger limit contains the smaller one (both are prefixes of one seeded
 permutation), so cheap fidelities rank candidates on comparable data.
+
+Holdout: with ``holdout: FRACTION`` a share of each task's documents, chosen by a hash of the
+task's name and the document's index (``base.holdout_indices``), is never scored by
+``evaluate(split="search")``; ``evaluate(split="holdout")`` scores only those. Both go to
+lm-eval as its own ``samples={task: [indices]}``, so the documents scored are exactly the chosen
+ones; ``limit`` then samples within the split as above.
 """
 
 from __future__ import annotations
@@ -33,8 +39,11 @@ from evomerge.evaluate.base import (
     EvalResult,
     Evaluator,
     EvaluatorConfig,
+    Split,
     check_limit,
+    check_split,
     limit_count,
+    split_indices,
 )
 from evomerge.evaluate.registry import register_evaluator
 
@@ -70,6 +79,12 @@ class LmEvalConfig(EvaluatorConfig):
     every candidate sees the same prompts; 1234 is lm-eval's own default."""
     bootstrap_iters: int = Field(default=100, ge=0)
     """Draws for stderr of metrics without a closed form (0: no stderr at all)."""
+    holdout: float | None = Field(default=None, gt=0, lt=1)
+    """Fraction (0 < holdout < 1) of each task's documents held out: the search never scores
+    them, and a study re-scores its front on them. Per task, round(holdout x documents) rounded
+    half up, at least 1 and at least 1 left to search on (a task needs 2 documents); which ones
+    depends only on the task's name and the document's index (a SHA-256), the same on every
+    machine and for every seed. None: every document is searched on."""
 
 
 def bundled_suites_dir() -> Path | None:
@@ -345,25 +360,39 @@ class LmEvalEvaluator(Evaluator):
                 f"lm_eval: could not load {', '.join(wanted)}: {type(exc).__name__}: {exc}"
             ) from exc
 
-    def _samples(self, limit: int | float | None) -> dict[str, list[int]] | None:
-        if limit is None:
-            return None
+    def split_documents(self, split: Split = "search") -> dict[str, list[int]]:
+        """Each task's document indices in ``split`` (sorted; lm-eval's own indices)."""
+        owner = f"lm_eval evaluator ({', '.join(self.config.tasks)})"
+        check_split(split, self.config.holdout, owner)
+        return {
+            name: split_indices(
+                name, len(task.eval_docs), self.config.holdout, split, f"lm_eval task {name}"
+            )
+            for name, task in self.tasks.items()
+        }
+
+    def _samples(self, limit: int | float | None, split: Split) -> dict[str, list[int]] | None:
+        """lm-eval's ``samples``: per task, the split's documents, of which ``limit`` takes a
+        seeded subset; None when that is every document of every task."""
         samples = {}
-        for name, task in self.tasks.items():
-            total = len(task.eval_docs)
-            count = limit_count(limit, total)
-            if count < total:
-                samples[name] = subset_indices(name, total, count, self.config.subset_seed)
+        for name, indices in self.split_documents(split).items():
+            total = len(self.tasks[name].eval_docs)
+            count = limit_count(limit, len(indices))
+            if count < len(indices):
+                picked = subset_indices(name, len(indices), count, self.config.subset_seed)
+                indices = [indices[position] for position in picked]
+            if len(indices) < total:
+                samples[name] = indices
         return samples or None
 
-    def evaluate(self, limit: int | float | None = None) -> EvalResult:
+    def evaluate(self, limit: int | float | None = None, split: Split = "search") -> EvalResult:
         from lm_eval.evaluator import evaluate as lm_evaluate
 
         if self.model is None:
             raise EvaluationError("lm_eval evaluator was closed")
         chosen = check_limit(limit, "lm_eval") if limit is not None else self.default_limit
         start = time.perf_counter()
-        samples = self._samples(chosen)
+        samples = self._samples(chosen, split)
         was_training = self.model.training
         self.model.eval()
         try:

@@ -5,6 +5,13 @@ standard Hugging Face sliding windows: windows of ``max_length`` tokens start ev
 tokens, and each window scores only the tokens no earlier window scored, with the overlap as
 context. The very first token has no context and is never scored; when ``stride == max_length``
 the first token of every window is likewise unscored (the windows do not overlap).
+
+Holdout: the windows are the documents. With ``holdout: FRACTION`` a share of them, chosen by a
+hash of ``name`` and the window's index (``base.holdout_indices``), is scored only by
+``evaluate(split="holdout")``; ``evaluate(split="search")`` scores the others. The tokens a
+window scores are never scored by a window of the other split, but with overlapping windows
+(``stride < max_length``) a window's context may hold tokens the other split scores; set
+``stride`` to ``max_length`` to keep the splits' texts fully apart.
 """
 
 from __future__ import annotations
@@ -22,8 +29,10 @@ from evomerge.evaluate.base import (
     EvalResult,
     Evaluator,
     EvaluatorConfig,
+    Split,
     check_limit,
     limit_count,
+    split_indices,
 )
 from evomerge.evaluate.registry import register_evaluator
 
@@ -47,6 +56,13 @@ class PerplexityConfig(EvaluatorConfig):
     """Metric prefix: ``{name}/perplexity`` and ``{name}/nll``."""
     batch_size: int = Field(default=1, ge=1)
     """Windows per forward pass (right-padded; results match batch size 1 up to float noise)."""
+    holdout: float | None = Field(default=None, gt=0, lt=1)
+    """Fraction (0 < holdout < 1) of the windows held out: the search never scores them, and a
+    study re-scores its front on them. round(holdout x windows) rounded half up, at least 1 and
+    at least 1 left to search on (the text needs 2 windows); which ones depends only on
+    ``name`` and the window's index (a SHA-256). Overlapping windows share context across the
+    split: set ``stride`` equal to ``max_length`` to keep the texts apart. None: every window
+    is searched on."""
 
 
 def _model_max_length(model: Any) -> int:
@@ -110,11 +126,24 @@ class PerplexityEvaluator(Evaluator):
         self.stride = stride
         self.input_ids = torch.tensor(ids, dtype=torch.long)
         self.windows = sliding_windows(len(ids), self.max_length, stride)
+        if config.holdout is not None:
+            self.split_windows("search")  # a text of one window is refused here, not per call
 
-    def evaluate(self, limit: int | float | None = None) -> EvalResult:
+    def split_windows(self, split: Split = "search") -> list[int]:
+        """The indices (into ``self.windows``, in order) of the windows in ``split``."""
+        return split_indices(
+            self.config.name,
+            len(self.windows),
+            self.config.holdout,
+            split,
+            f"perplexity evaluator {self.config.name} ({self.config.file})",
+        )
+
+    def evaluate(self, limit: int | float | None = None, split: Split = "search") -> EvalResult:
         start = time.perf_counter()
         limit = check_limit(limit if limit is not None else self.config.limit, "perplexity")
-        windows = self.windows[: limit_count(limit, len(self.windows))]
+        chosen = self.split_windows(split)
+        windows = [self.windows[i] for i in chosen[: limit_count(limit, len(chosen))]]
         model = self.model
         was_training = model.training
         model.eval()

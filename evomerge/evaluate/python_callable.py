@@ -4,7 +4,10 @@
 ``"path/to/file.py:function"`` (relative paths are resolved against the current working
 directory). The function is called as ``fn(model, tokenizer, **options)``, plus ``limit=...`` when
 it accepts a ``limit`` parameter or ``**kwargs``, and returns either ``{name: number}`` or one
-number (reported as ``{prefix}/score``).
+number (reported as ``{prefix}/score``). It picks its own documents, so ``holdout`` is refused
+and only ``split="search"`` exists. Preflight calls it once on a tiny stand-in model
+(``probe_at_preflight``) to learn its metric names; what it returns there that is not metrics
+is an ``EvaluatorReturnError``.
 
 This imports and runs arbitrary code: only point it at code you trust, exactly as you would
 before running it yourself.
@@ -30,8 +33,11 @@ from evomerge.evaluate.base import (
     EvalResult,
     Evaluator,
     EvaluatorConfig,
+    EvaluatorReturnError,
+    Split,
     as_number,
     check_limit,
+    check_split,
     numeric_metrics,
 )
 from evomerge.evaluate.registry import register_evaluator
@@ -52,6 +58,21 @@ class PythonConfig(EvaluatorConfig):
     evaluator's ``limit`` instead)."""
     name: str | None = Field(default=None, min_length=1)
     """Metric prefix; defaults to the function's name."""
+
+    holdout: None = None
+    """Not available: a python evaluator chooses its own documents, so hold some out inside
+    the function (``lm_eval`` and ``perplexity`` evaluators take a holdout fraction)."""
+
+    @field_validator("holdout", mode="before")
+    @classmethod
+    def _no_holdout(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError(
+                "not available for python evaluators: a python evaluator chooses its own "
+                "documents, so hold some out inside the function (lm_eval and perplexity "
+                "evaluators take a holdout fraction)"
+            )
+        return None
 
     @field_validator("options")
     @classmethod
@@ -137,6 +158,7 @@ class PythonEvaluator(Evaluator):
     """Calls a user function on the model each time; see the module docstring."""
 
     config: PythonConfig
+    probe_at_preflight = True
 
     def __init__(self, config: PythonConfig, model: Any, tokenizer: Any) -> None:
         super().__init__(config, model, tokenizer)
@@ -155,8 +177,10 @@ class PythonEvaluator(Evaluator):
             load_function(config.function)
         return {config.name or attr_part.rsplit(".", 1)[-1]}
 
-    def evaluate(self, limit: int | float | None = None) -> EvalResult:
+    def evaluate(self, limit: int | float | None = None, split: Split = "search") -> EvalResult:
+        """Call the function; only the "search" split exists (it picks its own documents)."""
         start = time.perf_counter()
+        check_split(split, None, self.owner)
         limit = check_limit(limit if limit is not None else self.config.limit, self.owner)
         kwargs = dict(self.config.options)
         if self.passes_limit:
@@ -165,11 +189,24 @@ class PythonEvaluator(Evaluator):
             result = self.function(self.model, self.tokenizer, **kwargs)
         except Exception as exc:
             raise EvaluationError(f"{self.owner} raised {type(exc).__name__}: {exc}") from exc
-        if isinstance(result, Mapping):
-            values = numeric_metrics(result, self.owner)
-            if not values:
-                raise EvaluationError(f"{self.owner} returned no metrics (an empty mapping)")
-            metrics = {f"{self.prefix}/{key}": value for key, value in values.items()}
-        else:
-            metrics = {f"{self.prefix}/score": as_number(result, f"{self.owner}: return value")}
-        return EvalResult(metrics=metrics, seconds=time.perf_counter() - start)
+        return EvalResult(metrics=self._metrics(result), seconds=time.perf_counter() - start)
+
+    def _metrics(self, result: Any) -> dict[str, float]:
+        """``result`` as prefixed metrics; EvaluatorReturnError names what came back."""
+        try:
+            if isinstance(result, Mapping):
+                values = numeric_metrics(result, self.owner)
+                if not values:
+                    raise EvaluationError(
+                        f"{self.owner} returned no metrics: {_shown(result)} "
+                        "(return {name: number, ...} or one number)"
+                    )
+                return {f"{self.prefix}/{key}": value for key, value in values.items()}
+            return {f"{self.prefix}/score": as_number(result, f"{self.owner}: return value")}
+        except EvaluationError as exc:
+            raise EvaluatorReturnError(str(exc)) from None
+
+
+def _shown(value: Any, width: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."

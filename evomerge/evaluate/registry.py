@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvaluationError
-from evomerge.evaluate.base import Evaluator, EvaluatorConfig
+from evomerge.evaluate.base import Evaluator, EvaluatorConfig, EvaluatorReturnError
 from evomerge.registry import KindRegistry
 
 EVALUATORS: KindRegistry[Evaluator, EvaluatorConfig] = KindRegistry(
@@ -38,6 +38,32 @@ def preflight_evaluator(
         return evaluator_class(parsed.kind).preflight(parsed)
     except EvaluationError as exc:
         raise EvaluationError(f"{where}: {exc}") from None
+
+
+def probe_evaluator(
+    data: Mapping[str, Any] | EvaluatorConfig, model: Any, tokenizer: Any, where: str = "evaluator"
+) -> list[str] | None:
+    """The metric names of an evaluator whose kind is known only by running it
+    (``probe_at_preflight``), found by scoring ``model`` (a tiny stand-in) once at limit 2.
+
+    EvaluationError (prefixed by ``where``) when its code ran and returned no usable metrics:
+    it would do so for every candidate. None when the kind needs no probe or the probe is
+    inconclusive (the code raised, or cannot be imported here: it may need what only a worker
+    has, and the worker will report it)."""
+    parsed = parse_evaluator_config(data, where)
+    if not evaluator_class(parsed.kind).probe_at_preflight:
+        return None
+    evaluator = None
+    try:
+        evaluator = build_evaluator(parsed, model, tokenizer)
+        return evaluator.metric_names()
+    except EvaluatorReturnError as exc:
+        raise EvaluatorReturnError(f"{where}: {exc}") from None
+    except Exception:  # inconclusive: user code that needs the worker's environment
+        return None
+    finally:
+        if evaluator is not None:
+            evaluator.close()
 
 
 def build_evaluator(
