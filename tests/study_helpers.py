@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,23 @@ def export_rows(store: StudyStore) -> list[tuple[int, str, bool]]:
     with store.session() as session:
         rows = session.scalars(select(ExportRow).order_by(ExportRow.id)).all()
         return [(r.trial_number, r.path, r.verified) for r in rows]
+
+
+def drive(
+    driver: Any, worker: Any, *, workers: int = 3, stop_after: int | None = None
+) -> list[Any]:
+    """Keep up to ``workers`` tasks in flight, finishing the oldest first, until nothing is
+    left or ``stop_after`` trials finished in all; returns the tasks still in flight."""
+    in_flight: deque[Any] = deque()
+    while True:
+        while len(in_flight) < workers:
+            task = driver.next_task()
+            if task is None:
+                break
+            in_flight.append(task)
+        if not in_flight or (stop_after is not None and driver.finished >= stop_after):
+            return list(in_flight)
+        driver.on_result(worker.run(in_flight.popleft()))
 
 
 # -- `evomerge search` and `evomerge resume` as a user runs them --------------------------------

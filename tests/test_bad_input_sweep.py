@@ -357,13 +357,18 @@ CASES = [
             evaluators=[{"kind": "python", "function": "empty.py:empty"}],
             objectives=[{"metric": "empty/x"}],
         ),
-        ["study.yaml", "returned no metrics"],
+        ["study.yaml: evaluators[0]", "empty.py:empty returned no metrics: {{}}"],
         id="python-evaluator-returns-nothing",
-        marks=pytest.mark.xfail(
-            run=False,
-            reason="found only by running the evaluator: needs the worker-side check and the "
-            "late study creation proposed for cluster/worker.py and study/driver.py",
-        ),
+    ),
+    pytest.param(
+        search(objectives=[{"metric": "nap/awake"}]),
+        ["study.yaml: objectives[0].metric", "'nap/awake'", "returned nap/slept"],
+        id="python-evaluator-lacks-the-objective",
+    ),
+    pytest.param(
+        search(evaluators=[{"kind": "python", "function": "nap.py:nap", "holdout": 0.2}]),
+        ["study.yaml: evaluators[0] (python)", "chooses its own documents"],
+        id="python-evaluator-holdout",
     ),
     # -- storage ------------------------------------------------------------------------------
     pytest.param(

@@ -67,7 +67,7 @@ def test_rows_state_the_code_s_defaults_and_bounds():
     assert study["proposer"]["default"] == '`{"kind": "cma"}`'
     assert study["budget"]["type"] == "integer or `BudgetConfig`"
     assert set(study) == set(StudyConfig.model_fields)
-    assert parsed["FidelityConfig"]["promote"]["type"] == "number (≥ 0, ≤ 1)"
+    assert parsed["FidelityConfig"]["promote"]["type"] == "number (> 0, ≤ 1)"
     assert "`kind: cma`" in generate() and "`kind: lm_eval`" in generate()
 
 

@@ -58,7 +58,8 @@ def test_optuna_reads_the_study_and_finds_the_same_front(url):
     assert study.metric_names == ["a/acc", "b/loss"]
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     assert states == {
-        **dict.fromkeys([0, 1, 2, 3, 7], TrialState.COMPLETE),
+        **dict.fromkeys([0, 1, 2, 3], TrialState.COMPLETE),
+        7: TrialState.PRUNED,  # scored on 10 documents only: not compared with full scores
         **dict.fromkeys([4, 5, 6, 8], TrialState.FAIL),
         9: TrialState.RUNNING,
         10: TrialState.WAITING,
@@ -68,6 +69,8 @@ def test_optuna_reads_the_study_and_finds_the_same_front(url):
     assert by_number[3].user_attrs["fidelity"] == "full"
     assert by_number[0].user_attrs["label"] == "ft_a"
     assert by_number[0].user_attrs["role"] == "source"
+    assert by_number[7].values is None
+    assert by_number[7].user_attrs["metric@limit=10:a/acc"] == 0.6
     assert by_number[5].user_attrs["error"].startswith("TrialTimeout")
 
     objectives = parse_objectives(store.study_config("s")["objectives"])

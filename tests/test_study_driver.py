@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from evomerge.errors import ConfigError
 from evomerge.evaluate import build_evaluator
 from evomerge.optimize import Objective
 from evomerge.study import StudyStore
@@ -167,3 +169,49 @@ def test_a_stop_signal_stops_the_study_and_the_handlers_from_before_come_back(
     states = [t.state for t in store.trials("toy")]
     assert "RUNNING" not in states and 3 <= states.count("COMPLETE") < 10
     # Resuming it to the budget: tests/test_cluster_scripts.py, after a real `ray job stop`.
+
+
+def _same_named(toy_zoo, tmp_path):  # type: ignore[no-untyped-def]
+    """ft_a and ft_b copied into folders both called `final`: runs/math/final, runs/code/final."""
+    math_, code = tmp_path / "runs" / "math" / "final", tmp_path / "runs" / "code" / "final"
+    shutil.copytree(toy_zoo["ft_a"], math_)
+    shutil.copytree(toy_zoo["ft_b"], code)
+    return math_, code
+
+
+@pytest.mark.timeout(300)
+def test_sources_in_same_named_folders_each_get_genes_and_the_study_completes(toy_zoo, tmp_path):
+    math_, code = _same_named(toy_zoo, tmp_path)
+    db = str(tmp_path / "s.db")
+    config = _config(
+        toy_zoo,
+        db,
+        tmp_path,
+        sources=[str(math_), str(code)],
+        evaluators=[EVALUATOR],
+        budget=8,
+        cluster={"workers": 1},
+    )
+    store = StudyStore(db)
+    driver = StudyDriver(store, config)
+    assert driver.space.sources == ["math/final", "code/final"]
+    assert {g.source for g in driver.space.genes} == {"math/final", "code/final"}
+    recipe = driver.space.decode([0.25, 0.75], config.base, config.sources)
+    assert [s.label for s in recipe.sources] == ["math/final", "code/final"]
+    assert all("weight" in s.parameters for s in recipe.sources)
+    driver.run()
+    trials = store.trials("toy")
+    assert len(trials) == 8 and {t.state for t in trials} == {"COMPLETE"}, [t.error for t in trials]
+    assert [t.label for t in trials[:2]] == ["math/final", "code/final"]
+    assert trials[0].metrics["toy_facts_a/acc"] == 1.0  # math/final is ft_a alone
+
+
+def test_two_paths_of_one_source_folder_are_refused_at_the_start(toy_zoo, tmp_path):
+    alias = tmp_path / "alias"
+    alias.symlink_to(toy_zoo["ft_a"])
+    db = str(tmp_path / "s.db")
+    config = _config(toy_zoo, db, tmp_path, sources=[str(toy_zoo["ft_a"]), str(alias)])
+    with pytest.raises(ConfigError) as info:
+        StudyDriver(StudyStore(db), config)
+    assert str(toy_zoo["ft_a"]) in str(info.value) and str(alias) in str(info.value)
+    assert not StudyStore(db).studies()

@@ -7,6 +7,7 @@ The export must merge by streaming, load with transformers, and score exactly th
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -179,7 +180,7 @@ def test_card_front_matter_and_scores(exported, scored, toy_zoo):
     assert f"# toy: trial {best}" in body and "**task_arithmetic**" in body
     for name in TOY_METRICS:
         assert f"| {name} | {scored[best]['full'][name]:.6g} |" in body
-    assert "on all documents" in body and "Verified" not in body
+    assert "on all searched-on documents (full fidelity)" in body and "Verified" not in body
     assert f"--study toy --trial {best} --out OUT" in body
     assert "evomerge merge evomerge_recipe.yaml OUT" in body
     for name in ("base", "ft_a", "ft_b"):
@@ -350,3 +351,59 @@ def test_interrupt_during_the_merge_leaves_nothing(toy_zoo, scored, tmp_path):
         export_trial(store, "toy", "best", exports / "m", progress=interrupt)
     assert list(exports.iterdir()) == []
     assert export_rows(store) == []
+
+
+# -- the exported merge is the merge that was scored -------------------------------------------
+
+
+def test_an_export_in_another_dtype_is_scored_as_written_beside_the_record(
+    toy_zoo, scored, tmp_path, capsys
+):
+    """--dtype bfloat16 --verify of a trial merged in float32 cannot reproduce the worker's
+    scores: the export is scored as written, and the card shows both columns, labelled."""
+    storage = str(tmp_path / "s.db")
+    fill(storage, toy_zoo, scored)
+    out = tmp_path / "bf16"
+    args = ["--trial", "1", "--out", out, "--dtype", "bfloat16", "--verify", "--quiet"]
+    code, stdout, err = run(export_args(storage, *args), capsys)
+    assert code == 0, err
+    assert "verified: no" in stdout and "not verified: exported as bfloat16" in stdout
+    code, evaluated, err = run(
+        ["eval", out, "--tasks", "toy_facts_a,toy_facts_b", "--dtype", "bfloat16", "--json"],
+        capsys,
+    )
+    assert code == 0, err
+    as_written = json.loads(evaluated)["metrics"]
+    body = (out / "README.md").read_text()
+    assert "| metric | search (full) | as written (bfloat16) |" in body
+    for name in TOY_METRICS:
+        assert f"| {name} | {scored[1]['full'][name]:.6g} | {as_written[name]:.6g} |" in body
+    assert "Not verified: exported as bfloat16, the trial was merged as the base dtype" in body
+
+
+def test_verification_rescores_as_the_worker_recorded(toy_zoo, scored, tmp_path, capsys):
+    """A trial recorded as scored in float32 on the CPU is re-scored so; a mismatch names how
+    the worker scored it and how it was re-scored."""
+    storage = str(tmp_path / "s.db")
+    store = fill(storage, toy_zoo, scored)
+    store.add_trial("toy", 9, role="proposal", label="recorded", recipe=scored[3]["recipe"])
+    tampered = {**scored[3]["full"], TOY_METRICS[0]: scored[3]["full"][TOY_METRICS[0]] + 0.5}
+    store.finish_trial("toy", 9, state="COMPLETE", metrics=tampered, scored_with="float32 on cpu")
+    code, _, err = run(
+        export_args(storage, "--trial", "9", "--out", tmp_path / "x", "--verify", "--quiet"),
+        capsys,
+    )
+    assert code == 1
+    assert "the worker scored float32 on cpu; re-scored as float32 on cpu" in err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a CPU-only machine")
+def test_export_merges_on_the_study_device_or_says_why_not(toy_zoo, scored, tmp_path, capsys):
+    storage = str(tmp_path / "s.db")
+    fill(storage, toy_zoo, scored, device="cuda", cluster={"workers": 1, "gpus_per_worker": 1})
+    code, stdout, err = run(
+        export_args(storage, "--trial", "0", "--out", tmp_path / "o", "--quiet"), capsys
+    )
+    assert code == 0, err
+    assert "note: the study ran on cuda but this machine has no GPU: merged on cpu" in stdout

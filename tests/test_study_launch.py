@@ -187,3 +187,56 @@ def test_ctrl_c_then_kills_at_three_fault_points_then_resume_ends_with_exactly_t
     seqs = sorted(t.told.seq for t in trials if t.told is not None)
     assert seqs == list(range(len(ids)))
     assert store.studies()[0]["status"] == "finished"
+
+
+def test_a_study_with_holdout_ends_with_held_out_scores_for_its_front(toy_zoo, tmp_path, capsys):
+    """`holdout: 0.25`: the search selects on the other documents; when it ends, its front and
+    baselines are scored on the held-out ones (fidelity `holdout`), shown by `pareto --json`
+    and on the card of `export --trial best --by holdout`; `confirm --redo` in one process
+    gives the Ray workers' numbers again."""
+    import json
+
+    evaluator = {"kind": "lm_eval", "tasks": ["toy_facts_a", "toy_facts_b"], "holdout": 0.25}
+    path = write_study_yaml(
+        tmp_path,
+        toy_zoo,
+        evaluators=[evaluator],
+        proposer={"kind": "random", "seed": 0},
+        budget=9,
+        storage=str(tmp_path / "s.db"),
+    )
+    assert main(["search", str(path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "scored on the held-out documents" in out
+    storage = str(tmp_path / "s.db")
+    assert main(["pareto", "--storage", storage, "--study", "toy", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and all(r["holdout_values"] is not None for r in rows)
+    assert all(set(r["scores"]) >= {"full", "holdout"} for r in rows)
+    store = StudyStore(storage)
+    trials = store.trials("toy")
+    baselines = [t for t in trials if t.role in ("source", "uniform")]
+    assert baselines and all(t.holdout for t in baselines)
+    proposals_off_front = {t.number for t in trials if t.role == "proposal"} - {
+        r["trial"] for r in rows
+    }
+    assert all(not trials[n].holdout for n in proposals_off_front)
+    by_workers = {t.number: t.holdout for t in trials if t.holdout}
+    assert main(["confirm", "--storage", storage, "--study", "toy", "--redo", "--quiet"]) == 0
+    assert {t.number: t.holdout for t in store.trials("toy") if t.holdout} == by_workers
+    best = max(
+        (t for t in store.trials("toy") if t.holdout),
+        key=lambda t: (
+            sum(t.holdout[m] for m in ("toy_facts_a/acc", "toy_facts_b/acc")),
+            -t.number,
+        ),
+    )
+    capsys.readouterr()
+    out_dir = tmp_path / "merged"
+    args = ["--trial", "best", "--by", "holdout", "--out", str(out_dir), "--quiet"]
+    assert main(["export", "--storage", storage, "--study", "toy", *args]) == 0
+    assert f"exported trial {best.number} " in capsys.readouterr().out
+    card = (out_dir / "README.md").read_text()
+    assert "| metric | search (full) | held out |" in card
+    for name in ("toy_facts_a/acc", "toy_facts_b/acc"):
+        assert f"| {name} | {best.metrics[name]:.6g} | {best.holdout[name]:.6g} |" in card

@@ -71,8 +71,14 @@ def test_status_numbers_by_hand(url):
         "fidelity": "full",
         "role": "source",
         "label": "ft_a",
+        "holdout_value": None,
     }
     assert (best_b["trial"], best_b["value"], best_b["label"]) == (1, 0.1, "ft_b")
+    # Trial 7 has only its limit=10 score: counted apart, never compared with full scores.
+    assert status["fidelities"]["counts"] == {"full": 4, "limit=10": 2}
+    assert status["fidelities"]["cheap_only"] == 1
+    assert status["fidelities"]["best_cheap"]["trial"] == 7
+    assert status["fidelities"]["best_cheap"]["value"] == pytest.approx(0.3)
     # a - 0.5 b: 0.5, 0.15, 0.25, 0.55, 0.3 for trials 0, 1, 2, 3, 7.
     weighted = status["best_weighted"]
     assert (weighted["trial"], weighted["fidelity"]) == (3, "full")
@@ -181,10 +187,14 @@ def test_status_cli_text_and_json(url, capsys):
         pad + "trial 4 (proposal 1 on w0): WorkerDied: worker died 2 times running this "
         "candidate (last: OOM)",
     ]
-    assert lines[-7:] == [
-        "best       a/acc (maximize)       0.9000  trial 0     full      ft_a",
-        "           b/loss (minimize)      0.1000  trial 1     full      ft_b",
-        "           weighted sum           0.5500  trial 3     full      proposal 0",
+    assert lines[-10:] == [
+        "best       a/acc (maximize)       0.9000  trial 0     ft_a",
+        "           b/loss (minimize)      0.1000  trial 1     ft_b",
+        "           weighted sum           0.5500  trial 3     proposal 0",
+        "           (full fidelity: every searched-on document)",
+        "fidelity   scored trials by fidelity: full 4, limit=10 2; "
+        "1 not (yet) scored on all documents",
+        "           best cheap score (not comparable): 0.3000 at limit=10, trial 7 proposal 4",
         "pareto     3 trial(s) on the front (evomerge pareto --study s)",
         "workers    worker  trials  failed  merge s   eval s",
         "           w0           5       2     1.50     7.50",
@@ -206,8 +216,9 @@ def test_pareto_rank_column_and_json(url, capsys):
     assert lines[0].split()[:2] == ["#", "trial"]
     # Best weighted sum first: trial 3 (0.55), trial 0 (0.5), trial 1 (0.15).
     assert [line.split()[:2] for line in lines[1:4]] == [["1", "3"], ["2", "0"], ["3", "1"]]
-    assert lines[1].split()[2:5] == ["0.7000", "0.3000", "full"]
-    assert lines[4] == "3 trial(s) on the Pareto front of study 's'"
+    assert lines[1].split()[2:] == ["0.7000", "0.3000", "proposal", "0"]
+    assert lines[4].startswith("scores on the searched-on documents")
+    assert lines[5] == "3 trial(s) on the Pareto front of study 's'"
     assert main(["pareto", "--storage", url, "--study", "s", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["rank"], r["trial"], r["role"]) for r in rows] == [
@@ -215,6 +226,33 @@ def test_pareto_rank_column_and_json(url, capsys):
         (2, 0, "source"),
         (3, 1, "source"),
     ]
+    assert rows[0]["holdout_values"] is None and "holdout" not in rows[0]["scores"]
+    # Held-out scores sit beside the searched-on ones, in the table and the JSON.
+    store = StudyStore(url)
+    store.add_metrics("s", 3, {"a/acc": 0.6, "b/loss": 0.35}, None, split="holdout")
+    assert main(["pareto", "--storage", url, "--study", "s"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[2:] == [
+        "a/acc",
+        "a/acc",
+        "held",
+        "out",
+        "b/loss",
+        "b/loss",
+        "held",
+        "out",
+        "label",
+    ]
+    assert lines[1].split()[2:6] == ["0.7000", "0.6000", "0.3000", "0.3500"]
+    assert lines[2].split()[2:6] == ["0.9000", "-", "0.8000", "-"]
+    assert main(["pareto", "--storage", url, "--study", "s", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["holdout_values"] == [0.6, 0.35]
+    assert rows[0]["scores"]["holdout"] == {"a/acc": 0.6, "b/loss": 0.35}
+    assert rows[0]["scores"]["limit=10"] == {"a/acc": 0.95, "b/loss": 0.2}
+    assert main(["status", "--storage", url, "--study", "s"]) == 0
+    status_text = capsys.readouterr().out
+    assert "weighted sum           0.5500  trial 3     proposal 0  held out 0.4250" in status_text
 
 
 def _plot_db(tmp_path: Path) -> str:
@@ -299,3 +337,49 @@ def test_a_failed_plot_keeps_the_old_file(tmp_path, monkeypatch):
         main(["pareto", "--storage", storage, "--study", "two", "--plot", str(out)])
     assert out.read_bytes() == b"the old plot"
     assert [p.name for p in out.parent.iterdir()] == ["front.png"]
+
+
+def test_a_lucky_cheap_score_is_never_best(url, capsys):
+    """A proposal scored on 12 documents with a perfect score loses to full scores everywhere."""
+    from evomerge.study.read import select_trial
+
+    store = StudyStore(url)
+    store.create_study("s", {"objectives": REPORT_OBJECTIVES, "budget": 3}, budget=3)
+    for number, metrics, limit in [
+        (0, {"a/acc": 0.6, "b/loss": 0.4}, None),
+        (1, {"a/acc": 1.0, "b/loss": 0.0}, 12),  # lucky on 12 documents, never promoted
+        (2, {"a/acc": 0.5, "b/loss": 0.3}, None),
+    ]:
+        store.add_trial("s", number, role="proposal", label=f"p{number}")
+        store.finish_trial("s", number, state="COMPLETE", metrics=metrics, limit=limit)
+    assert select_trial(store, "s", "best").number == 0  # 0.6 - 0.2 = 0.4 > 0.5 - 0.15
+    status = study_status(store, "s")
+    assert status["best_weighted"]["trial"] == 0
+    assert [b["trial"] for b in status["best"]] == [0, 2]
+    assert status["pareto_size"] == 2
+    assert status["fidelities"]["best_cheap"]["trial"] == 1
+    assert main(["pareto", "--storage", url, "--study", "s", "--json"]) == 0
+    assert [r["trial"] for r in json.loads(capsys.readouterr().out)] == [0, 2]
+
+
+def test_status_says_how_often_cma_restarted_and_why(tmp_path, capsys):
+    """The proposer's own notes come from its latest snapshot (so they survive a resume)."""
+    from evomerge.optimize import build_proposer
+
+    store = make_report_study(str(tmp_path / "s.db"))
+    proposer = build_proposer({"kind": "cma", "popsize": 4}, 3, [{"metric": "a/acc"}])
+    for _ in range(4 + 8 + 2):  # two generations of equal scores: two restarts
+        proposal = proposer.ask()
+        assert proposal is not None
+        proposer.tell(proposal.id, [0.25])
+    store.save_snapshot("s", proposer.state_dict(), 14)
+    assert study_status(store, "s")["proposer"] == {
+        "CMA-ES restarts": "2 (tie: all fitnesses equal)",
+        "CMA-ES run": "3: population 16, 0 generations done",
+    }
+    assert main(["status", "--storage", str(tmp_path / "s.db"), "--study", "s"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2:] == [
+        "proposer   CMA-ES restarts: 2 (tie: all fitnesses equal)",
+        "           CMA-ES run: 3: population 16, 0 generations done",
+    ]

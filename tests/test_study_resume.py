@@ -8,17 +8,15 @@ real driver process) is in tests/test_study_launch.py.
 
 from __future__ import annotations
 
-from collections import deque
-
 import pytest
 
-from evomerge.cluster.worker import CandidateTask, MergeWorker
+from evomerge.cluster.worker import CandidateTask
 from evomerge.errors import ConfigError
 from evomerge.optimize import Objective, scalarize
 from evomerge.study import StudyStore
 from evomerge.study.config import parse_study_config
 from evomerge.study.driver import StudyDriver
-from tests.study_helpers import TOY_EVALUATOR, TOY_OBJECTIVES
+from tests.study_helpers import TOY_EVALUATOR, TOY_OBJECTIVES, drive
 
 
 def _config(toy_zoo, storage, **changes):  # type: ignore[no-untyped-def]
@@ -57,23 +55,6 @@ def _crash(driver: StudyDriver) -> None:
         )
 
 
-def _drive(
-    driver: StudyDriver, worker: MergeWorker, *, workers: int = 3, stop_after: int | None = None
-) -> list[CandidateTask]:
-    """Keep up to ``workers`` tasks in flight, finishing the oldest first, until nothing is
-    left or ``stop_after`` trials finished in all; returns the tasks still in flight."""
-    in_flight: deque[CandidateTask] = deque()
-    while True:
-        while len(in_flight) < workers:
-            task = driver.next_task()
-            if task is None:
-                break
-            in_flight.append(task)
-        if not in_flight or (stop_after is not None and driver.finished >= stop_after):
-            return list(in_flight)
-        driver.on_result(worker.run(in_flight.popleft()))
-
-
 @pytest.mark.parametrize(
     ("kind", "snapshot_every"), [("cma", 3), ("tpe", 3), ("nsga2", 3), ("cma", 1000)]
 )
@@ -88,7 +69,7 @@ def test_resume_after_a_crash_finishes_exactly_the_budget(
     store = StudyStore(storage)
     first = StudyDriver(store, config)
     first.begin()
-    left = _drive(first, worker, stop_after=9)
+    left = drive(first, worker, stop_after=9)
     lost = [first.jobs[t.key].number for t in left]
     assert len(lost) == 3
     before = {t.number: t for t in store.trials("toy")}
@@ -109,7 +90,7 @@ def test_resume_after_a_crash_finishes_exactly_the_budget(
     assert all(t.recipe == before[t.number].recipe for t in list(second.queue)[:3])
     assert {t.state for t in store.trials("toy", ["QUEUED"])} == {"QUEUED"}
     second.begin()
-    _drive(second, worker)
+    drive(second, worker)
 
     trials = store.trials("toy")
     assert [t.number for t in trials] == list(range(16))
@@ -134,7 +115,7 @@ def test_resume_refuses_a_stored_genome_the_proposer_does_not_propose(toy_zoo, w
     store = StudyStore(storage)
     first = StudyDriver(store, _config(toy_zoo, storage))
     first.begin()
-    left = _drive(first, worker, stop_after=9)
+    left = drive(first, worker, stop_after=9)
     last = max(first.jobs[t.key].number for t in left)
     assert first.jobs[left[-1].key].proposal_id >= first.proposer.n_told  # asked after a tell
     _crash(first)
@@ -161,7 +142,7 @@ def test_a_resumed_study_with_nothing_left_does_nothing(toy_zoo, worker, tmp_pat
     store = StudyStore(storage)
     first = StudyDriver(store, _config(toy_zoo, storage, budget=6))
     first.begin()
-    _drive(first, worker)
+    drive(first, worker)
     _crash(first)
     second = StudyDriver.for_stored(store, "toy")
     assert second.finished == 6 and not second.queue and second.next_task() is None
@@ -179,12 +160,12 @@ def test_the_best_of_each_batch_is_promoted_to_full_fidelity(toy_zoo, worker, tm
     store = StudyStore(storage)
     driver = StudyDriver(store, config)
     driver.begin()
-    _drive(driver, worker, workers=1, stop_after=13)  # two batches done, promotions queued
+    drive(driver, worker, workers=1, stop_after=13)  # two batches done, promotions queued
     assert list(driver.promotions) or driver.jobs
     _crash(driver)
     resumed = StudyDriver.for_stored(store, "toy")
     resumed.begin()
-    _drive(resumed, worker, workers=1)
+    drive(resumed, worker, workers=1)
 
     objectives = [Objective(**o) for o in TOY_OBJECTIVES]
     trials = store.trials("toy")
@@ -226,11 +207,11 @@ def test_resume_on_postgresql(toy_zoo, worker, url):
     store = StudyStore(url)
     first = StudyDriver(store, config)
     first.begin()
-    _drive(first, worker, stop_after=6)
+    drive(first, worker, stop_after=6)
     _crash(first)
     second = StudyDriver.for_stored(StudyStore(url), "toy")
     second.begin()
-    _drive(second, worker)
+    drive(second, worker)
     trials = store.trials("toy")
     assert [t.number for t in trials] == list(range(10))
     assert {t.state for t in trials} == {"COMPLETE"}

@@ -44,21 +44,57 @@ def test_studies_trials_metrics_round_trip(url):
     )
 
 
-def test_pareto_is_computed_from_the_highest_fidelity(url):
+def test_pareto_compares_full_fidelity_scores_only(url):
     store = StudyStore(url)
     store.create_study("s", {}, budget=10)
-    points = {0: (1.0, 0.1), 1: (0.1, 1.0), 2: (0.5, 0.5), 3: (0.4, 0.4), 4: (0.9, 0.9)}
+    points = {0: (1.0, 0.1), 1: (0.1, 1.0), 2: (0.5, 0.5), 3: (0.4, 0.4)}
     for number, (a, b) in points.items():
         store.add_trial("s", number, role="proposal", label=f"p{number}")
-        store.finish_trial(
-            "s", number, state="COMPLETE", metrics={"a/acc": a, "b/acc": b}, limit=10
-        )
-    front = {t.number for t in store.pareto("s", OBJECTIVES)}
-    assert front == {0, 1, 4}
-    # Trial 4 re-scored on all documents drops; the full-fidelity numbers now count.
+        store.finish_trial("s", number, state="COMPLETE", metrics={"a/acc": a, "b/acc": b})
+    # A lucky cheap score (12 documents) that would dominate everything is not compared...
+    store.add_trial("s", 4, role="proposal", label="p4")
+    store.finish_trial("s", 4, state="COMPLETE", metrics={"a/acc": 1.0, "b/acc": 1.0}, limit=12)
+    assert {t.number for t in store.pareto("s", OBJECTIVES)} == {0, 1, 2}
+    cheap = store.trials("s")[4]
+    assert (cheap.fidelity, cheap.metrics, cheap.values(OBJECTIVES)) == ("limit=12", {}, None)
+    assert cheap.values(OBJECTIVES, "limit=12") == [1.0, 1.0]
+    # ...until it is scored on all documents; then its full score counts, the cheap one stays.
     store.add_metrics("s", 4, {"a/acc": 0.45, "b/acc": 0.45}, limit=None)
     assert {t.number for t in store.pareto("s", OBJECTIVES)} == {0, 1, 2}
-    assert store.trials("s")[4].fidelity == "full"
+    store.add_metrics("s", 4, {"a/acc": 0.6, "b/acc": 0.6}, limit=None)  # a re-score replaces
+    assert {t.number for t in store.pareto("s", OBJECTIVES)} == {0, 1, 4}
+    trial = store.trials("s")[4]
+    assert trial.fidelity == "full" and trial.metrics == {"a/acc": 0.6, "b/acc": 0.6}
+    assert trial.scores["limit=12"] == {"a/acc": 1.0, "b/acc": 1.0}
+    # Held-out scores are their own fidelity, never the highest one.
+    store.add_metrics("s", 4, {"a/acc": 0.5, "b/acc": 0.55}, limit=None, split="holdout")
+    trial = store.trials("s")[4]
+    assert trial.fidelity == "full" and trial.holdout == {"a/acc": 0.5, "b/acc": 0.55}
+    assert trial.values(OBJECTIVES, "holdout") == [0.5, 0.55]
+
+
+def test_a_schema_2_database_is_upgraded_in_place(url):
+    store = StudyStore(url)
+    store.create_study("s", {}, budget=1)
+    store.add_trial("s", 0, role="proposal", label="p0")
+    store.finish_trial("s", 0, state="COMPLETE", metrics={"a/acc": 0.5, "b/acc": 0.5})
+    with store.engine.begin() as connection:  # what schema 2 had: no scored_with column
+        connection.execute(sqlalchemy.text("ALTER TABLE evomerge_trials DROP COLUMN scored_with"))
+        connection.execute(
+            sqlalchemy.text("UPDATE evomerge_meta SET value = '2' WHERE key = 'schema_version'")
+        )
+    store.engine.dispose()
+    upgraded = StudyStore(url)
+    assert upgraded.trials("s")[0].metrics == {"a/acc": 0.5, "b/acc": 0.5}
+    assert upgraded.trials("s")[0].scored_with is None
+    upgraded.add_trial("s", 1, role="proposal", label="p1")
+    upgraded.finish_trial("s", 1, state="COMPLETE", scored_with="float32 on cpu")
+    assert upgraded.trials("s")[1].scored_with == "float32 on cpu"
+    with upgraded.engine.connect() as connection:
+        version = connection.execute(
+            sqlalchemy.text("SELECT value FROM evomerge_meta WHERE key = 'schema_version'")
+        ).scalar_one()
+    assert version == str(SCHEMA_VERSION)
 
 
 def test_requeue_and_snapshots(url):
@@ -174,7 +210,7 @@ def test_an_earlier_schema_is_refused_and_left_untouched(tmp_path):
             sqlalchemy.text("INSERT INTO evomerge_meta VALUES ('schema_version', '1')")
         )
         connection.execute(sqlalchemy.text("CREATE TABLE evomerge_studies (id INTEGER)"))
-    with pytest.raises(StorageError, match=r"schema 1; this one needs 2.*new database"):
+    with pytest.raises(StorageError, match=r"schema 1; this one needs 3.*new database"):
         StudyStore(path)
     with engine.begin() as connection:
         meta = connection.execute(sqlalchemy.text("SELECT * FROM evomerge_meta")).all()

@@ -8,7 +8,6 @@ from typing import Any
 
 from evomerge.cli.args import (
     TRIAL_HELP,
-    add_device,
     add_quiet,
     add_study,
     check_device,
@@ -45,7 +44,19 @@ def add_commands(commands: Any) -> None:
         type=parse_size,
         help="largest safetensors shard, e.g. 2GB (default: export.shard_size, 5GB)",
     )
-    add_device(export, help="where to merge and verify (cpu, cuda)")
+    export.add_argument(
+        "--device",
+        default=None,
+        help="where to merge and verify: cpu, cuda, cuda:1 ... (default: the study's device; "
+        "cpu when the study ran on GPUs and this machine has none)",
+    )
+    export.add_argument(
+        "--by",
+        choices=["search", "holdout"],
+        default="search",
+        help="what --trial best ranks by: the searched-on documents (default) or the held-out "
+        "ones (after `evomerge confirm`)",
+    )
     export.add_argument(
         "--force", action="store_true", help="replace an existing --out, after success"
     )
@@ -58,7 +69,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from evomerge.study.export import MERGEKIT_FILE, export_trial
     from evomerge.study.read import open_store
 
-    device = check_device(args.device)
+    device = None if args.device is None else check_device(args.device)
     store = open_store(args.storage)
     with (
         no_transformers_bars(),
@@ -74,6 +85,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             shard_size=args.shard_size,
             force=args.force,
             device=device,
+            by=args.by,
             progress=advance,
         )
     print(
@@ -82,7 +94,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     if result.metrics:
         print(format_metrics(result.metrics))
-        print(f"scores as recorded at fidelity {result.fidelity}")
+        print(f"scores as recorded, on the searched-on documents at fidelity {result.fidelity}")
+    if result.holdout:
+        print(format_metrics(result.holdout))
+        print("scores on the held-out documents (never searched on)")
+    if result.as_written:
+        print(format_metrics(result.as_written))
+        print(f"scores of the checkpoint as written ({result.written_dtype})")
+    for note in result.notes:
+        print(f"note: {note}")
     if result.mergekit_written:
         print(f"{MERGEKIT_FILE}: written")
     else:

@@ -83,7 +83,7 @@ def add_commands(commands: Any) -> None:
     evaluate.add_argument(
         "--dtype",
         choices=list(DTYPES),
-        help="load dtype (default: float32 on cpu, the checkpoint's elsewhere)",
+        help="load dtype (default: float32, what study workers score in, on every device)",
     )
     add_allow_pickle(evaluate)
     evaluate.add_argument(

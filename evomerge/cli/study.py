@@ -1,4 +1,5 @@
-"""``evomerge studies``, ``status`` and ``pareto``: reading a study back."""
+"""``evomerge studies``, ``status``, ``pareto`` and ``confirm``: reading a study back, and
+scoring its answer on the documents it never saw."""
 
 from __future__ import annotations
 
@@ -40,6 +41,30 @@ def add_commands(commands: Any) -> None:
         "--plot", type=Path, metavar="FILE.png", help="also draw the trials and the front here"
     )
     pareto.set_defaults(handler=cmd_pareto)
+
+    confirm = commands.add_parser(
+        "confirm",
+        help="score a study's front and baselines on its held-out documents",
+        description="Re-score trials on the documents the search never saw (the evaluators' "
+        "'holdout' share) and store the scores as fidelity 'holdout', beside the searched-on "
+        "ones in status, pareto, the dashboard and exported model cards. A study does this by "
+        "itself when it ends; run it for a study that was stopped, or for other trials.",
+    )
+    add_study(confirm)
+    confirm.add_argument(
+        "--trials",
+        default="pareto",
+        help="pareto (the front and the baselines; the default), best (the best and the "
+        "baselines) or trial numbers: 3,7,12",
+    )
+    confirm.add_argument(
+        "--redo", action="store_true", help="score again the trials already confirmed"
+    )
+    confirm.add_argument(
+        "--device", default=None, help="where to merge and score (default: the study's device)"
+    )
+    confirm.add_argument("--quiet", action="store_true", help="no progress bar")
+    confirm.set_defaults(handler=cmd_confirm)
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
@@ -88,3 +113,33 @@ def cmd_pareto(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"plot written to {plot}")
     return 0
+
+
+def cmd_confirm(args: argparse.Namespace) -> int:
+    from evomerge.cli.args import check_device
+    from evomerge.progress import no_transformers_bars, progress_bar
+    from evomerge.study.confirm import confirm_study
+    from evomerge.study.read import open_store, study_objectives
+    from evomerge.study.report import pareto_text
+
+    device = None if args.device is None else check_device(args.device)
+    store = open_store(args.storage)
+    with (
+        no_transformers_bars(),
+        progress_bar("confirming", total=0, enabled=not args.quiet) as advance,
+    ):
+        result = confirm_study(
+            store, args.study, args.trials, device=device, redo=args.redo, progress=advance
+        )
+    if not result.confirmed and not result.failed:
+        print(
+            f"nothing to confirm: the trials chosen by --trials {args.trials} have held-out "
+            "scores already (--redo scores them again)"
+        )
+    else:
+        print(f"scored {len(result.confirmed)} trial(s) on the held-out documents")
+    for number, error in sorted(result.failed.items()):
+        print(f"trial {number} failed: {error}")
+    objectives = study_objectives(store, args.study)
+    print(pareto_text(store.pareto(args.study, objectives), objectives, args.study))
+    return 1 if result.failed else 0

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from evomerge.checkpoint import ModelFolder, check_compatible
+from evomerge.checkpoint import ModelFolder, check_compatible, path_labels
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.merge.engine import InPlaceMerger
 from evomerge.merge.recipe import Recipe, parse_recipe, plan_recipe
@@ -59,6 +59,8 @@ class CandidateTask:
     recipe: dict[str, Any]
     limit: int | float | None = None
     attempt: int = 1
+    split: str = "search"
+    """The documents to score: ``search`` (the ones a study selects on) or ``holdout``."""
 
 
 @dataclass
@@ -73,6 +75,17 @@ class CandidateResult:
     eval_seconds: float = 0.0
     worker: str = ""
     attempt: int = 1
+    scored_with: str = ""
+    """The working dtype and device kind the candidate was scored with (``float32 on cuda``)."""
+
+
+WORKING_DTYPE = torch.float32
+"""The dtype a worker builds and scores candidates in (merges are computed in float32)."""
+
+
+def scored_with(dtype: torch.dtype, device: str) -> str:
+    """How a model was scored, as recorded with each trial: ``float32 on cuda``."""
+    return f"{str(dtype).removeprefix('torch.')} on {torch.device(device).type}"
 
 
 def failed_result(task: CandidateTask, error: str, worker: str) -> CandidateResult:
@@ -137,7 +150,10 @@ class MergeWorker:
         self.torch_threads = threads
         self.folders = [
             ModelFolder(self.spec.base, label="base"),
-            *(ModelFolder(s) for s in self.spec.sources),
+            *(
+                ModelFolder(s, label=label)
+                for s, label in zip(self.spec.sources, path_labels(self.spec.sources), strict=True)
+            ),
         ]
         check_compatible(self.folders)
         self.merger = InPlaceMerger(self.folders, device=self.spec.device)
@@ -145,7 +161,7 @@ class MergeWorker:
             tuple(range(len(self.folders))): self.merger
         }
         self.model = AutoModelForCausalLM.from_pretrained(
-            self.spec.base, dtype=torch.float32, trust_remote_code=False
+            self.spec.base, dtype=WORKING_DTYPE, trust_remote_code=False
         ).to(self.spec.device)
         self.model.eval()
         self.tokenizer = AutoTokenizer.from_pretrained(self.spec.base)
@@ -187,7 +203,7 @@ class MergeWorker:
                     f"sources[{number}].model {source.model} is named twice in the recipe"
                 )
             indices.append(index)
-            label = source.label or self.folders[index].path.name
+            label = source.label or self.folders[index].label
             labels.append(f"{label}#{number}" if label in labels else label)
         key = tuple(indices)
         if key not in self._views:
@@ -210,7 +226,7 @@ class MergeWorker:
             plan = plan_recipe(recipe, folders)
             merger.merge_into(plan, self.model)
             merge_seconds = time.perf_counter() - start
-            metrics, eval_seconds = self.suite.evaluate(task.limit)
+            metrics, eval_seconds = self.suite.evaluate(task.limit, task.split)
         except (EvomergeError, RuntimeError, ValueError) as exc:
             if self.spec.device.startswith("cuda"):
                 torch.cuda.empty_cache()
@@ -232,4 +248,5 @@ class MergeWorker:
             eval_seconds=eval_seconds,
             worker=self.worker_id,
             attempt=task.attempt,
+            scored_with=scored_with(WORKING_DTYPE, self.spec.device),
         )

@@ -29,7 +29,8 @@ def load_model_for_eval(
     The folder is validated with :class:`ModelFolder` first, so a missing, truncated or pickled
     checkpoint gives a :class:`CheckpointError` instead of a traceback. Pickled weights are refused
     unless ``allow_pickle``; remote code is never trusted. ``dtype`` ("float32", "float16",
-    "bfloat16") defaults to float32 on the CPU and to the checkpoint's own dtype elsewhere.
+    "bfloat16") defaults to float32 on every device: what a study worker scores in, so a score
+    from ``evomerge eval`` compares with the study's.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -43,9 +44,7 @@ def load_model_for_eval(
             f"{label}: {path} has no tokenizer (none of {', '.join(_TOKENIZER_MARKERS)}); "
             "save the tokenizer into the model folder"
         )
-    wanted = parse_dtype(dtype, "--dtype")
-    if wanted is None:
-        wanted = torch.float32 if torch.device(device).type == "cpu" else "auto"
+    wanted = parse_dtype(dtype, "--dtype") or torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,

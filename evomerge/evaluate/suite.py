@@ -25,12 +25,15 @@ class EvaluatorSuite:
     def __init__(self, evaluators: Sequence[Evaluator]) -> None:
         self.evaluators = list(evaluators)
 
-    def evaluate(self, limit: int | float | None = None) -> tuple[dict[str, float], float]:
-        """``(metrics, seconds)``: every evaluator's metrics at ``limit``, and the time taken."""
+    def evaluate(
+        self, limit: int | float | None = None, split: str = "search"
+    ) -> tuple[dict[str, float], float]:
+        """``(metrics, seconds)``: every evaluator's metrics at ``limit`` on the searched-on
+        documents, or with ``split="holdout"`` on the held-out ones, and the time taken."""
         metrics: dict[str, float] = {}
         seconds = 0.0
         for evaluator in self.evaluators:
-            result = evaluator.evaluate(limit)
+            result = evaluator.evaluate(limit, split=split)
             clash = set(result.metrics) & set(metrics)
             if clash:
                 raise MetricClashError(f"two evaluators both produce metric {sorted(clash)[0]}")
@@ -54,6 +57,7 @@ def score_model(
     tokenizer: PreTrainedTokenizerBase,
     evaluators: Sequence[Mapping[str, Any]],
     limit: int | float | None,
+    split: str = "search",
 ) -> tuple[dict[str, float], float]:
     """Build the evaluators from their config mappings, score ``model``, close them."""
     from evomerge.evaluate.registry import build_evaluator
@@ -62,7 +66,7 @@ def score_model(
     try:
         for config in evaluators:
             built.append(build_evaluator(dict(config), model, tokenizer))
-        return EvaluatorSuite(built).evaluate(limit)
+        return EvaluatorSuite(built).evaluate(limit, split)
     finally:
         for evaluator in built:
             evaluator.close()
@@ -73,10 +77,13 @@ def score_folder(
     evaluators: Sequence[Mapping[str, Any]],
     limit: int | float | None,
     device: str = "cpu",
+    dtype: str | None = None,
+    split: str = "search",
 ) -> dict[str, float]:
-    """Load a model folder and score it with the evaluators, as a study worker would."""
+    """Load a model folder in ``dtype`` (see :func:`load_model_for_eval`) and score it with the
+    evaluators; float32 is what a study worker scores in."""
     from evomerge.evaluate.model_loading import load_model_for_eval
 
-    model, tokenizer = load_model_for_eval(folder, device=device)
-    metrics, _ = score_model(model, tokenizer, evaluators, limit)
+    model, tokenizer = load_model_for_eval(folder, device=device, dtype=dtype)
+    metrics, _ = score_model(model, tokenizer, evaluators, limit, split)
     return metrics

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import yaml
 
@@ -62,6 +62,15 @@ class TrialCard:
     verified: bool = False
     images: tuple[tuple[str, str], ...] = ()
     """``(path relative to the card, one-line caption)`` per plot beside the weights."""
+    holdout: Mapping[str, float] = field(default_factory=dict)
+    """Scores on the held-out documents the search never saw (``evomerge confirm``)."""
+    scored_with: str | None = None
+    """How the worker scored the trial (``float32 on cuda``)."""
+    as_written: Mapping[str, float] = field(default_factory=dict)
+    """Scores of the checkpoint loaded in its own dtype, when that is not the working dtype."""
+    written_dtype: str | None = None
+    unverified_reason: str | None = None
+    """Why verification could not compare with the recorded scores (another output dtype)."""
 
 
 def trial_card(plan: MergePlan, trial: TrialCard) -> str:
@@ -116,20 +125,30 @@ def _score_lines(trial: TrialCard) -> list[str]:
     if not trial.metrics:
         return ["The study database holds no scores for this trial."]
     where = (
-        "on all documents"
+        "on all searched-on documents (full fidelity)"
         if trial.fidelity == "full"
-        else f"at fidelity `{trial.fidelity}` (documents per task)"
+        else f"at fidelity `{trial.fidelity}` (a subset of the searched-on documents)"
     )
+    how = f", {trial.scored_with}" if trial.scored_with else ""
+    columns: list[tuple[str, Mapping[str, float]]] = [(f"search ({trial.fidelity})", trial.metrics)]
+    if trial.holdout:
+        columns.append(("held out", trial.holdout))
+    if trial.as_written:
+        columns.append((f"as written ({trial.written_dtype})", trial.as_written))
     names = [n for n in sorted(trial.metrics) if not _is_stderr_of_other(n, trial.metrics)]
     has_stderr = any(f"{n}_stderr" in trial.metrics for n in names)
+    header = "| metric | " + " | ".join(title for title, _ in columns) + " |"
+    header += " stderr |" if has_stderr else ""
     lines = [
-        f"As recorded in the study database, scored {where}.",
+        f"As recorded in the study database, scored {where}{how}.",
+        *_column_notes(trial),
         "",
-        "| metric | value |" + (" stderr |" if has_stderr else ""),
-        "|---|---|" + ("---|" if has_stderr else ""),
+        header,
+        "|---|" + "---|" * len(columns) + ("---|" if has_stderr else ""),
     ]
     for name in names:
-        row = f"| {name} | {trial.metrics[name]:.6g} |"
+        cells = [_value(values.get(name)) for _, values in columns]
+        row = f"| {name} | " + " | ".join(cells) + " |"
         if has_stderr:
             stderr = trial.metrics.get(f"{name}_stderr")
             row += f" {'' if stderr is None else format(stderr, '.4g')} |"
@@ -137,10 +156,31 @@ def _score_lines(trial: TrialCard) -> list[str]:
     if trial.verified:
         lines += [
             "",
-            "Verified: this folder was loaded and scored again when it was exported; every "
-            "metric above matched the database.",
+            "Verified: this folder was loaded and scored again when it was exported, as the "
+            "study's worker scored it; every searched-on metric matched the database.",
         ]
+    elif trial.unverified_reason:
+        lines += ["", f"Not verified: {trial.unverified_reason}; compare the columns."]
     return lines
+
+
+def _column_notes(trial: TrialCard) -> list[str]:
+    notes = []
+    if trial.holdout:
+        notes.append(
+            "*held out*: on documents the search never saw (the search's own score is the best "
+            "of many tries on its documents, so it is optimistic)."
+        )
+    if trial.as_written:
+        notes.append(
+            f"*as written*: this checkpoint loaded in its stored dtype, {trial.written_dtype}, "
+            "rather than the working dtype the search scored in."
+        )
+    return [""] + [f"- {note}" for note in notes] if notes else []
+
+
+def _value(value: float | None) -> str:
+    return "" if value is None else f"{value:.6g}"
 
 
 def _image_lines(trial: TrialCard) -> list[str]:

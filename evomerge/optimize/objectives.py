@@ -81,6 +81,14 @@ def dominates(a: Sequence[float], b: Sequence[float], objectives: Sequence[Objec
     return better
 
 
+def _to_maximize(points: Sequence[Sequence[float]], objectives: Sequence[Objective]) -> np.ndarray:
+    """The points as an (n, objectives) array, each column signed so larger is better."""
+    for point in points:
+        _check_lengths(objectives, point)
+    signs = np.array([o.sign for o in objectives], dtype=np.float64)
+    return np.asarray(points, dtype=np.float64).reshape(len(points), len(objectives)) * signs
+
+
 def pareto_front(points: Sequence[Sequence[float]], objectives: Sequence[Objective]) -> list[int]:
     """Indices of the non-dominated points, in order; of equal points only the first is kept.
 
@@ -90,10 +98,7 @@ def pareto_front(points: Sequence[Sequence[float]], objectives: Sequence[Objecti
     """
     if not points:
         return []
-    for point in points:
-        _check_lengths(objectives, point)
-    signs = np.array([o.sign for o in objectives], dtype=np.float64)
-    values = np.asarray(points, dtype=np.float64).reshape(len(points), len(objectives)) * signs
+    values = _to_maximize(points, objectives)
     order = np.lexsort(tuple(-values[:, k] for k in reversed(range(values.shape[1]))))
     front = np.empty_like(values)
     kept: list[int] = []
@@ -106,3 +111,50 @@ def pareto_front(points: Sequence[Sequence[float]], objectives: Sequence[Objecti
         front[len(kept)] = point
         kept.append(int(index))
     return sorted(kept)
+
+
+def nondominated_order(
+    points: Sequence[Sequence[float]], objectives: Sequence[Objective]
+) -> list[int]:
+    """Indices of ``points``, best first: by non-dominated rank (the front is rank 0, the
+    front of what remains rank 1, ...), within a rank by crowding distance (largest first; the
+    extremes of each objective are infinitely far), then by index. NSGA-II's order, used to
+    choose which cheap scores to promote without letting one objective's scale decide."""
+    if not points:
+        return []
+    values = _to_maximize(points, objectives)
+    remaining = list(range(len(points)))
+    order: list[int] = []
+    while remaining:
+        front = [
+            i
+            for i in remaining
+            if not any(
+                (values[j] >= values[i]).all() and (values[j] > values[i]).any() for j in remaining
+            )
+        ]
+        distance = crowding_distance(values[front])
+        order.extend(front[k] for k in sorted(range(len(front)), key=lambda k: -distance[k]))
+        taken = set(front)
+        remaining = [i for i in remaining if i not in taken]
+    return order
+
+
+def crowding_distance(values: np.ndarray) -> list[float]:
+    """Each point's crowding distance within one front (rows of ``values``, to be maximized):
+    the sum over objectives of the gap between its neighbours, divided by the objective's range;
+    the two extremes of each objective get infinity."""
+    count, dims = values.shape
+    distance = [0.0] * count
+    if count <= 2:
+        return [math.inf] * count
+    for k in range(dims):
+        order = sorted(range(count), key=lambda i: (values[i, k], i))
+        low, high = values[order[0], k], values[order[-1], k]
+        distance[order[0]] = distance[order[-1]] = math.inf
+        if high == low:
+            continue
+        for position in range(1, count - 1):
+            gap = values[order[position + 1], k] - values[order[position - 1], k]
+            distance[order[position]] += gap / (high - low)
+    return distance

@@ -16,7 +16,7 @@ import itertools
 import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -146,6 +146,25 @@ class HistorySeries:
     by_time: tuple[tuple[float, float], ...]
     """(hours, best so far) in order of the trials' ends (trials without an end left out)."""
     clock: SearchClock = field(default_factory=lambda: SearchClock({}))
+    cheap: tuple[tuple[int, float], ...] = ()
+    """(trial number, value) of the trials scored only on a subset of the documents: drawn
+    apart and labelled, never part of the best so far."""
+    cheap_fidelities: tuple[str, ...] = ()
+
+
+def _cheap_points(
+    trials: Sequence[TrialView], value: Callable[[dict[str, float]], float | None]
+) -> tuple[tuple[tuple[int, float], ...], tuple[str, ...]]:
+    points, fidelities = [], set()
+    for trial in trials:
+        if trial.state != "COMPLETE" or trial.fidelity in (None, "full"):
+            continue
+        fidelity, metrics = trial.search_scores
+        got = value(metrics)
+        if got is not None and fidelity is not None:
+            points.append((trial.number, got))
+            fidelities.add(fidelity)
+    return tuple(points), tuple(sorted(fidelities))
 
 
 def history_series(
@@ -167,30 +186,39 @@ def history_series(
     chosen: list[HistorySeries] = []
     if len(objectives) > 1 and only in (None, WEIGHTED):
         pool = complete_trials(trials, objectives)
-        chosen.append(
-            _series(
-                "weighted sum (maximize)",
-                "weighted sum: " + _formula(objectives),
-                1.0,
-                pool,
-                lambda t: scalarize(objectives, t.values(objectives) or []),
-                clock,
-            )
+        series = _series(
+            "weighted sum (maximize)",
+            "weighted sum: " + _formula(objectives),
+            1.0,
+            pool,
+            lambda t: scalarize(objectives, t.values(objectives) or []),
+            clock,
         )
+
+        def weighted(metrics: dict[str, float]) -> float | None:
+            if any(o.metric not in metrics for o in objectives):
+                return None
+            return scalarize(objectives, [metrics[o.metric] for o in objectives])
+
+        cheap, fidelities = _cheap_points(trials, weighted)
+        chosen.append(replace(series, cheap=cheap, cheap_fidelities=fidelities))
     for objective in objectives:
         if only not in (None, objective.metric):
             continue
         pool = [t for t in trials if t.state == "COMPLETE" and objective.metric in t.metrics]
-        chosen.append(
-            _series(
-                axis_name(objective),
-                objective.metric,
-                objective.sign,
-                pool,
-                lambda t, m=objective.metric: t.metrics[m],  # type: ignore[misc]
-                clock,
-            )
+        series = _series(
+            axis_name(objective),
+            objective.metric,
+            objective.sign,
+            pool,
+            lambda t, m=objective.metric: t.metrics[m],  # type: ignore[misc]
+            clock,
         )
+        cheap, fidelities = _cheap_points(
+            trials,
+            lambda metrics, m=objective.metric: metrics.get(m),  # type: ignore[misc]
+        )
+        chosen.append(replace(series, cheap=cheap, cheap_fidelities=fidelities))
     return chosen
 
 
@@ -300,6 +328,18 @@ def draw_by_number(
     proposals = [(t.number, points[t.number]) for t in series.trials if t.role not in ROLE_STYLE]
     if proposals:
         axes.scatter(*zip(*proposals), s=16, color="0.65", label="trial", zorder=2)
+    if series.cheap:
+        axes.scatter(
+            *zip(*series.cheap),
+            s=14,
+            facecolors="none",
+            edgecolors="0.55",
+            linewidths=0.8,
+            label=f"cheap score ({', '.join(series.cheap_fidelities)}), not compared"
+            if named
+            else None,
+            zorder=1,
+        )
     placed = draw_baselines(
         axes,
         baselines(

@@ -52,11 +52,23 @@ class FidelityConfig(_Strict):
 
     limit: int | float = Field(gt=0)
     """Documents per task for the cheap score: a count, or a fraction between 0 and 1."""
-    promote: float = Field(default=0.0, ge=0, le=1)
-    """Fraction of each batch re-scored on all documents; 0 promotes none."""
+    promote: float = Field(default=0.25, gt=0, le=1)
+    """Fraction of each batch re-scored on all documents (more than 0). Only full scores enter
+    the Pareto front and ``best``, so a proposal that is never promoted is never compared."""
     batch: int = Field(default=10, ge=1)
     """Completed proposals per promotion round; the last, partial batch is promoted at the
     end of the study."""
+
+    @field_validator("promote", mode="before")
+    @classmethod
+    def _promote(cls, value: Any) -> Any:
+        if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
+            raise ValueError(
+                f"must be more than 0, got {value:g}: without promotions no proposal is ever "
+                "scored on all documents, so none could enter the Pareto front or be 'best' "
+                "(leave 'fidelity' out to score every proposal on all documents)"
+            )
+        return value
 
     @field_validator("limit")
     @classmethod

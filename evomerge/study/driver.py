@@ -10,8 +10,11 @@ The driver is the only writer of the study database.
   them, can be replayed in their order.
 - The budget counts finished trials (COMPLETE or FAILED); baselines count, promotions do not.
 - Fidelity: with ``fidelity.limit``, proposals are scored on that many documents per task
-  (baselines always on all of them); of every ``batch`` completed proposals the best
-  ``promote`` fraction is re-scored on all documents, and that becomes its highest fidelity.
+  (baselines always on all of them) and the proposer learns from those cheap scores; of every
+  ``batch`` completed proposals the best ``promote`` fraction is re-scored on all documents
+  (by weighted sum, or by non-dominated rank and crowding for a Pareto proposer with several
+  objectives). Only full scores enter the front and ``best``. With an ``hours`` budget, new
+  proposals stop early enough to finish the promotions queued by then.
 - Resume (``StudyDriver(..., resume=True)``): the proposer is restored from its newest
   snapshot and told, in order, the results recorded after it, each after replaying the asks
   that preceded it (a restored proposer proposes exactly the same genomes; this is checked).
@@ -38,17 +41,20 @@ from typing import Any
 
 import numpy as np
 
-from evomerge.checkpoint import ModelFolder
+from evomerge.checkpoint import ModelFolder, source_labels
 from evomerge.cluster.connect import ensure_ray
 from evomerge.cluster.worker import CandidateResult, CandidateTask, WorkerSpec
 from evomerge.errors import ConfigError
 from evomerge.failpoints import failpoint
 from evomerge.optimize import dominates, pareto_front, scalarize
+from evomerge.optimize.objectives import nondominated_order
 from evomerge.space import build_space_proposer, space_from_setting
 from evomerge.stop_signals import on_stop_signals
 from evomerge.study.config import StudyConfig
+from evomerge.study.confirm import confirm_targets, holdout_evaluators
 from evomerge.study.read import stored_study_config
 from evomerge.study.store import (
+    HOLDOUT,
     LEASE_SECONDS,
     TERMINAL,
     StorageError,
@@ -80,6 +86,8 @@ class _Job:
     number: int
     proposal_id: int | None
     promotion: bool = False
+    confirmation: bool = False
+    """A re-score on the held-out documents (when the study ends)."""
 
 
 @dataclass(frozen=True)
@@ -120,7 +128,8 @@ class RunSummary:
     ran: int
     """Trials finished by this run."""
     status: str
-    """``finished`` (budget reached, time up, or the proposer has converged) or ``stopped``."""
+    """``finished`` (budget reached, time up, or a proposer with a limit of its own has no more
+    proposals) or ``stopped``."""
     reason: str
 
 
@@ -132,8 +141,9 @@ class StudyDriver:
         self.config = config
         self.name = config.name
         self.resume = resume
-        labels = [ModelFolder(s).label for s in config.sources]
-        self.space = space_from_setting(config.space).bind(ModelFolder(config.base), labels)
+        self.labels = source_labels(config.sources)
+        """Each source's label (unique): genes, recipes and the baselines name sources by it."""
+        self.space = space_from_setting(config.space).bind(ModelFolder(config.base), self.labels)
         self.limit = config.fidelity.limit if config.fidelity else None
         self.budget = config.budget_trials
         self.next_number = 0
@@ -143,7 +153,18 @@ class StudyDriver:
         self._next_job = 0
         self.queue: deque[_PendingTrial] = deque()
         self.promotions: deque[int] = deque()
-        self.batch: list[tuple[float, int]] = []
+        self.batch: list[tuple[list[float], int]] = []
+        """Completed proposals of the current promotion round: (cheap values, trial number)."""
+        self.full_seconds: list[float] = []
+        """Seconds each full-fidelity scoring took (baselines, promotions): sizes the reserve
+        an ``hours`` budget keeps for the promotions queued at its end."""
+        self.workers = max(1, config.cluster.workers)
+        self.confirming = 0
+        """Trials to score on the held-out documents now that the search has ended."""
+        self.confirmed = 0
+        self.closing = False
+        self.closed_at = 0.0
+        """New proposals have stopped so the queued promotions finish within the hours budget."""
         self.values: dict[int, list[float]] = {}
         self.front: list[int] = []
         self.best: float | None = None
@@ -183,12 +204,12 @@ class StudyDriver:
 
     def _baselines(self) -> list[_PendingTrial]:
         out = []
-        for source in self.config.sources:
+        for source, label in zip(self.config.sources, self.labels, strict=True):
             recipe = {
                 "method": "linear",
-                "sources": [{"model": source, "parameters": {"weight": 1.0}}],
+                "sources": [{"model": source, "label": label, "parameters": {"weight": 1.0}}],
             }
-            out.append(_PendingTrial("source", ModelFolder(source).label, recipe))
+            out.append(_PendingTrial("source", label, recipe))
         for label, genome in self.space.uniform_baselines():
             out.append(_PendingTrial("uniform", label, self._recipe(genome), genome.tolist()))
         return out if self.config.baselines else []
@@ -224,15 +245,18 @@ class StudyDriver:
         return CandidateTask(key=key, recipe=trial.recipe, limit=limit)
 
     def _trials_in_flight(self) -> int:
-        return sum(not job.promotion for job in self.jobs.values())
+        return sum(not (job.promotion or job.confirmation) for job in self.jobs.values())
 
     def next_task(self) -> CandidateTask | None:
         """The next task for a free worker: promotions first, then queued trials, then a new
         proposal; None when the budget is used up or the proposer must wait for results."""
+        closing = self._closing()  # first: it queues the current round's promotions
         if self.promotions:
             number = self.promotions.popleft()
             recipe = self.store.recipe(self.name, number)  # not kept in memory: few are promoted
             return CandidateTask(key=self._job(_Job(number, None, True)), recipe=recipe)
+        if closing:
+            return None
         if self.budget is not None and self.finished + self._trials_in_flight() >= self.budget:
             return None
         if self.queue:
@@ -255,6 +279,11 @@ class StudyDriver:
 
     def on_result(self, result: CandidateResult) -> None:
         job = self.jobs.pop(result.key)
+        if job.confirmation:
+            if result.status == "complete":
+                self.store.add_metrics(self.name, job.number, result.metrics, None, HOLDOUT)
+                self.confirmed += 1
+            return
         if job.promotion:
             self._promoted(job.number, result)
             return
@@ -293,15 +322,20 @@ class StudyDriver:
             told=told,
             snapshot=snapshot,
             elapsed_seconds=self.elapsed(),
+            scored_with=result.scored_with or None,
         )
         self.finished += 1
         self.ran += 1
+        cheap = job.proposal_id is not None and self.limit is not None
+        if not cheap and state == "COMPLETE":
+            self.full_seconds.append(result.merge_seconds + result.eval_seconds)
         if values is None:
             self.failed += 1
             return
-        self._observe(job.number, values)
+        if not cheap:
+            self._observe(job.number, values)
         if job.proposal_id is not None and self._promoting():
-            self.batch.append((scalarize(self.config.objectives, values), job.number))
+            self.batch.append((values, job.number))
             if len(self.batch) >= self.config.fidelity.batch:  # type: ignore[union-attr]
                 self._promote_batch()
         if self.budget is not None and self.finished >= self.budget and self.batch:
@@ -323,21 +357,59 @@ class StudyDriver:
         return self.config.fidelity is not None and self.config.fidelity.promote > 0
 
     def _promote_batch(self) -> None:
+        """Queue the best ``promote`` fraction of the round for a full-fidelity score."""
         fraction = self.config.fidelity.promote  # type: ignore[union-attr]
         count = math.ceil(fraction * len(self.batch) - 1e-9)
-        best = sorted(self.batch, key=lambda item: (-item[0], item[1]))[:count]
+        objectives = self.config.objectives
+        if self.proposer.multi_objective and len(objectives) > 1:
+            order = nondominated_order([values for values, _ in self.batch], objectives)
+            best = [self.batch[i] for i in order[:count]]
+        else:
+            best = sorted(self.batch, key=lambda item: (-scalarize(objectives, item[0]), item[1]))[
+                :count
+            ]
         self.promotions.extend(number for _, number in best)
         self.batch = []
 
     def _promoted(self, number: int, result: CandidateResult) -> None:
         if result.status != "complete":
             return  # the trial keeps its cheap-fidelity metrics; a later export re-scores
+        self.full_seconds.append(result.merge_seconds + result.eval_seconds)
         self.store.add_metrics(self.name, number, result.metrics, None)
         try:
             values = [float(result.metrics[o.metric]) for o in self.config.objectives]
         except KeyError:
             return
-        self._observe(number, values, rebuild=True)
+        if all(np.isfinite(values)):
+            self._observe(number, values)
+
+    def _reserve_seconds(self) -> float:
+        """Time the queued promotions (and the current round's) take at the pace of the full
+        scores so far, spread over the workers."""
+        if not self._promoting():
+            return 0.0
+        fraction = self.config.fidelity.promote  # type: ignore[union-attr]
+        count = len(self.promotions) + math.ceil(fraction * len(self.batch) - 1e-9)
+        if not count:
+            return 0.0
+        pace = float(np.mean(self.full_seconds)) if self.full_seconds else 0.0
+        return count * pace / self.workers
+
+    def _closing(self) -> bool:
+        """Whether the ``hours`` budget is close enough to its end that only promotions run;
+        the current round is then promoted as it is."""
+        hours = self.config.budget_hours
+        if self.closing:
+            return True
+        if hours is None or not self._promoting():
+            return False
+        if self.elapsed() < hours * 3600 - self._reserve_seconds():
+            return False
+        self.closing = True
+        self.closed_at = self.elapsed()
+        if self.batch:
+            self._promote_batch()
+        return True
 
     def _observe(self, number: int, values: list[float], rebuild: bool = False) -> None:
         """Track best-so-far and the Pareto front for the progress display."""
@@ -488,20 +560,19 @@ class StudyDriver:
         size = self.config.fidelity.batch  # type: ignore[union-attr]
         for start in range(0, len(done), size):
             group = done[start : start + size]
-            objectives = self.config.objectives
-            self.batch = [
-                (scalarize(objectives, t.values(objectives) or []), t.number)
+            self.batch = [  # ranked by what the proposer was told: the cheap values
+                (t.told.values, t.number)
                 for t in group
-                if t.values(objectives) is not None
+                if t.told is not None and t.told.values is not None
             ]
             if len(group) < size and (self.budget is None or self.finished < self.budget):
                 break  # the current batch: it fills up as results arrive
             before = len(self.promotions)
             self._promote_batch()
             chosen = list(self.promotions)[before:]
-            fidelity = {t.number: t.fidelity for t in group}
+            scored_fully = {t.number for t in group if t.metrics}
             for number in chosen:
-                if fidelity[number] == "full":
+                if number in scored_fully:
                     self.promotions.remove(number)
 
     # -- the run -------------------------------------------------------------------------------
@@ -526,7 +597,8 @@ class StudyDriver:
         on_result: Callable[[CandidateResult], None] | None = None,
         on_progress: Callable[[StudyProgress], None] | None = None,
     ) -> RunSummary:
-        """Run until the budget (trials or hours) is used up or the proposer has converged.
+        """Run until the budget (trials or hours) is used up (or the proposer has finished, which
+        only a proposer with a limit of its own does, e.g. cma with ``restarts``).
         Ctrl-C stops at once and leaves the study ready to resume (the summary says so)."""
         self.begin()
         self.started = time.monotonic()
@@ -575,7 +647,7 @@ class StudyDriver:
         from evomerge.cluster.pool import WorkerPool, dispatch
 
         used_up = self.budget is not None and self.finished >= self.budget
-        if time_up() or (used_up and not self.promotions):
+        if time_up() or ((used_up or self._closing()) and not self.promotions):
             return self._finish(time_up)  # nothing left to do: no need to start workers
         started_ray = False
         cluster = self.config.cluster
@@ -611,8 +683,9 @@ class StudyDriver:
                 unused = dispatch(
                     pool, self.next_task, handle, should_stop=lambda: self._should_stop(time_up)
                 )
-            if not self.lease_lost:
-                self._put_back(unused)
+                if not self.lease_lost:
+                    self._put_back(unused)
+                    self._confirm(pool, on_progress)
         except KeyboardInterrupt:
             self._stopped()
             return RunSummary(self.finished, self.budget, self.ran, "stopped", "interrupted")
@@ -638,6 +711,31 @@ class StudyDriver:
             )
         return self._finish(time_up)
 
+    def _confirm(self, pool: Any, on_progress: Callable[[StudyProgress], None] | None) -> None:
+        """When evaluators hold documents out: score the front and the baselines on them
+        (stored as fidelity ``holdout``) with the workers already loaded."""
+        from evomerge.cluster.pool import dispatch
+
+        if not holdout_evaluators(self.config.evaluators):
+            return
+        targets = confirm_targets(self.store, self.name, "pareto", self.config.objectives)
+        self.confirming = len(targets)
+        tasks = deque(
+            CandidateTask(
+                key=self._job(_Job(t.number, None, confirmation=True)),
+                recipe=t.recipe or {},
+                split=HOLDOUT,
+            )
+            for t in targets
+        )
+
+        def handle(result: CandidateResult) -> None:
+            self.on_result(result)
+            if on_progress is not None:
+                on_progress(self.progress())
+
+        dispatch(pool, lambda: tasks.popleft() if tasks else None, handle)
+
     def _on_stop_signal(self, signum: int, frame: object) -> None:
         self.interrupted = True
         raise KeyboardInterrupt(f"signal {signum}")
@@ -653,8 +751,21 @@ class StudyDriver:
             reason = f"budget of {self.budget} trials reached"
         elif time_up():
             reason = f"budget of {self.config.budget_hours:g} hours reached"
-        else:
-            reason = "the proposer has converged (no more proposals)"
+        elif self.closing:
+            reason = (
+                f"budget of {self.config.budget_hours:g} hours reached (new proposals stopped "
+                f"after {self.closed_at / 60:.1f} min to finish the queued promotions)"
+            )
+        else:  # only a proposer with a limit of its own stops early (e.g. cma with `restarts`)
+            notes = "; ".join(f"{k}: {v}" for k, v in self.proposer.describe().items())
+            reason = "the proposer has finished (no more proposals" + (
+                f"; {notes})" if notes else ")"
+            )
+        if self.confirming:
+            reason += (
+                f"; {self.confirmed} of {self.confirming} trial(s) (the front and the baselines) "
+                "scored on the held-out documents"
+            )
         self.store.set_status(self.name, "finished")
         return RunSummary(self.finished, self.budget, self.ran, "finished", reason)
 

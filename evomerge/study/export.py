@@ -5,9 +5,12 @@ to the output folder. The recipe (``evomerge_recipe.yaml``), a mergekit config w
 the same way (``mergekit_config.yml``), the study's plots (``images/pareto.png``,
 ``history.png``, ``recipe.png``) and a model card (``README.md``) that shows them are written
 beside the weights; a plot that cannot be drawn is reported and left out, it fails nothing.
-With ``verify`` the staged folder is loaded and scored again at the fidelity the database
-recorded, and must match it. Only then is the folder renamed into place: after an
-error or Ctrl-C nothing is left at the output folder or beside it.
+With ``verify`` the staged folder is loaded and scored again as the worker scored the trial
+(its recorded working dtype and device kind, at the fidelity the database recorded), and must
+match it; when the checkpoint is written in another dtype it is also scored as written, and the
+card shows both, labelled. Only then is the folder renamed into place: after an error or Ctrl-C
+nothing is left at the output folder or beside it. The merge runs on the study's device unless
+told otherwise (random masks are the same bits on every device).
 """
 
 from __future__ import annotations
@@ -73,6 +76,15 @@ class ExportResult:
     """The plots written beside the weights (``images/pareto.png`` ...), shown in the card."""
     images_skipped: tuple[str, ...] = ()
     """``"recipe.png: why"`` for each plot that could not be drawn (the export went on)."""
+    holdout: dict[str, float] | None = None
+    """The trial's scores on the held-out documents, when ``confirm`` measured them."""
+    as_written: dict[str, float] | None = None
+    """With ``verify``, when the checkpoint's dtype is not the working dtype: its scores as
+    written (``written_dtype``), beside the recorded ones."""
+    written_dtype: str | None = None
+    device: str = "cpu"
+    notes: tuple[str, ...] = ()
+    """What the user should know: where it was merged when the study's device is missing."""
 
 
 # -- the export ------------------------------------------------------------------------------
@@ -88,31 +100,46 @@ def export_trial(
     dtype: str | None = None,
     shard_size: int | None = None,
     force: bool = False,
-    device: str = "cpu",
+    device: str | None = None,
+    by: str = "search",
     progress: Progress | None = None,
 ) -> ExportResult:
     """Merge a trial's recipe into ``out`` (see the module docstring); ``verify``, ``dtype``
-    and ``shard_size`` default to the study's ``export`` settings."""
+    and ``shard_size`` default to the study's ``export`` settings, ``device`` to the study's
+    device; ``by`` ranks ``best`` by the searched-on or the held-out score."""
     config = store.study_config(study)
     settings = export_settings(config, study)
     verify = settings.verify if verify is None else verify
     if shard_size is None:
         shard_size = _shard_bytes(settings.shard_size, study)
+    device, notes = export_device(config, device)
     target = Path(out).expanduser().resolve()
     _check_target(target, force)
-    trial = select_trial(store, study, selector)
+    trial = select_trial(store, study, selector, by)
     parts = _prepare(store, study, trial, target, dtype or settings.dtype)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_folder(target, "evomerge-export")
     for abandoned in remove_abandoned(target, "evomerge-export"):  # an export killed earlier
         remove_abandoned(abandoned, "partial")  # ... and its writer's own hidden folder
+    as_written: dict[str, float] | None = None
+    written = None
     try:
         try:
             _write(parts, staging, device=device, shard_size=shard_size, progress=progress)
             card, skipped = _draw_images(store, study, trial, parts, staging)
             if verify:
-                _verify(staging, config, trial, device, _dtype_note(trial, parts.recipe), target)
-                card = replace(card, verified=True)
+                written = written_dtype(staging)
+                changed = _dtype_change(trial, parts.recipe)
+                as_written = _verify(staging, config, trial, device, written, changed, target)
+                card = replace(
+                    card,
+                    verified=changed is None,
+                    as_written=as_written or {},
+                    written_dtype=written,
+                    unverified_reason=changed,
+                )
+                if changed is not None:
+                    notes.append(f"not verified: {changed}; its scores as written are shown")
             (staging / "README.md").write_text(trial_card(parts.plan, card))
         except OSError as exc:  # a full disk, a quota, a folder made read-only
             raise EvomergeError(
@@ -125,19 +152,42 @@ def export_trial(
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     store.record_export(study, trial.number, str(target), verify)
+    fidelity, metrics = trial.search_scores
     return ExportResult(
         path=target,
         number=trial.number,
         label=trial.label,
         role=trial.role,
-        metrics=dict(trial.metrics),
-        fidelity=trial.fidelity,
-        verified=verify,
+        metrics=dict(metrics),
+        fidelity=fidelity,
+        verified=verify and card.verified,
         mergekit_written=parts.mergekit is not None,
         mergekit_reason=parts.card.mergekit_reason,
         images=tuple(path for path, _ in card.images),
         images_skipped=tuple(skipped),
+        holdout=dict(trial.holdout) or None,
+        as_written=as_written,
+        written_dtype=written,
+        device=device,
+        notes=tuple(notes),
     )
+
+
+def export_device(config: Mapping[str, Any], device: str | None) -> tuple[str, list[str]]:
+    """Where to merge and verify: ``device`` if given, else the study's own device; a study
+    run on GPUs exported on a machine without one merges on the CPU, and a note says so."""
+    if device is not None:
+        return device, []
+    wanted = str(config.get("device") or "cpu")
+    import torch
+
+    kind = torch.device(wanted).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        return "cpu", [
+            f"the study ran on {wanted} but this machine has no GPU: merged on cpu (random "
+            "masks are the same on every device; float rounding may differ slightly)"
+        ]
+    return wanted, []
 
 
 @dataclass(frozen=True)
@@ -164,14 +214,17 @@ def _prepare(
     recipe_yaml = yaml.safe_dump(
         recipe.model_dump(mode="json", exclude_defaults=True), sort_keys=False
     )
+    fidelity, metrics = trial.search_scores
     card = TrialCard(
         study=study,
         number=trial.number,
         label=trial.label,
         role=trial.role,
         base_model=base_model_name(models[plan.config_model]),
-        metrics=trial.metrics,
-        fidelity=trial.fidelity,
+        metrics=metrics,
+        fidelity=fidelity,
+        holdout=trial.holdout,
+        scored_with=trial.scored_with,
         recipe_yaml=recipe_yaml,
         mergekit_reason=reason,
         export_command=export_command(store, study, trial.number, dtype),
@@ -332,27 +385,66 @@ def _agree(a: float, b: float) -> bool:
     return a == b or abs(a - b) <= TOLERANCE
 
 
+def working_dtype(trial: TrialView) -> str:
+    """The dtype the worker scored the trial in (``float32`` for trials recorded before it was)."""
+    recorded = (trial.scored_with or "").split(" on ", 1)[0]
+    return recorded if recorded in ("float32", "float16", "bfloat16", "float64") else "float32"
+
+
+def written_dtype(folder: Path) -> str:
+    """The dtype a checkpoint folder says it is stored in (its config's ``dtype``)."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return str(name).removeprefix("torch.")
+
+
 def _verify(
-    staging: Path, config: Mapping[str, Any], trial: TrialView, device: str, note: str, out: Path
-) -> None:
-    if not trial.metrics:
+    staging: Path,
+    config: Mapping[str, Any],
+    trial: TrialView,
+    device: str,
+    written: str,
+    changed: str | None,
+    out: Path,
+) -> dict[str, float] | None:
+    """Score the staged folder as the worker did and require the recorded metrics; when it is
+    written in another dtype, also score it as written: those scores, else None. When the
+    export merged to another dtype than the trial (``changed`` says how), the worker's scores
+    cannot be reproduced: it is scored as written only, to be shown beside them."""
+    fidelity, recorded = trial.search_scores
+    if not recorded:
         raise ConfigError(f"trial {trial.number} has no recorded metrics to verify against")
     evaluators = config.get("evaluators") or []
     if not evaluators:
         raise ConfigError("the study stores no evaluators; export without verification")
     from evomerge.evaluate.suite import score_folder
 
-    measured = score_folder(staging, evaluators, fidelity_limit(trial.fidelity), device)
-    problem = first_mismatch(trial.metrics, measured)
+    working = working_dtype(trial)
+    limit = fidelity_limit(fidelity)
+    if changed is not None:
+        return score_folder(staging, evaluators, limit, device, dtype=written)
+    measured = score_folder(staging, evaluators, limit, device, dtype=working)
+    problem = first_mismatch(recorded, measured)
     if problem is not None:
+        scored = trial.scored_with or f"{working} (not recorded)"
         raise ExportVerificationError(
-            f"verification of trial {trial.number} at fidelity {trial.fidelity} failed: "
-            f"{problem}{note}; nothing was written to {out}"
+            f"verification of trial {trial.number} at fidelity {fidelity} failed: {problem} "
+            f"(the worker scored {scored}; re-scored as {working} on {device}); nothing was "
+            f"written to {out}"
         )
+    if written == working:
+        return None
+    return score_folder(staging, evaluators, limit, device, dtype=written)
 
 
-def _dtype_note(trial: TrialView, recipe: Recipe) -> str:
+def _dtype_change(trial: TrialView, recipe: Recipe) -> str | None:
+    """How the export's output dtype differs from the one the trial was merged to, or None."""
     scored = (trial.recipe or {}).get("dtype")
     if recipe.dtype is None or recipe.dtype == scored:
-        return ""
-    return f" (exported as {recipe.dtype}; the trial was scored as {scored or 'the base dtype'})"
+        return None
+    return f"exported as {recipe.dtype}, the trial was merged as {scored or 'the base dtype'}"

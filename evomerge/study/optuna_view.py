@@ -9,9 +9,12 @@ live, nothing is written twice, and ``optuna.load_study(storage=view)`` works fo
 How a trial maps: objectives are the study's values (their directions and metric names too);
 the genome's genes are the parameters, in their natural units (a SLERP ``t``, a source
 weight) when the space can be bound to the study's models, else as ``gene_i`` in [0, 1];
-role, label, fidelity, worker, timings, the error and every metric are user attributes.
-QUEUED is WAITING and FAILED is FAIL; a COMPLETE trial that lacks an objective's metric is
-shown as FAIL. Everything that would write raises :class:`ReadOnlyStorageError`.
+role, label, fidelity, worker, timings, the error and every metric are user attributes
+(``metric:`` at full fidelity, ``metric@limit=N:`` for a cheap score, ``holdout:`` on the
+held-out documents). QUEUED is WAITING and FAILED is FAIL; a COMPLETE trial scored only on a
+subset (never promoted) is PRUNED, so Optuna's front compares full scores only, and one that
+lacks an objective's metric is FAIL. Everything that would write raises
+:class:`ReadOnlyStorageError`.
 """
 
 from __future__ import annotations
@@ -185,7 +188,10 @@ class StudyStorageView(BaseStorage):
         values = trial.values(study.objectives)
         state = STATES.get(trial.state, TrialState.FAIL)
         finite = values is not None and all(math.isfinite(v) for v in values)
-        if state == TrialState.COMPLETE and not finite:
+        cheap_only = state == TrialState.COMPLETE and not trial.metrics and bool(trial.scores)
+        if cheap_only:
+            state = TrialState.PRUNED  # scored on a subset only, never promoted: not compared
+        elif state == TrialState.COMPLETE and not finite:
             state = TrialState.FAIL
         params, distributions = _params(genes, trial.genome)
         user_attrs: dict[str, Any] = {
@@ -199,7 +205,10 @@ class StudyStorageView(BaseStorage):
         }
         if trial.error:
             user_attrs["error"] = trial.error
-        user_attrs.update({f"metric:{k}": v for k, v in sorted(trial.metrics.items())})
+        fidelity, metrics = trial.search_scores
+        prefix = "metric:" if fidelity == "full" else f"metric@{fidelity}:"
+        user_attrs.update({f"{prefix}{k}": v for k, v in sorted(metrics.items())})
+        user_attrs.update({f"holdout:{k}": v for k, v in sorted(trial.holdout.items())})
         return FrozenTrial(
             number=trial.number,
             state=state,
@@ -286,10 +295,10 @@ def _params(
 def _bind_genes(study: str, config: Mapping[str, Any]) -> list[_Gene]:
     """Bind the study's space to its base model (config files only; no weights are read)."""
     try:
-        from evomerge.checkpoint import ModelFolder
+        from evomerge.checkpoint import ModelFolder, source_labels
         from evomerge.space import space_from_setting
 
-        labels = [ModelFolder(s).label for s in config["sources"]]
+        labels = source_labels(config["sources"])
         space = space_from_setting(config["space"]).bind(ModelFolder(config["base"]), labels)
     except KeyError as exc:
         logger.warning(

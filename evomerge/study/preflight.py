@@ -3,13 +3,15 @@ costs neither a database entry nor a worker start."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError, EvomergeError
 
 if TYPE_CHECKING:
+    from evomerge.checkpoint import ModelFolder
     from evomerge.study.config import StudyConfig
 
 
@@ -17,38 +19,108 @@ def preflight(config: StudyConfig, where: str) -> None:
     """Check what the driver can check by itself, so that a mistake costs neither a database
     entry nor a worker start: the models are there and can be merged, the space binds to
     them, the proposer takes it, and each evaluator's files, function and tasks exist and
-    can produce the objectives' metrics. Errors name ``where`` (the YAML) and the field."""
-    from evomerge.checkpoint import ModelFolder, check_compatible
-    from evomerge.evaluate.registry import preflight_evaluator
+    can produce the objectives' metrics. An evaluator whose metrics are known only by running
+    it (a python function) is run once on a tiny stand-in model (:func:`stand_in_model`): one
+    that returns no metrics, or not the objectives', is refused here rather than in every
+    trial. Errors name ``where`` (the YAML) and the field."""
+    from evomerge.checkpoint import ModelFolder, check_compatible, source_labels
+    from evomerge.evaluate.registry import preflight_evaluator, probe_evaluator
     from evomerge.space import build_space_proposer, space_from_setting
 
     with _naming(where, "base"):
         base = ModelFolder(config.base, label="base")
+    with _naming(where, "sources"):
+        labels = source_labels(config.sources)
     sources = []
-    for index, path in enumerate(config.sources):
+    for index, (path, label) in enumerate(zip(config.sources, labels, strict=True)):
         with _naming(where, f"sources[{index}]"):
-            sources.append(ModelFolder(path))
+            sources.append(ModelFolder(path, label=label))
     with _naming(where, "sources"):
         check_compatible([base, *sources])
     with _naming(where, "space"):
-        space = space_from_setting(config.space).bind(base, [s.label for s in sources])
+        space = space_from_setting(config.space).bind(base, labels)
     with _naming(where, "proposer"):
         build_space_proposer(config.proposer, space, config.objectives)
     prefixes: set[str] | None = set()
     named: list[str] = []
+    unprobed: set[str] = set()  # prefixes of evaluators preflight does not run
     for index, evaluator in enumerate(config.evaluators):
         found = preflight_evaluator(evaluator, f"{where}: evaluators[{index}]")
         prefixes = None if found is None or prefixes is None else prefixes | found
         named += evaluator.get("tasks") or sorted(found or [])
-    if prefixes is None:
-        return
+        if not _probed_kind(evaluator):
+            unprobed |= found or set()
     for index, objective in enumerate(config.objectives):
-        if objective.metric.split("/", 1)[0] not in prefixes or "/" not in objective.metric:
+        prefix = objective.metric.split("/", 1)[0]
+        if prefixes is not None and (prefix not in prefixes or "/" not in objective.metric):
             raise ConfigError(
                 f"{where}: objectives[{index}].metric: no evaluator produces "
                 f"'{objective.metric}'; their metrics are named "
                 f"{', '.join(f'{name}/...' for name in named)}"
             )
+    probed: dict[str, list[str]] = {}  # prefix -> the exact metric names a probe found
+    to_probe = [(i, e) for i, e in enumerate(config.evaluators) if _probed_kind(e)]
+    stand_in = stand_in_model(base) if to_probe else None
+    for index, evaluator in to_probe if stand_in is not None else []:
+        with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+            found_names = probe_evaluator(evaluator, *stand_in, f"{where}: evaluators[{index}]")
+        for name in found_names or []:
+            probed.setdefault(name.split("/", 1)[0], []).append(name)
+    for index, objective in enumerate(config.objectives):
+        prefix = objective.metric.split("/", 1)[0]
+        if prefix in probed and prefix not in unprobed and objective.metric not in probed[prefix]:
+            raise ConfigError(
+                f"{where}: objectives[{index}].metric: no evaluator produces "
+                f"'{objective.metric}'; the {prefix} evaluator returned "
+                f"{', '.join(sorted(probed[prefix]))} when preflight ran it"
+            )
+
+
+def _probed_kind(evaluator: Any) -> bool:
+    from evomerge.evaluate.registry import evaluator_class
+
+    try:
+        return evaluator_class(str(evaluator.get("kind"))).probe_at_preflight
+    except EvomergeError:
+        return False
+
+
+def stand_in_model(base: ModelFolder) -> tuple[Any, Any] | None:
+    """A tiny random causal LM (one Llama layer, width 32) with ``base``'s tokenizer, its
+    vocabulary size and its context length: what preflight runs user evaluators on to learn
+    their metric names without loading the real model. None when ``base`` has no tokenizer
+    that loads (the probe is skipped)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(base.path))
+    except Exception:
+        return None
+    vocab = max(len(tokenizer), _positive_int(base.config.get("vocab_size")) or 0, 2)
+    context = _positive_int(base.config.get("max_position_embeddings")) or 2048
+    special = {
+        name: getattr(tokenizer, name, None)
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id")
+    }
+    llama = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        **{k: v for k, v in special.items() if isinstance(v, int)},
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(llama).eval()
+    return model, tokenizer
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 @contextmanager

@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError
 from evomerge.optimize import Objective, parse_objectives, scalarize
-from evomerge.study.store import StorageError, StudyStore, TrialView, mask_url, storage_url
+from evomerge.study.store import (
+    FULL,
+    HOLDOUT,
+    StorageError,
+    StudyStore,
+    TrialView,
+    mask_url,
+    storage_url,
+)
 from evomerge.util import DTYPES, first_line, number_ranges
 
 if TYPE_CHECKING:  # torch-heavy; imported where used
@@ -131,9 +139,13 @@ def stored_study_config(store: StudyStore, study: str) -> StudyConfig:
 # -- choosing a trial --------------------------------------------------------------------------
 
 
-def select_trial(store: StudyStore, study: str, selector: str) -> TrialView:
+def select_trial(store: StudyStore, study: str, selector: str, by: str = "search") -> TrialView:
     """The trial ``selector`` names: ``best``, a trial number, or ``pareto:K`` (1-based row of
-    the Pareto front, best scalarized first). Only a COMPLETE trial is returned."""
+    the Pareto front, best scalarized first). Only a COMPLETE trial is returned. ``best`` ranks
+    by the full-fidelity score on the searched-on documents, or with ``by="holdout"`` by the
+    score on the held-out documents (of the trials ``confirm`` scored)."""
+    if by not in ("search", "holdout"):
+        raise ConfigError(f"rank by 'search' or 'holdout', not '{by}'")
     match = _SELECTOR.fullmatch(selector.strip())
     if match is None:
         raise ConfigError(
@@ -147,17 +159,28 @@ def select_trial(store: StudyStore, study: str, selector: str) -> TrialView:
     except ConfigError as exc:
         raise ConfigError(f"{exc}; select a trial by its number") from None
     if best:
-        return best_trial(store, study, objectives)
+        return best_trial(store, study, objectives, by)
     return _pareto_row(store, study, objectives, int(row))
 
 
-def best_trial(store: StudyStore, study: str, objectives: Sequence[Objective]) -> TrialView:
-    """The complete trial with the highest weighted objectives (the lower number on a tie)."""
-    pool = [t for t in store.trials(study, ["COMPLETE"]) if t.values(objectives) is not None]
+def best_trial(
+    store: StudyStore, study: str, objectives: Sequence[Objective], by: str = "search"
+) -> TrialView:
+    """The complete trial with the highest weighted objectives at full fidelity, or with
+    ``by="holdout"`` on the held-out documents (the lower number on a tie)."""
+    fidelity = HOLDOUT if by == "holdout" else FULL
+    complete = store.trials(study, ["COMPLETE"])
+    pool = [t for t in complete if t.values(objectives, fidelity) is not None]
+    if not pool and by == "holdout":
+        raise ConfigError(
+            f"no trial of study '{study}' has held-out scores; give the evaluators a "
+            f"'holdout' share and run: evomerge confirm --storage {mask_url(store.url)} "
+            f"--study {study}"
+        )
     if not pool:
         raise _nothing_complete(store, study)
     # The pool is ordered by number and max keeps the first maximum: ties go to the lower one.
-    return max(pool, key=lambda t: scalarize(objectives, t.values(objectives) or []))
+    return max(pool, key=lambda t: scalarize(objectives, t.values(objectives, fidelity) or []))
 
 
 def _numbered(store: StudyStore, study: str, number: int) -> TrialView:
@@ -195,9 +218,18 @@ def _nothing_complete(store: StudyStore, study: str) -> ConfigError:
     counts = Counter(t.state for t in store.trials(study))
     if not counts:
         return ConfigError(f"study '{study}' has no trials yet; there is nothing to export")
+    trials = store.trials(study, ["COMPLETE"])
     states = ", ".join(f"{count} {state}" for state, count in sorted(counts.items()))
+    cheap = sum(1 for t in trials if t.fidelity not in (None, FULL))
+    hint = (
+        f"; {cheap} trial(s) have only a cheap score (on a subset of the documents), which is "
+        "not compared: export one by its number, or let the study promote more"
+        if cheap
+        else ""
+    )
     return ConfigError(
-        f"study '{study}' has no complete trial with a score for every objective ({states})"
+        f"study '{study}' has no complete trial with a full-fidelity score for every objective "
+        f"({states}){hint}"
     )
 
 

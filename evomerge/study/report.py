@@ -12,7 +12,7 @@ from typing import Any
 from evomerge.optimize import Objective
 from evomerge.study.read import study_objectives
 from evomerge.study.status import STATES
-from evomerge.study.store import StudyStore, TrialView, mask_url
+from evomerge.study.store import FULL, HOLDOUT, StudyStore, TrialView, mask_url
 from evomerge.util import first_line, format_duration, json_safe
 
 TOP_REASONS = 5
@@ -46,6 +46,10 @@ def format_status(status: Mapping[str, Any]) -> str:
         f"(evomerge pareto --study {status['study']})"
     )
     lines += _worker_lines(status["workers"])
+    lines += [
+        f"{'proposer' if i == 0 else '':<10} {label}: {text}"
+        for i, (label, text) in enumerate((status.get("proposer") or {}).items())
+    ]
     return "\n".join(lines)
 
 
@@ -90,14 +94,38 @@ def _best_lines(status: Mapping[str, Any]) -> list[str]:
     ]
     if status["best_weighted"] is not None:
         rows.append(("weighted sum", status["best_weighted"]))
+    lines = []
     if not rows:
-        return [f"{'best':<10} no complete trial yet"]
-    width = max(len(name) for name, _ in rows)
-    return [
-        f"{'best' if i == 0 else '':<10} {name:<{width}}  {best['value']:>10.4f}  "
-        f"trial {best['trial']:<5} {best['fidelity'] or '-':<9} {best['label']}"
-        for i, (name, best) in enumerate(rows)
+        lines.append(f"{'best':<10} no trial scored on all documents yet")
+    else:
+        width = max(len(name) for name, _ in rows)
+        for i, (name, best) in enumerate(rows):
+            held = best.get("holdout_value")
+            held_text = f"  held out {held:.4f}" if held is not None else ""
+            lines.append(
+                f"{'best' if i == 0 else '':<10} {name:<{width}}  {best['value']:>10.4f}  "
+                f"trial {best['trial']:<5} {best['label']}{held_text}"
+            )
+        lines.append(f"{'':<10} (full fidelity: every searched-on document)")
+    return lines + _cheap_lines(status.get("fidelities"))
+
+
+def _cheap_lines(fidelities: Mapping[str, Any] | None) -> list[str]:
+    """The cheap scores, apart: how many trials have only a cheap score, and the best one."""
+    if not fidelities or not fidelities["cheap_only"]:
+        return []
+    counts = ", ".join(f"{name} {count}" for name, count in fidelities["counts"].items())
+    lines = [
+        f"{'fidelity':<10} scored trials by fidelity: {counts}; "
+        f"{fidelities['cheap_only']} not (yet) scored on all documents"
     ]
+    cheap = fidelities["best_cheap"]
+    if cheap is not None:
+        lines.append(
+            f"{'':<10} best cheap score (not comparable): {cheap['value']:.4f} at "
+            f"{cheap['fidelity']}, trial {cheap['trial']} {cheap['label']}"
+        )
+    return lines
 
 
 def _worker_lines(workers: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -138,15 +166,19 @@ def pareto_text(front: Sequence[TrialView], objectives: Sequence[Objective], stu
 
 
 def pareto_json(front: Sequence[TrialView], objectives: Sequence[Objective]) -> str:
+    """The front as JSON: per trial its full-fidelity ``values`` and ``metrics`` (searched-on
+    documents), ``holdout_values`` (None until confirmed) and every ``scores`` by fidelity."""
     rows = [
         {
             "rank": rank,
             "trial": t.number,
             "role": t.role,
             "label": t.label,
-            "fidelity": t.fidelity,
+            "fidelity": FULL,
             "values": t.values(objectives),
+            "holdout_values": t.values(objectives, HOLDOUT),
             "metrics": t.metrics,
+            "scores": t.scores,
         }
         for rank, t in enumerate(front, start=1)
     ]
@@ -154,13 +186,28 @@ def pareto_json(front: Sequence[TrialView], objectives: Sequence[Objective]) -> 
 
 
 def pareto_table(front: Sequence[TrialView], objectives: Sequence[Objective]) -> str:
+    """One row per trial: each objective on the searched-on documents (full fidelity) and, once
+    ``confirm`` scored them, on the held-out documents beside it."""
+    held = any(t.holdout for t in front)
     names = [o.metric for o in objectives]
-    width = max(12, *(len(n) for n in names))
-    lines = [f"{'#':>3}  {'trial':>5}  " + "  ".join(f"{n:>{width}}" for n in names)]
-    lines[0] += "  fidelity  label"
+    headers = [h for n in names for h in ((n, f"{n} held out") if held else (n,))]
+    width = max(12, *(len(h) for h in headers))
+    lines = [f"{'#':>3}  {'trial':>5}  " + "  ".join(f"{h:>{width}}" for h in headers)]
+    lines[0] += "  label"
     for rank, trial in enumerate(front, start=1):
-        cells = "  ".join(f"{v:>{width}.4f}" for v in trial.values(objectives) or [])
-        lines.append(
-            f"{rank:>3}  {trial.number:>5}  {cells}  {trial.fidelity or '-':<8}  {trial.label}"
-        )
+        cells = []
+        for name in names:
+            cells.append(_cell(trial.metrics.get(name), width))
+            if held:
+                cells.append(_cell(trial.holdout.get(name), width))
+        lines.append(f"{rank:>3}  {trial.number:>5}  {'  '.join(cells)}  {trial.label}")
+    if front:
+        note = "scores on the searched-on documents, all of them (full fidelity)"
+        if held:
+            note += "; 'held out': on documents the search never saw"
+        lines.append(note)
     return "\n".join(lines)
+
+
+def _cell(value: float | None, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.4f}"

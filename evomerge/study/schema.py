@@ -18,10 +18,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 2
-"""2: trials record what the proposer was told and load seconds, studies their wall time
-and the driver that holds them (a lease with a heartbeat).
-Schema 1 was only ever written by development builds; it is refused, not migrated."""
+SCHEMA_VERSION = 3
+"""3: trials record how they were scored (``scored_with``: working dtype and device kind).
+2: trials record what the proposer was told and load seconds, studies their wall time
+and the driver that holds them (a lease with a heartbeat). A schema-2 database is upgraded in
+place (one nullable column added); schema 1 was only ever written by development builds and
+is refused, not migrated."""
 
 
 def utcnow() -> datetime:
@@ -84,6 +86,9 @@ class TrialRow(Base):
     """How long the worker that ran the trial took to load its models (once, at its start)."""
     merge_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     eval_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    scored_with: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """How the worker scored the trial: its working dtype and device kind (``float32 on cuda``);
+    an export's verification re-scores the same way."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     study: Mapped[StudyRow] = relationship(back_populates="trials")

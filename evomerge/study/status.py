@@ -13,7 +13,7 @@ from typing import Any
 
 from evomerge.optimize import Objective, pareto_front, scalarize
 from evomerge.study.read import config_objectives, study_budget
-from evomerge.study.store import StudyStore, TrialView
+from evomerge.study.store import FULL, HOLDOUT, StudyStore, TrialView
 
 STATES = ("QUEUED", "RUNNING", "COMPLETE", "FAILED")
 LATEST_FAILURES = 5
@@ -25,8 +25,11 @@ def study_status(store: StudyStore, name: str, latest: int = LATEST_FAILURES) ->
     Keys: ``study``, ``status``, ``created_at``, ``progress`` (finished trials and elapsed
     seconds against the budget, with percentages), ``states`` (counts), ``trials_per_hour``,
     ``failures`` (count, ``reasons`` by error type, the ``latest`` few), ``objectives``,
-    ``best`` (one per objective), ``best_weighted``, ``pareto_size`` and ``workers``. Metrics
-    are each trial's at its highest fidelity; ``latest`` caps the failures listed.
+    ``best`` (one per objective), ``best_weighted``, ``pareto_size``, ``fidelities``,
+    ``workers`` and ``proposer`` (its own notes, e.g. CMA-ES restarts). ``best``,
+    ``best_weighted`` and the front compare full-fidelity scores only (with the held-out score
+    beside them when there is one); ``fidelities`` counts the trials scored at each fidelity
+    and names the best cheap score apart. ``latest`` caps the failures listed.
     """
     config = store.study_config(name)  # raises ConfigError naming the studies there are
     row = store.study(name)
@@ -58,7 +61,43 @@ def study_status(store: StudyStore, name: str, latest: int = LATEST_FAILURES) ->
         "best": [_best_for(complete, o) for o in objectives],
         "best_weighted": _best_weighted(complete, objectives),
         "pareto_size": len(_front(complete, objectives)),
+        "fidelities": _fidelities(complete, objectives),
         "workers": _workers(trials),
+        "proposer": _proposer_notes(store, name),
+    }
+
+
+def _proposer_notes(store: StudyStore, name: str) -> dict[str, str]:
+    """What the proposer's latest snapshot says about its course (``Proposer.describe``: e.g.
+    CMA-ES restarts and why), as ``{label: text}``; empty before the first snapshot."""
+    from evomerge.optimize.registry import describe_state
+
+    snapshot = store.latest_snapshot(name)
+    return {} if snapshot is None else describe_state(snapshot[0])
+
+
+def _fidelities(complete: Sequence[TrialView], objectives: Sequence[Objective]) -> dict[str, Any]:
+    """Complete trials by the fidelities they were scored at; the best weighted score of the
+    trials scored only cheaply (not comparable with full scores: shown apart)."""
+    counts: Counter[str] = Counter(f for t in complete for f in t.scores)
+    cheap_only = [t for t in complete if t.fidelity not in (None, FULL)]
+    best_cheap = None
+    pool = [t for t in cheap_only if objectives and t.values(objectives, t.fidelity or "")]
+    if pool:
+        top = max(
+            pool,
+            key=lambda t: (
+                scalarize(objectives, t.values(objectives, t.fidelity or "") or []),
+                -t.number,
+            ),
+        )
+        best_cheap = _summary(
+            top, scalarize(objectives, top.values(objectives, top.fidelity or "") or [])
+        )
+    return {
+        "counts": dict(sorted(counts.items())),
+        "cheap_only": len(cheap_only),
+        "best_cheap": best_cheap,
     }
 
 
@@ -133,6 +172,11 @@ def _summary(trial: TrialView, value: float) -> dict[str, Any]:
     }
 
 
+def _holdout_value(trial: TrialView, objectives: Sequence[Objective]) -> float | None:
+    values = trial.values(objectives, HOLDOUT)
+    return None if values is None else scalarize(objectives, values)
+
+
 def _best_for(complete: Sequence[TrialView], objective: Objective) -> dict[str, Any]:
     """The best complete trial for one objective (the lowest number among equals), or none."""
     scored = [t for t in complete if objective.metric in t.metrics]
@@ -140,7 +184,11 @@ def _best_for(complete: Sequence[TrialView], objective: Objective) -> dict[str, 
     if not scored:
         return {**best, "trial": None}
     top = max(scored, key=lambda t: (objective.sign * t.metrics[objective.metric], -t.number))
-    return {**best, **_summary(top, top.metrics[objective.metric])}
+    return {
+        **best,
+        **_summary(top, top.metrics[objective.metric]),
+        "holdout_value": top.holdout.get(objective.metric),
+    }
 
 
 def _scored(complete: Sequence[TrialView], objectives: Sequence[Objective]) -> list[TrialView]:
@@ -157,6 +205,8 @@ def _best_weighted(
     return {
         **_summary(top, scalarize(objectives, top.values(objectives) or [])),
         "values": top.values(objectives),
+        "holdout_value": _holdout_value(top, objectives),
+        "holdout_values": top.values(objectives, HOLDOUT),
     }
 
 

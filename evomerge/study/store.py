@@ -19,12 +19,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import create_engine, delete, event, func, insert, inspect, select, update
+from sqlalchemy import create_engine, delete, event, func, insert, inspect, select, text, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -168,10 +168,19 @@ def storage_url(value: str | Path) -> str:
     return text
 
 
-def fidelity_name(limit: int | float | None) -> tuple[str, float]:
-    """``("full", inf)`` for all documents, ``("limit=10", 10)`` for a subset."""
+FULL = "full"
+"""The fidelity of a score on every searched document: the one fronts and ``best`` compare."""
+HOLDOUT = "holdout"
+"""The fidelity of a score on the held-out documents the search never saw."""
+
+
+def fidelity_name(limit: int | float | None, split: str = "search") -> tuple[str, float]:
+    """``("full", inf)`` for all searched documents, ``("limit=10", 10)`` for a subset,
+    ``("holdout", -1)`` for the held-out documents (ranked below every search fidelity)."""
+    if split == "holdout":
+        return HOLDOUT, -1.0
     if limit is None:
-        return "full", math.inf
+        return FULL, math.inf
     return f"limit={limit:.12g}", float(limit)
 
 
@@ -187,7 +196,13 @@ class Told:
 
 @dataclass(frozen=True)
 class TrialView:
-    """A trial as read back: its row fields and its metrics at its highest fidelity."""
+    """A trial as read back: its row fields and its scores.
+
+    ``scores`` holds every fidelity it was scored at (``full``, ``limit=N``, ``holdout``);
+    ``metrics`` is its full-fidelity score, the only one fronts, ``best`` and progress compare
+    (empty until the trial is scored on every searched document); ``fidelity`` is the highest
+    search fidelity it reached.
+    """
 
     number: int
     role: str
@@ -207,12 +222,30 @@ class TrialView:
     created_at: datetime | None = None
     finished_at: datetime | None = None
     told: Told | None = None
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    scored_with: str | None = None
+    """How the worker scored it: working dtype and device kind, e.g. ``float32 on cuda``."""
 
-    def values(self, objectives: Sequence[Objective]) -> list[float] | None:
+    def values(self, objectives: Sequence[Objective], fidelity: str = FULL) -> list[float] | None:
+        """The objective values at ``fidelity`` (full by default), None if not scored so."""
+        metrics = self.scores.get(fidelity, {}) if fidelity != FULL else self.metrics
         try:
-            return [self.metrics[o.metric] for o in objectives]
+            return [metrics[o.metric] for o in objectives]
         except KeyError:
             return None
+
+    @property
+    def holdout(self) -> dict[str, float]:
+        """Metrics on the held-out documents (empty until ``confirm`` scored them)."""
+        return self.scores.get(HOLDOUT, {})
+
+    @property
+    def search_scores(self) -> tuple[str | None, dict[str, float]]:
+        """(fidelity, metrics) at the highest search fidelity reached: full if scored so,
+        else the cheap score, labelled by its fidelity."""
+        if self.fidelity is None:
+            return None, {}
+        return self.fidelity, self.scores.get(self.fidelity, {})
 
 
 class StudyStore:
@@ -285,11 +318,27 @@ class StudyStore:
                 f"{mask_url(self.url)} was written by a newer evomerge (schema "
                 f"{version}; this one knows {SCHEMA_VERSION}); upgrade evomerge"
             )
+        if version == 2:
+            self._upgrade_from_2()
+            return
         if version is not None and version < SCHEMA_VERSION:
             raise StorageError(
                 f"{mask_url(self.url)} was written by an earlier development version of "
                 f"evomerge (schema {version}; this one needs {SCHEMA_VERSION}) and cannot "
                 "be upgraded; keep using that version for it, or start a new database"
+            )
+
+    def _upgrade_from_2(self) -> None:
+        """Schema 2 to 3: one nullable column (``scored_with``), in one transaction; a
+        concurrent upgrader that added it first is fine."""
+        with self.engine.begin() as connection:
+            columns = {c["name"] for c in inspect(connection).get_columns(TrialRow.__tablename__)}
+            if "scored_with" not in columns:
+                connection.execute(
+                    text(f"ALTER TABLE {TrialRow.__tablename__} ADD COLUMN scored_with VARCHAR(64)")
+                )
+            connection.execute(
+                update(Meta).where(Meta.key == "schema_version").values(value=str(SCHEMA_VERSION))
             )
 
     @contextmanager
@@ -485,6 +534,7 @@ class StudyStore:
         told: Told | None = None,
         snapshot: tuple[bytes, int] | None = None,
         elapsed_seconds: float | None = None,
+        scored_with: str | None = None,
     ) -> None:
         """Record a result and its metrics in one transaction, with what the proposer was told
         (``told``), optionally its state afterwards (``snapshot``: state, results told) and the
@@ -502,6 +552,8 @@ class StudyStore:
             "load_seconds": load_seconds,
             "finished_at": utcnow(),
         }
+        if scored_with is not None:
+            values["scored_with"] = scored_with
         if told is not None:
             values["tell_seq"] = told.seq
             values["asks_before_tell"] = told.asks_before
@@ -535,9 +587,15 @@ class StudyStore:
 
     @staticmethod
     def _insert_metrics(
-        session: Session, trial_id: int, fidelity: str, rank: float, metrics: Mapping[str, float]
+        session: Session,
+        trial_id: int,
+        fidelity: str,
+        rank: float,
+        metrics: Mapping[str, float],
+        replace: bool = False,
     ) -> None:
-        if metrics and getattr(_retrying, "active", False):
+        """Insert a trial's metrics at one fidelity; ``replace``: a re-score replaces them."""
+        if metrics and (replace or getattr(_retrying, "active", False)):
             session.execute(  # the attempt that lost its connection may have committed them
                 delete(MetricRow).where(
                     MetricRow.trial_id == trial_id, MetricRow.fidelity == fidelity
@@ -560,13 +618,18 @@ class StudyStore:
 
     @_retried
     def add_metrics(
-        self, study: str, number: int, metrics: Mapping[str, float], limit: int | float | None
+        self,
+        study: str,
+        number: int,
+        metrics: Mapping[str, float],
+        limit: int | float | None,
+        split: str = "search",
     ) -> None:
-        """Metrics of a re-score at another fidelity (promotion)."""
-        fidelity, rank = fidelity_name(limit)
+        """Metrics of a re-score at another fidelity (a promotion, or the held-out documents)."""
+        fidelity, rank = fidelity_name(limit, split)
         with self.session() as session:
             trial = self._trial(session, study, number)
-            self._insert_metrics(session, trial.id, fidelity, rank, metrics)
+            self._insert_metrics(session, trial.id, fidelity, rank, metrics, replace=True)
 
     def _trial(self, session: Session, study: str, number: int) -> TrialRow:
         row = self._study(session, study)
@@ -620,15 +683,14 @@ class StudyStore:
             trials = session.scalars(query.order_by(TrialRow.number)).all()
             ids = [t.id for t in trials]
             best_rank: dict[int, float] = {}
-            metrics: dict[int, dict[str, float]] = {}
+            scores: dict[int, dict[str, dict[str, float]]] = {}
             fidelity: dict[int, str] = {}
             if ids:
                 rows = session.scalars(select(MetricRow).where(MetricRow.trial_id.in_(ids))).all()
                 for m in rows:
-                    best_rank[m.trial_id] = max(best_rank.get(m.trial_id, -math.inf), m.rank)
-                for m in rows:
-                    if m.rank == best_rank[m.trial_id]:
-                        metrics.setdefault(m.trial_id, {})[m.name] = m.value
+                    scores.setdefault(m.trial_id, {}).setdefault(m.fidelity, {})[m.name] = m.value
+                    if m.fidelity != HOLDOUT and m.rank > best_rank.get(m.trial_id, -math.inf):
+                        best_rank[m.trial_id] = m.rank
                         fidelity[m.trial_id] = m.fidelity
             return [
                 TrialView(
@@ -643,7 +705,9 @@ class StudyStore:
                     attempts=t.attempts,
                     error=t.error,
                     fidelity=fidelity.get(t.id),
-                    metrics=metrics.get(t.id, {}),
+                    metrics=scores.get(t.id, {}).get(FULL, {}),
+                    scores=scores.get(t.id, {}),
+                    scored_with=t.scored_with,
                     merge_seconds=t.merge_seconds,
                     eval_seconds=t.eval_seconds,
                     load_seconds=t.load_seconds,
@@ -661,7 +725,8 @@ class StudyStore:
             ]
 
     def pareto(self, study: str, objectives: Sequence[Objective]) -> list[TrialView]:
-        """Complete trials no other complete trial dominates (computed now, from the metrics)."""
+        """Complete trials no other complete trial dominates at full fidelity (computed now,
+        from the metrics); trials scored only cheaply are not compared."""
         pool = [t for t in self.trials(study, ["COMPLETE"]) if t.values(objectives) is not None]
         front = pareto_front([t.values(objectives) or [] for t in pool], objectives)
         return sorted(
