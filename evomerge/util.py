@@ -104,7 +104,8 @@ def pydantic_message(exc: ValidationError) -> str:
         str(part) for part in err["loc"] if not str(part).startswith(("function-", "union"))
     )
     extra = f" ({len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
-    return f"{loc or 'value'}: {err['msg']}{extra}"
+    message = str(err["msg"]).removeprefix("Value error, ")  # our validators' own sentences
+    return f"{loc or 'value'}: {message}{extra}"
 
 
 def evomerge_command() -> str:

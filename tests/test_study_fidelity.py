@@ -109,7 +109,8 @@ def test_only_full_scores_are_compared_and_promotions_use_the_cheap_ones(toy_zoo
 def test_promote_zero_is_refused_and_promote_has_a_default(toy_zoo, tmp_path):
     from evomerge.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"fidelity.promote.*more than 0.*Pareto front"):
+    refused = r"fidelity\.promote: must be more than 0, got 0: .*front"
+    with pytest.raises(ConfigError, match=refused):
         _config(toy_zoo, str(tmp_path / "s.db"), fidelity={"limit": 6, "promote": 0})
     assert _config(toy_zoo, "x.db", fidelity={"limit": 6}).fidelity.promote == 0.25
 
