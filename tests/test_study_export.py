@@ -407,3 +407,31 @@ def test_export_merges_on_the_study_device_or_says_why_not(toy_zoo, scored, tmp_
     )
     assert code == 0, err
     assert "note: the study ran on cuda but this machine has no GPU: merged on cpu" in stdout
+
+
+def test_a_dare_trial_scored_before_device_independent_masks_gets_a_note(
+    toy_zoo, scored, tmp_path, capsys
+):
+    """A DARE trial recorded without `scored_with` was scored with torch-generator masks: its
+    export is another random sample, and the export says so; a recorded one does not."""
+    storage = str(tmp_path / "s.db")
+    store = fill(storage, toy_zoo, scored)
+    recipe = dict(scored[1]["recipe"], method="dare_ties")
+    recipe["sources"] = [
+        {**s, "parameters": {**s["parameters"], "density": 0.5}} for s in recipe["sources"]
+    ]
+    for number, scored_with in ((10, None), (11, "float32 on cpu")):
+        store.add_trial("toy", number, role="proposal", label="dare", recipe=recipe)
+        store.finish_trial(
+            "toy", number, state="COMPLETE", metrics=scored[1]["full"], scored_with=scored_with
+        )
+    code, stdout, err = run(
+        export_args(storage, "--trial", "10", "--out", tmp_path / "old", "--quiet"), capsys
+    )
+    assert code == 0, err
+    assert "note: trial 10 was scored by an evomerge that drew DARE/DELLA masks" in stdout
+    code, stdout, err = run(
+        export_args(storage, "--trial", "11", "--out", tmp_path / "new", "--quiet"), capsys
+    )
+    assert code == 0, err
+    assert "note:" not in stdout

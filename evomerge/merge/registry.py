@@ -145,6 +145,8 @@ class MergeMethod:
     doc: str = ""
     check: Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]], str], None] | None = None
     """Cross-parameter checks, run when parameters are bound (before any tensor is read)."""
+    random_masks: bool = False
+    """Whether it drops entries at random (DARE, DELLA) when a source's ``density`` is below 1."""
 
     def param(self, name: str, tensor: str = "") -> ParamSpec:
         for spec in self.params:

@@ -117,6 +117,13 @@ def export_trial(
     _check_target(target, force)
     trial = select_trial(store, study, selector, by)
     parts = _prepare(store, study, trial, target, dtype or settings.dtype)
+    if trial.scored_with is None and draws_random_masks(parts.plan):
+        notes.append(
+            f"trial {trial.number} was scored by an evomerge that drew DARE/DELLA masks with "
+            "torch's generator (it records no scored_with); the masks are drawn anew, the same "
+            "on every device, so this merge is another random sample than the one scored and "
+            "its scores may differ"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_folder(target, "evomerge-export")
     for abandoned in remove_abandoned(target, "evomerge-export"):  # an export killed earlier
@@ -170,6 +177,19 @@ def export_trial(
         written_dtype=written,
         device=device,
         notes=tuple(notes),
+    )
+
+
+def draws_random_masks(plan: MergePlan) -> bool:
+    """Whether merging ``plan`` drops entries at random (a DARE/DELLA source below density 1)."""
+    from evomerge.merge.registry import get_method
+
+    if not get_method(plan.method).random_masks:
+        return False
+    return any(
+        float(params.get("density", 1.0)) < 1.0
+        for job in plan.jobs
+        for params in job.per_source_dicts()
     )
 
 

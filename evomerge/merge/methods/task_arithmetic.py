@@ -295,6 +295,7 @@ for _variant in VARIANTS:
             mergekit_name=_variant.name,
             doc=_variant.doc,
             check=_plan_check(_variant),
+            random_masks=_variant.sparsifier in ("random", "della"),
         )
     )
 del _variant
