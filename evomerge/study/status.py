@@ -81,19 +81,15 @@ def _fidelities(complete: Sequence[TrialView], objectives: Sequence[Objective]) 
     trials scored only cheaply (not comparable with full scores: shown apart)."""
     counts: Counter[str] = Counter(f for t in complete for f in t.scores)
     cheap_only = [t for t in complete if t.fidelity not in (None, FULL)]
+    cheap = {
+        t.number: (t, scalarize(objectives, values))
+        for t in cheap_only
+        if objectives and (values := t.values(objectives, t.fidelity or "")) is not None
+    }
     best_cheap = None
-    pool = [t for t in cheap_only if objectives and t.values(objectives, t.fidelity or "")]
-    if pool:
-        top = max(
-            pool,
-            key=lambda t: (
-                scalarize(objectives, t.values(objectives, t.fidelity or "") or []),
-                -t.number,
-            ),
-        )
-        best_cheap = _summary(
-            top, scalarize(objectives, top.values(objectives, top.fidelity or "") or [])
-        )
+    if cheap:
+        top, value = max(cheap.values(), key=lambda tv: (tv[1], -tv[0].number))
+        best_cheap = _summary(top, value)
     return {
         "counts": dict(sorted(counts.items())),
         "cheap_only": len(cheap_only),
