@@ -153,5 +153,5 @@ def _export(store: Any, workdir: Path, storage: str) -> None:
         "Look closer:\n"
         f"  {run} status {where}\n"
         f"  {run} pareto {where} --plot pareto.png\n"
-        f"  {run} export {where} --trial pareto:2 --out merged2"
+        f"  {run} export {where} --trial best --by holdout --out merged2"
     )
