@@ -4,8 +4,9 @@ Two front ends:
 
 - :func:`merge_to_folder` streams: it reads each input tensor lazily from safetensors, merges
   it, and hands it to a :class:`CheckpointWriter`; memory holds a few tensors, not the model.
-- :class:`InPlaceMerger` keeps every source tensor resident (CPU or GPU) and copies merged
-  values into an existing model object's parameters: no disk, no new model.
+- :class:`InPlaceMerger` keeps every source tensor in memory (on the device, or in pinned host
+  memory streamed to the device a job at a time) and copies merged values into an existing
+  model object's parameters: no disk, no new model. It times each phase (:class:`MergeTimings`).
 
 Both call :func:`merge_job`, so the same plan gives the same tensors on the same device.
 """
@@ -13,9 +14,12 @@ Both call :func:`merge_job`, so the same plan gives the same tensors on the same
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -173,11 +177,36 @@ def _write_metadata(
     writer.write_text("README.md", model_card if model_card is not None else default_card(plan))
 
 
-class InPlaceMerger:
-    """Sources resident on ``device``; each plan is merged straight into a model's parameters.
+Residency = Literal["device", "host"]
 
-    The plan's models must be the ones this merger was built with (same paths, same order).
+
+@dataclass(frozen=True)
+class MergeTimings:
+    """Where the in-place build of one candidate spent its time, in seconds (on CUDA each
+    phase ends with a synchronize, so the times are the device's, not the launches')."""
+
+    math_seconds: float = 0.0
+    """In :func:`merge_job`: the merge methods' arithmetic."""
+    copy_seconds: float = 0.0
+    """Casting to the output dtype, the finite check and the copy into the parameters."""
+    transfer_seconds: float = 0.0
+    """Streaming the inputs from host memory to the device (0 when they are resident there)."""
+    transfer_bytes: int = 0
+    """Bytes of inputs read through the host-to-device stream (on a CPU device: not copied)."""
+
+
+class InPlaceMerger:
+    """Sources held in memory; each plan is merged straight into a model's parameters.
+
+    ``resident="device"`` holds every tensor on ``device`` in its stored dtype. ``"host"``
+    holds them in host memory (pinned when ``device`` is a CUDA GPU) and copies each job's
+    inputs to the device just before merging it, so the device holds one job's inputs and
+    temporaries at a time; the merged tensors are the same. The plan's models must be the ones
+    this merger was built with (same paths, same order).
     """
+
+    resident: Residency = "device"
+    """Where the tensors are held (a class default, for views built without ``__init__``)."""
 
     def __init__(
         self,
@@ -185,47 +214,65 @@ class InPlaceMerger:
         *,
         device: str | torch.device = "cpu",
         check_finite: bool = True,
+        resident: Residency = "device",
     ) -> None:
+        if resident not in ("device", "host"):
+            raise ValueError(f"resident must be 'device' or 'host', got {resident!r}")
         self.models = list(models)
         self.paths = tuple(str(m.path) for m in self.models)
         self.device = torch.device(device)
+        self.resident = resident
+        home = self.device if resident == "device" else torch.device("cpu")
+        pin = resident == "host" and self.device.type == "cuda" and torch.cuda.is_available()
         self.tensors: list[dict[str, torch.Tensor]] = []
         for model in self.models:
-            resident = {}
+            held = {}
             for name in model.tensors:
-                tensor = model.read(name, self.device)
+                tensor = model.read(name, home)
                 if check_finite:
                     check_finite_tensor(tensor, TensorRef(0, name), [model.label])
-                resident[name] = tensor
-            self.tensors.append(resident)
+                held[name] = tensor.pin_memory() if pin else tensor
+            self.tensors.append(held)
             model.close()
 
     def read(self, ref: TensorRef) -> torch.Tensor:
+        """A held tensor, where it is held (see :meth:`fetch` for one on the device)."""
         return self.tensors[ref.model][ref.tensor]
+
+    def _streams(self) -> bool:
+        """Whether inputs go through the host-to-device stream: host residency, or held
+        tensors on another device than the compute device (a view of a host merger)."""
+        if self.resident == "host":
+            return True
+        held = next((t for group in self.tensors for t in group.values()), None)
+        if held is None:
+            return False
+        index = self.device.index  # "cuda" (no index) is the current device, held as cuda:N
+        return held.device.type != self.device.type or (
+            index is not None and held.device.index != index
+        )
+
+    def fetch(self, job: TensorJob) -> dict[TensorRef, torch.Tensor]:
+        """One job's inputs on the compute device: each copied from host memory (asynchronous
+        from pinned memory; the merge's kernels queue behind the copies)."""
+        refs = [r for r in (job.base, *job.sources) if r is not None]
+        refs += [r for _, group in job.aux for r in group]
+        fetched = {}
+        for ref in refs:
+            held = self.read(ref)
+            fetched[ref] = held.to(self.device, non_blocking=held.is_pinned())
+        return fetched
 
     def merged_tensors(self, plan: MergePlan) -> Iterable[tuple[str, torch.Tensor]]:
         """Yield (name, merged tensor in its output dtype) for every job of the plan."""
-        if tuple(plan.models) != self.paths:
-            raise CheckpointError(
-                "this plan merges other models than the ones held in memory: "
-                f"{list(plan.models)} vs {list(self.paths)}"
-            )
-        method = get_method(plan.method)
-        input_dtype = parse_dtype(plan.input_dtype)
-        for job in plan.jobs:
-            merged = merge_job(
-                job,
-                method,
-                self.read,
-                seed=plan.seed,
-                input_dtype=input_dtype,
-            )
-            yield job.name, merged.to(output_dtype(plan, job, self.read(_first_ref(job)).dtype))
+        yield from self._merge_jobs(plan, _PhaseClock(self.device))
 
-    def merge_into(self, plan: MergePlan, model: torch.nn.Module) -> None:
-        """Copy the merge of ``plan`` into ``model``'s parameters (tied weights stay tied)."""
+    def merge_into(self, plan: MergePlan, model: torch.nn.Module) -> MergeTimings:
+        """Copy the merge of ``plan`` into ``model``'s parameters (tied weights stay tied);
+        returns the time spent per phase."""
         targets = _named_tensors(model)
-        for name, merged in self.merged_tensors(plan):
+        clock = _PhaseClock(self.device)
+        for name, merged in self._merge_jobs(plan, clock):
             target = targets.get(name)
             if target is None:
                 raise CheckpointError(f"the model object has no parameter or buffer named {name}")
@@ -237,7 +284,72 @@ class InPlaceMerger:
             _check_merged_finite(name, merged)
             with torch.no_grad():
                 target.copy_(merged)
+            del merged
+            clock.lap("copy")
             failpoint("mid_merge")  # a test kills the worker with the model half merged
+        return clock.timings()
+
+    def _merge_jobs(
+        self, plan: MergePlan, clock: _PhaseClock
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, merged tensor cast to its output dtype) per job, timed on ``clock`` (the
+        caller times what it does with each tensor)."""
+        if tuple(plan.models) != self.paths:
+            raise CheckpointError(
+                "this plan merges other models than the ones held in memory: "
+                f"{list(plan.models)} vs {list(self.paths)}"
+            )
+        method = get_method(plan.method)
+        input_dtype = parse_dtype(plan.input_dtype)
+        streams = self._streams()
+        for job in plan.jobs:
+            clock.start()
+            if streams:
+                inputs = self.fetch(job)
+                clock.lap("transfer", sum(t.nbytes for t in inputs.values()))
+                read: Reader = inputs.__getitem__
+            else:
+                read = self.read
+            merged = merge_job(job, method, read, seed=plan.seed, input_dtype=input_dtype)
+            del read
+            if streams:
+                del inputs
+            clock.lap("math")
+            stored = self.read(_first_ref(job)).dtype
+            yield job.name, merged.to(output_dtype(plan, job, stored))
+
+
+class _PhaseClock:
+    """Adds up wall time per phase; on CUDA, synchronizes before each reading."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sync = device.type == "cuda" and torch.cuda.is_available()
+        self.device = device
+        self.seconds = {"math": 0.0, "copy": 0.0, "transfer": 0.0}
+        self.bytes = 0
+        self.last = time.perf_counter()
+
+    def start(self) -> None:
+        self._now()
+
+    def lap(self, phase: str, nbytes: int = 0) -> None:
+        previous = self.last
+        self.seconds[phase] += self._now() - previous
+        self.bytes += nbytes
+
+    def _now(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize(self.device)
+        self.last = time.perf_counter()
+        return self.last
+
+    def timings(self) -> MergeTimings:
+        return MergeTimings(
+            math_seconds=self.seconds["math"],
+            copy_seconds=self.seconds["copy"],
+            transfer_seconds=self.seconds["transfer"],
+            transfer_bytes=self.bytes,
+        )
 
 
 def _check_merged_finite(name: str, merged: torch.Tensor) -> None:

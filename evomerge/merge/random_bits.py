@@ -63,27 +63,34 @@ def _low_bits(count: int) -> int:
 
 
 def uniforms(
-    key: int, shape: Sequence[int] | torch.Size, device: torch.device | str
+    key: int,
+    shape: Sequence[int] | torch.Size,
+    device: torch.device | str,
+    offset: int = 0,
 ) -> torch.Tensor:
     """float32 uniforms in [0, 1) of the given shape on ``device``; see the module docstring.
 
-    Element ``i`` in row-major order gets the uniform of counter ``i``, so a reshape of the
-    result is the result for the other shape.
+    Element ``i`` in row-major order gets the uniform of counter ``offset + i``, so a reshape
+    of the result is the result for the other shape, and the uniforms of a tensor's flat
+    elements ``[a, b)`` are ``uniforms(key, (b - a,), device, offset=a)``.
     """
+    if offset < 0:
+        raise ValueError(f"the counter offset must be >= 0, got {offset}")
     out = torch.empty(tuple(shape), dtype=torch.float32, device=device)
     flat = out.view(-1)
     n = flat.numel()
     chunk = min(n, chunk_size(out.device))
     if chunk == 0:
         return out
-    # (i + 1) * GAMMA for the counters of the first chunk; chunk c adds c * chunk * GAMMA + key.
+    # (i + 1) * GAMMA for the counters of the first chunk; a chunk starting at counter ``s``
+    # adds s * GAMMA + key.
     steps = torch.arange(1, chunk + 1, dtype=torch.int64, device=out.device).mul_(_signed(GAMMA))
     z = torch.empty_like(steps)
     shifted = torch.empty_like(steps)
     for start in range(0, n, chunk):
         size = min(chunk, n - start)
         zc, sc = z[:size], shifted[:size]
-        torch.add(steps[:size], _signed(key + start * GAMMA), out=zc)
+        torch.add(steps[:size], _signed(key + (offset + start) * GAMMA), out=zc)
         torch.bitwise_right_shift(zc, 30, out=sc).bitwise_and_(_low_bits(64 - 30))
         zc.bitwise_xor_(sc).mul_(_signed(MIX1))
         torch.bitwise_right_shift(zc, 27, out=sc).bitwise_and_(_low_bits(64 - 27))

@@ -41,15 +41,20 @@ class TensorContext:
     aux: Mapping[str, Sequence[torch.Tensor]] = field(default_factory=dict)
 
     def uniform(
-        self, shape: Sequence[int] | torch.Size, device: torch.device | str, source: int
+        self,
+        shape: Sequence[int] | torch.Size,
+        device: torch.device | str,
+        source: int,
+        offset: int = 0,
     ) -> torch.Tensor:
         """float32 uniforms in [0, 1) for source ``source``'s mask of this tensor.
 
         Each is a multiple of 2**-24 and a pure function of (seed, tensor name, source index,
         row-major element index): the same bits on every device and for every dtype of the
-        tensor (see :mod:`evomerge.merge.random_bits`).
+        tensor (see :mod:`evomerge.merge.random_bits`). ``offset`` is the flat index of the
+        first element: a piece of the tensor starting there gets that piece's uniforms.
         """
-        return uniforms(mask_key(self.seed, self.name, source), shape, device)
+        return uniforms(mask_key(self.seed, self.name, source), shape, device, offset)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,9 @@ magnitude break ties by index (a stable order), so no mask depends on the device
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
 import torch
 
 from evomerge.merge.random_bits import threshold, thresholds
@@ -53,13 +56,127 @@ def _last_ties(flat: torch.Tensor, value: torch.Tensor, count: int) -> torch.Ten
     return ties & (from_end <= count)
 
 
+# --- the same ranks, a piece at a time ------------------------------------------------------
+
+Chunks = Callable[[], Iterable[torch.Tensor]]
+"""Yields a tensor's float32 magnitudes, flat, in pieces that cover it in index order; called
+once per pass over the tensor."""
+
+DIGIT_BITS = 16
+"""Bits of a float32's pattern resolved per pass of :func:`kth_smallest`: two passes."""
+
+
+def kth_smallest(chunks: Chunks, ks: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+    """For each 1-based rank ``k``, the ``k``-th smallest magnitude (a 0-d float32 tensor, the
+    value ``torch.kthvalue`` gives) and how many magnitudes are smaller than it.
+
+    A radix selection on the bit patterns (non-negative float32 values order like their int32
+    patterns): one pass counts the high 16 bits of every magnitude, a second one the low 16 bits
+    of those in the buckets holding the ranks. Exact, and no temporary exceeds a piece.
+    """
+    if not ks:
+        return []
+    high = _bit_counts(chunks, ())[None]
+    cumulative = high.cumsum(0)
+    buckets = [int(torch.searchsorted(cumulative, k)) for k in ks]
+    lows = _bit_counts(chunks, tuple(sorted(set(buckets))))
+    results = []
+    for k, bucket in zip(ks, buckets, strict=True):
+        below_bucket = int(cumulative[bucket] - high[bucket])
+        counts = lows[bucket]
+        within = counts.cumsum(0)
+        low = int(torch.searchsorted(within, k - below_bucket))
+        below = below_bucket + int(within[low] - counts[low])
+        pattern = torch.tensor([(bucket << DIGIT_BITS) | low], dtype=torch.int32)
+        results.append((pattern.view(torch.float32)[0], below))
+    return results
+
+
+def _bit_counts(chunks: Chunks, buckets: tuple[int, ...]) -> dict[int | None, torch.Tensor]:
+    """One pass: counts (on the host) of the high digit of every magnitude (key None, when no
+    ``buckets`` are given), or for each bucket of the low digit of the magnitudes whose high
+    digit it is."""
+    totals: dict[int | None, torch.Tensor] = {}
+    for chunk in chunks():
+        bits = chunk.view(torch.int32)
+        high = bits >> DIGIT_BITS
+        selections = {None: high} if not buckets else {}
+        for bucket in buckets:
+            selections[bucket] = bits[high == bucket] & ((1 << DIGIT_BITS) - 1)
+        for key, digits in selections.items():
+            counts = torch.bincount(digits)  # as long as the largest digit + 1
+            if key not in totals:
+                totals[key] = torch.zeros(1 << DIGIT_BITS, dtype=torch.int64, device=bits.device)
+            totals[key][: counts.numel()] += counts
+    empty = torch.zeros(1 << DIGIT_BITS, dtype=torch.int64)
+    return {key: totals[key].cpu() if key in totals else empty for key in (buckets or (None,))}
+
+
+@dataclass
+class RankCut:
+    """:func:`rank_range_mask` for ranks [start, stop) of a whole tensor, applied one piece at
+    a time: :meth:`mask` takes the pieces of the flat magnitudes in index order and remembers
+    how many entries tied at a boundary the earlier pieces held, so ties go by index exactly as
+    in the whole-tensor mask."""
+
+    low: torch.Tensor | None
+    """The largest dropped small magnitude (rank start - 1), or None when start is 0."""
+    drop_low: int
+    """How many entries equal to ``low`` are dropped: the first ones, by index."""
+    high: torch.Tensor | None
+    """The smallest dropped large magnitude (rank stop), or None when stop is the size."""
+    keep_high: int
+    """How many entries equal to ``high`` are kept: the first ones, by index."""
+    seen_low: torch.Tensor | int = 0
+    seen_high: torch.Tensor | int = 0
+
+    def mask(self, magnitude: torch.Tensor) -> torch.Tensor:
+        """Keep-mask of the next flat piece of the magnitudes."""
+        keep = torch.ones(magnitude.shape, dtype=torch.bool, device=magnitude.device)
+        if self.low is not None:
+            low = self.low = self.low.to(magnitude.device)
+            keep &= magnitude >= low
+            ties = magnitude == low
+            order = torch.cumsum(ties, 0).add_(self.seen_low)
+            keep &= ~(ties & (order <= self.drop_low))
+            self.seen_low = order[-1:].clone() if order.numel() else self.seen_low
+        if self.high is not None:
+            high = self.high = self.high.to(magnitude.device)
+            keep &= magnitude <= high
+            ties = magnitude == high
+            order = torch.cumsum(ties, 0).add_(self.seen_high)
+            keep &= ~(ties & (order > self.keep_high))
+            self.seen_high = order[-1:].clone() if order.numel() else self.seen_high
+        return keep
+
+
+def rank_cut(chunks: Chunks, n: int, start: int, stop: int) -> RankCut:
+    """The :class:`RankCut` of ranks [start, stop) of ``n`` magnitudes given in pieces."""
+    ranks = ([start] if start > 0 else []) + ([stop + 1] if stop < n else [])
+    found = iter(kth_smallest(chunks, ranks))
+    low, below_low = next(found) if start > 0 else (None, 0)
+    high, below_high = next(found) if stop < n else (None, 0)
+    return RankCut(low, start - below_low, high, stop - below_high)
+
+
+def topk_range(n: int, density: float) -> tuple[int, int]:
+    """Ranks (ascending magnitude) that :func:`magnitude_topk` keeps."""
+    return n - max(1, int(density * n)), n
+
+
+def outliers_range(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """Ranks (ascending magnitude) that :func:`magnitude_outliers` keeps."""
+    target = int(density * n)
+    n_bottom = max(0, n - target - int(gamma * n))
+    return n_bottom, n_bottom + target
+
+
 def magnitude_topk(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the ``max(1, int(density * n))`` entries of largest magnitude (TIES trimming)."""
     if density >= 1 or delta.numel() == 0:
         return delta
-    n = delta.numel()
-    k = max(1, int(density * n))
-    return delta * rank_range_mask(delta.abs().float(), n - k, n)
+    start, stop = topk_range(delta.numel(), density)
+    return delta * rank_range_mask(delta.abs().float(), start, stop)
 
 
 def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -67,18 +184,19 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float) -> tor
     keeping ``int(density * n)`` entries (fewer outliers are dropped when needed to keep them)."""
     if density >= 1 or delta.numel() == 0:
         return delta
-    n = delta.numel()
-    target = int(density * n)
-    n_bottom = max(0, n - target - int(gamma * n))
-    return delta * rank_range_mask(delta.abs().float(), n_bottom, n_bottom + target)
+    start, stop = outliers_range(delta.numel(), density, gamma)
+    return delta * rank_range_mask(delta.abs().float(), start, stop)
 
 
 def l1_rescaled(delta: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     """Scale ``masked`` so that its L1 norm equals that of ``delta`` (unless either is ~0)."""
-    before = delta.abs().sum()
-    after = masked.abs().sum()
+    return masked * l1_scale(delta.abs().sum(), masked.abs().sum())
+
+
+def l1_scale(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """The factor of :func:`l1_rescaled` from the two L1 norms (0-d tensors)."""
     degenerate = (before < L1_EPS) | (after < L1_EPS)
-    return masked * torch.where(degenerate, torch.ones_like(before), before / after)
+    return torch.where(degenerate, torch.ones_like(before), before / after)
 
 
 def bernoulli_keep(
@@ -92,15 +210,22 @@ def bernoulli_keep(
     """
     if density >= 1:
         return delta
+    masked = bernoulli_masked(delta, density, uniforms, rescale == "inverse_density")
+    return l1_rescaled(delta, masked) if rescale == "l1" else masked
+
+
+def bernoulli_masked(
+    delta: torch.Tensor, density: float, uniforms: torch.Tensor, inverse: bool
+) -> torch.Tensor:
+    """:func:`bernoulli_keep` of any piece of a delta (with that piece's uniforms), without the
+    L1 rescale, which needs the whole tensor's norms; ``inverse`` divides by ``density``."""
     keep = uniforms.reshape(delta.shape) < threshold(density)
     masked = delta * keep.to(delta.dtype)
     del keep
-    if rescale == "inverse_density":
+    if inverse:
         # Divide by a tensor on the delta's device: CUDA computes ``x / python_float`` as
         # ``x * (1 / float)``, which can differ from the CPU's division in the last bit.
-        return masked.div_(torch.tensor(density, dtype=masked.dtype, device=masked.device))
-    if rescale == "l1":
-        return l1_rescaled(delta, masked)
+        masked.div_(torch.tensor(density, dtype=masked.dtype, device=masked.device))
     return masked
 
 
@@ -123,21 +248,39 @@ def della_magprune(
     """
     if density >= 1 or delta.numel() == 0:
         return delta
-    rows = delta.reshape(delta.shape[0], -1) if delta.dim() >= 2 else delta.reshape(1, -1)
+    rows = della_rows(delta)
+    probs = della_probs(rows.shape[1], density, epsilon)
+    masked = della_masked(rows, probs, uniforms, rescale == "inverse_prob")
+    if rescale == "l1":
+        masked = l1_rescaled(rows, masked)
+    return masked.reshape(delta.shape)
+
+
+def della_rows(delta: torch.Tensor) -> torch.Tensor:
+    """The rows DELLA ranks within: ``delta.reshape(shape[0], -1)``, one row below 2-D."""
+    return delta.reshape(delta.shape[0], -1) if delta.dim() >= 2 else delta.reshape(1, -1)
+
+
+def della_probs(width: int, density: float, epsilon: float) -> torch.Tensor:
+    """One keep probability per rank, on the host in float64: the same numbers everywhere."""
+    positions = torch.arange(width, dtype=torch.float64) / max(width - 1, 1)
+    return (density - epsilon) + (2 * epsilon) * positions
+
+
+def della_masked(
+    rows: torch.Tensor, probs: torch.Tensor, uniforms: torch.Tensor, inverse: bool
+) -> torch.Tensor:
+    """:func:`della_magprune` of whole rows (with their uniforms), without the L1 rescale;
+    ``inverse`` divides each kept entry by its probability. Returns the rows' shape."""
     width = rows.shape[1]
     order = torch.argsort(rows.abs(), dim=1, stable=True)
     ranks = torch.empty_like(order).scatter_(
-        1, order, torch.arange(width, device=delta.device).expand_as(order)
+        1, order, torch.arange(width, device=rows.device).expand_as(order)
     )
     del order
-    # One probability per rank, on the host in float64: the same numbers on every device.
-    positions = torch.arange(width, dtype=torch.float64) / max(width - 1, 1)
-    probs = (density - epsilon) + (2 * epsilon) * positions
-    keep = uniforms.reshape(rows.shape) < thresholds(probs).to(delta.device)[ranks]
-    masked = rows * keep.to(delta.dtype)
+    keep = uniforms.reshape(rows.shape) < thresholds(probs).to(rows.device)[ranks]
+    masked = rows * keep.to(rows.dtype)
     del keep
-    if rescale == "inverse_prob":
-        masked = masked / probs.to(device=delta.device, dtype=delta.dtype)[ranks]
-    elif rescale == "l1":
-        masked = l1_rescaled(rows, masked)
-    return masked.reshape(delta.shape)
+    if inverse:
+        masked = masked / probs.to(device=rows.device, dtype=rows.dtype)[ranks]
+    return masked
