@@ -184,10 +184,64 @@ class Evaluator(ABC):
         produce, or None when that is only known by running it."""
         return None
 
+    @property
+    def name(self) -> str:
+        """A short label naming this evaluator in reports and errors (its kind by default)."""
+        return self.kind
+
+    @property
+    def batch_size(self) -> int | None:
+        """Items per forward pass that the next ``evaluate`` uses; None when the evaluator has
+        no batch to lower."""
+        return None
+
+    def resize_batch(self, size: int) -> None:
+        """Use batches of ``size`` (>= 1) from now on; only for evaluators with a batch."""
+        raise EvaluationError(f"{self.name} evaluator has no batch size to change")
+
+    def halve_batch(self) -> bool:
+        """Halve the batch size (rounding down, at least 1) for the rest of this evaluator's
+        life: what ran out of memory once would again on the next candidate. False, changing
+        nothing, when there is no batch or it is already 1."""
+        size = self.batch_size
+        if size is None or size <= 1:
+            return False
+        self.resize_batch(size // 2)
+        return True
+
     def close(self) -> None:
         """Release what the evaluator holds (it keeps the model alive otherwise)."""
         self.model = None
         self.tokenizer = None
+
+
+class EvaluationOutOfMemory(EvaluationError):
+    """An evaluator ran out of memory at every batch size it could lower to."""
+
+
+OUT_OF_MEMORY_MESSAGES = ("out of memory", "DefaultCPUAllocator: can't allocate memory")
+"""RuntimeError messages of an allocator that ran out: CUDA's caching allocator ("CUDA out of
+memory"), the CUDA driver ("CUDA error: out of memory"), HIP and MPS, and the CPU allocator."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True when ``exc``, or an exception in its ``__cause__``/``__context__`` chain (an
+    evaluator's wrapped error), is ``torch.cuda.OutOfMemoryError`` or a RuntimeError whose
+    message says an allocator ran out of memory."""
+    import torch
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, torch.cuda.OutOfMemoryError):
+            return True
+        if isinstance(current, RuntimeError):
+            text = str(current)
+            if any(message in text for message in OUT_OF_MEMORY_MESSAGES):
+                return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 class EvaluatorReturnError(EvaluationError):

@@ -16,6 +16,14 @@ task's name and the document's index (``base.holdout_indices``), is never scored
 ``evaluate(split="search")``; ``evaluate(split="holdout")`` scores only those. Both go to
 lm-eval as its own ``samples={task: [indices]}``, so the documents scored are exactly the chosen
 ones; ``limit`` then samples within the split as above.
+
+Batch size: ``batch_size: auto`` runs lm-eval's own search once per evaluator (that is, once per
+worker), at the first request batch: on a CUDA model it probes forward passes of the longest
+request of that first evaluation, starting at lm-eval's ``max_batch_size`` (64) and shrinking
+by a tenth on each out-of-memory error; the size found is kept (lm-eval alone would search again
+on every call). Elsewhere (CPU) nothing can run out of device memory, so "auto" is 64 without
+probing. A later, longer request that runs out of memory is handled by the suite, which halves
+the batch (``EvaluatorSuite``).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from evomerge.bundled import bundled_folder
 from evomerge.errors import EvaluationError
@@ -59,8 +67,11 @@ class LmEvalConfig(EvaluatorConfig):
     ``task/metric``."""
     num_fewshot: int | None = Field(default=None, ge=0)
     """Few-shot examples in every prompt, for all tasks; None keeps each task's own setting."""
-    batch_size: int = Field(default=64, ge=1)
-    """Requests per forward pass of lm-eval's Hugging Face model wrapper."""
+    batch_size: int | Literal["auto"] = 64
+    """Requests per forward pass of lm-eval's Hugging Face model wrapper, or "auto": lm-eval's
+    own search for the largest that fits, once per worker on a CUDA model (64, lm-eval's
+    maximum, elsewhere). Halved for the rest of the worker's life when it runs out of
+    memory."""
     max_length: int | None = Field(default=None, ge=2)
     """Longest input in tokens; longer requests lose tokens from the left. None takes the
     model's context length from its config (or tokenizer), else lm-eval's 2048."""
@@ -85,6 +96,28 @@ class LmEvalConfig(EvaluatorConfig):
     half up, at least 1 and at least 1 left to search on (a task needs 2 documents); which ones
     depends only on the task's name and the document's index (a SHA-256), the same on every
     machine and for every seed. None: every document is searched on."""
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, value: Any) -> Any:
+        if value == "auto" or (
+            isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        ):
+            return value
+        raise ValueError(f"must be a whole number of at least 1 or 'auto', got {value!r}")
+
+
+AUTO_MAX_BATCH_SIZE = 64
+"""Where ``batch_size: auto`` starts its search, and what it is without one (lm-eval's
+``max_batch_size`` default)."""
+
+
+def probes_batch_size(device: Any) -> bool:
+    """Whether ``batch_size: auto`` probes forward passes on ``device``: only on CUDA, where
+    memory can run out; elsewhere the search would only cost time and return the maximum."""
+    import torch
+
+    return torch.device(device).type == "cuda"
 
 
 def bundled_suites_dir() -> Path | None:
@@ -204,6 +237,20 @@ def _reusable_hflm_class():  # type: ignore[no-untyped-def]
             super().__init__(*args, **kwargs)
             self._pair_cache: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
             self._max_length_value: int | None = None
+            self.detected_batch_size: int | None = None
+
+        def _detect_batch_size(self, requests: Any = None, pos: int = 0) -> int:
+            # lm-eval calls this at every request type of every call while the batch size is
+            # "auto"; the size found replaces "auto", so it runs once.
+            if isinstance(self.batch_size_per_gpu, int):
+                return self.batch_size_per_gpu
+            if probes_batch_size(self.device):
+                size = int(super()._detect_batch_size(requests, pos))
+            else:
+                size = int(self.max_batch_size or AUTO_MAX_BATCH_SIZE)
+            self.detected_batch_size = size
+            self.batch_size_per_gpu = size
+            return size
 
         @property
         def max_length(self) -> int:
@@ -335,7 +382,10 @@ class LmEvalEvaluator(Evaluator):
                     task.set_config(key="num_fewshot", value=config.num_fewshot)
                 _reuse_requests(task, config.fewshot_seed)
                 _reuse_documents(task)
-            hflm_kwargs: dict[str, Any] = {"batch_size": config.batch_size}
+            hflm_kwargs: dict[str, Any] = {
+                "batch_size": config.batch_size,
+                "max_batch_size": AUTO_MAX_BATCH_SIZE,
+            }
             if config.max_length is not None:
                 hflm_kwargs["max_length"] = config.max_length
             self.lm = _reusable_hflm_class()(pretrained=model, tokenizer=tokenizer, **hflm_kwargs)
@@ -359,6 +409,27 @@ class LmEvalEvaluator(Evaluator):
             raise EvaluationError(
                 f"lm_eval: could not load {', '.join(wanted)}: {type(exc).__name__}: {exc}"
             ) from exc
+
+    @property
+    def name(self) -> str:
+        return f"lm_eval:{','.join(self.config.tasks)}"
+
+    @property
+    def batch_size(self) -> int:
+        """Requests per forward pass now: the configured size, or the one ``auto`` found, or
+        less after running out of memory; before an ``auto`` search, where it will start."""
+        size = self.lm.batch_size_per_gpu if self.lm is not None else None
+        return size if isinstance(size, int) else AUTO_MAX_BATCH_SIZE
+
+    @property
+    def detected_batch_size(self) -> int | None:
+        """What ``batch_size: auto`` found (None before its first evaluation, or when the
+        batch size is configured)."""
+        return self.lm.detected_batch_size if self.lm is not None else None
+
+    def resize_batch(self, size: int) -> None:
+        """Use ``size`` from now on (before an ``auto`` search: instead of it)."""
+        self.lm.batch_size_per_gpu = max(1, int(size))
 
     def split_documents(self, split: Split = "search") -> dict[str, list[int]]:
         """Each task's document indices in ``split`` (sorted; lm-eval's own indices)."""
@@ -418,9 +489,10 @@ class LmEvalEvaluator(Evaluator):
             name: len(samples[name]) if samples and name in samples else total
             for name, total in sizes.items()
         }
-        return EvalResult(
-            metrics=metrics, seconds=time.perf_counter() - start, details={"docs": counted}
-        )
+        details: dict[str, Any] = {"docs": counted, "batch_size": self.batch_size}
+        if self.detected_batch_size is not None:
+            details["detected_batch_size"] = self.detected_batch_size
+        return EvalResult(metrics=metrics, seconds=time.perf_counter() - start, details=details)
 
     def close(self) -> None:
         self.lm = None

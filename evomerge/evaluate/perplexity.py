@@ -55,7 +55,8 @@ class PerplexityConfig(EvaluatorConfig):
     name: str = Field(default="perplexity", min_length=1)
     """Metric prefix: ``{name}/perplexity`` and ``{name}/nll``."""
     batch_size: int = Field(default=1, ge=1)
-    """Windows per forward pass (right-padded; results match batch size 1 up to float noise)."""
+    """Windows per forward pass (right-padded; results match batch size 1 up to float noise).
+    Halved for the rest of the worker's life when it runs out of memory."""
     holdout: float | None = Field(default=None, gt=0, lt=1)
     """Fraction (0 < holdout < 1) of the windows held out: the search never scores them, and a
     study re-scores its front on them. round(holdout x windows) rounded half up, at least 1 and
@@ -124,10 +125,23 @@ class PerplexityEvaluator(Evaluator):
                 f"max_length ({self.max_length})"
             )
         self.stride = stride
+        self._batch_size = config.batch_size
         self.input_ids = torch.tensor(ids, dtype=torch.long)
         self.windows = sliding_windows(len(ids), self.max_length, stride)
         if config.holdout is not None:
             self.split_windows("search")  # a text of one window is refused here, not per call
+
+    @property
+    def name(self) -> str:
+        return f"perplexity:{self.config.name}"
+
+    @property
+    def batch_size(self) -> int:
+        """Windows per forward pass now: the config's, or less after running out of memory."""
+        return self._batch_size
+
+    def resize_batch(self, size: int) -> None:
+        self._batch_size = max(1, int(size))
 
     def split_windows(self, split: Split = "search") -> list[int]:
         """The indices (into ``self.windows``, in order) of the windows in ``split``."""
@@ -164,7 +178,7 @@ class PerplexityEvaluator(Evaluator):
         pad_id = getattr(self.tokenizer, "pad_token_id", None) or 0
         total = torch.zeros((), dtype=torch.float64)
         count = 0
-        size = self.config.batch_size
+        size = self._batch_size
         with torch.no_grad():
             for first in range(0, len(windows), size):
                 batch = windows[first : first + size]

@@ -3,7 +3,9 @@
 ``function`` is ``"package.module:function"`` (imported from ``sys.path``) or
 ``"path/to/file.py:function"`` (relative paths are resolved against the current working
 directory). The function is called as ``fn(model, tokenizer, **options)``, plus ``limit=...`` when
-it accepts a ``limit`` parameter or ``**kwargs``, and returns either ``{name: number}`` or one
+it accepts a ``limit`` parameter or ``**kwargs``, and ``batch_size=...`` when the config sets one
+(the function must then accept it; the suite halves it when the function runs out of memory),
+and returns either ``{name: number}`` or one
 number (reported as ``{prefix}/score``). It picks its own documents, so ``holdout`` is refused
 and only ``split="search"`` exists. Preflight calls it once on a tiny stand-in model
 (``probe_at_preflight``) to learn its metric names; what it returns there that is not metrics
@@ -58,6 +60,10 @@ class PythonConfig(EvaluatorConfig):
     evaluator's ``limit`` instead)."""
     name: str | None = Field(default=None, min_length=1)
     """Metric prefix; defaults to the function's name."""
+    batch_size: int | None = Field(default=None, ge=1)
+    """Passed to the function as ``batch_size=...`` (it must take that parameter or
+    ``**kwargs``); halved for the rest of the worker's life when the function runs out of
+    memory. None passes nothing, and running out of memory fails the trial at once."""
 
     holdout: None = None
     """Not available: a python evaluator chooses its own documents, so hold some out inside
@@ -79,6 +85,11 @@ class PythonConfig(EvaluatorConfig):
     def _no_limit_option(cls, value: dict[str, Any]) -> dict[str, Any]:
         if "limit" in value:
             raise ValueError("'limit' is not an option; set the evaluator's limit field instead")
+        if "batch_size" in value:
+            raise ValueError(
+                "'batch_size' is not an option; set the evaluator's batch_size field instead "
+                "(it is halved when the function runs out of memory)"
+            )
         return value
 
 
@@ -141,16 +152,28 @@ def load_function(spec_text: str) -> tuple[Callable[..., Any], str]:
     return target, attr_part.rsplit(".", 1)[-1]
 
 
-def _accepts_limit(fn: Callable[..., Any]) -> bool:
+def _accepts(fn: Callable[..., Any], keyword: str) -> bool:
+    """True when ``fn`` can be called with ``keyword=...`` (a parameter of that name or
+    ``**kwargs``); False when its signature cannot be read."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return False
     return any(
         p.kind is inspect.Parameter.VAR_KEYWORD
-        or (p.name == "limit" and p.kind is not inspect.Parameter.POSITIONAL_ONLY)
+        or (p.name == keyword and p.kind is not inspect.Parameter.POSITIONAL_ONLY)
         for p in params
     )
+
+
+def _check_batch_parameter(fn: Callable[..., Any], config: PythonConfig) -> None:
+    """EvaluationError when the config sets ``batch_size`` and ``fn`` cannot take it."""
+    if config.batch_size is not None and not _accepts(fn, "batch_size"):
+        raise EvaluationError(
+            f"python evaluator {config.function}: batch_size is set ({config.batch_size}) but "
+            "the function takes no batch_size parameter (add one, or **kwargs, or drop "
+            "batch_size from the config)"
+        )
 
 
 @register_evaluator("python", PythonConfig)
@@ -164,8 +187,24 @@ class PythonEvaluator(Evaluator):
         super().__init__(config, model, tokenizer)
         self.function, short_name = load_function(config.function)
         self.prefix = config.name or short_name
-        self.passes_limit = _accepts_limit(self.function)
+        self.passes_limit = _accepts(self.function, "limit")
+        _check_batch_parameter(self.function, config)
+        self._batch_size = config.batch_size
         self.owner = f"python evaluator {config.function}"
+
+    @property
+    def name(self) -> str:
+        return f"python:{self.prefix}"
+
+    @property
+    def batch_size(self) -> int | None:
+        """The ``batch_size`` passed to the function now (None: the config sets none)."""
+        return self._batch_size
+
+    def resize_batch(self, size: int) -> None:
+        if self._batch_size is None:
+            super().resize_batch(size)
+        self._batch_size = max(1, int(size))
 
     @classmethod
     def preflight(cls, config: EvaluatorConfig) -> set[str] | None:
@@ -174,7 +213,8 @@ class PythonEvaluator(Evaluator):
         assert isinstance(config, PythonConfig)
         module_part, _, attr_part = config.function.rpartition(":")
         if _is_path(module_part) or not module_part or not attr_part:
-            load_function(config.function)
+            function, _ = load_function(config.function)
+            _check_batch_parameter(function, config)
         return {config.name or attr_part.rsplit(".", 1)[-1]}
 
     def evaluate(self, limit: int | float | None = None, split: Split = "search") -> EvalResult:
@@ -185,6 +225,8 @@ class PythonEvaluator(Evaluator):
         kwargs = dict(self.config.options)
         if self.passes_limit:
             kwargs["limit"] = limit
+        if self._batch_size is not None:
+            kwargs["batch_size"] = self._batch_size
         try:
             result = self.function(self.model, self.tokenizer, **kwargs)
         except Exception as exc:

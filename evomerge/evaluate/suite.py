@@ -3,16 +3,28 @@ eval`` and an export's verification all score with."""
 
 from __future__ import annotations
 
+import gc
+import math
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import EvaluationError
-from evomerge.evaluate.base import Evaluator
+from evomerge.evaluate.base import (
+    EvalResult,
+    EvaluationOutOfMemory,
+    Evaluator,
+    is_out_of_memory,
+)
 from evomerge.failpoints import failpoint
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+TOLERANCE = 1e-6
+"""Largest absolute difference between a re-scored metric and the recorded one."""
 
 
 class MetricClashError(EvaluationError):
@@ -20,29 +32,73 @@ class MetricClashError(EvaluationError):
 
 
 class EvaluatorSuite:
-    """Several evaluators on one model; their metrics merged, a clash is an error."""
+    """Several evaluators on one model; their metrics merged, a clash is an error.
+
+    Out of memory: when an evaluator runs out of memory (``base.is_out_of_memory``), cached
+    GPU memory is freed, that evaluator's batch is halved and that evaluator alone is run
+    again, until it succeeds; the halved batch is kept for the rest of the evaluator's life
+    (this worker would run out again on the next candidate). When even batch 1 (or an
+    evaluator with no batch) runs out, ``EvaluationOutOfMemory`` names the sizes tried and
+    the batch is put back where this call found it: a smaller batch did not help.
+    """
 
     def __init__(self, evaluators: Sequence[Evaluator]) -> None:
         self.evaluators = list(evaluators)
+        self.names = _unique_names(self.evaluators)
+        self.last_batch_sizes: dict[str, int] = {}
+        """Per evaluator name (``Evaluator.name``, made unique), the batch size the last
+        ``evaluate`` scored with; evaluators without a batch are absent."""
+        self.oom_retries = 0
+        """How many times the last ``evaluate`` halved a batch after running out of memory."""
 
     def evaluate(
         self, limit: int | float | None = None, split: str = "search"
     ) -> tuple[dict[str, float], float]:
         """``(metrics, seconds)``: every evaluator's metrics at ``limit`` on the searched-on
-        documents, or with ``split="holdout"`` on the held-out ones, and the time taken."""
+        documents, or with ``split="holdout"`` on the held-out ones, and the time taken
+        (failed out-of-memory attempts included)."""
         metrics: dict[str, float] = {}
         seconds = 0.0
-        for evaluator in self.evaluators:
-            result = evaluator.evaluate(limit, split=split)
+        self.last_batch_sizes = {}
+        self.oom_retries = 0
+        for name, evaluator in zip(self.names, self.evaluators, strict=True):
+            start = time.perf_counter()
+            result = self._run(name, evaluator, limit, split)
             clash = set(result.metrics) & set(metrics)
             if clash:
                 raise MetricClashError(f"two evaluators both produce metric {sorted(clash)[0]}")
             metrics.update(result.metrics)
-            seconds += result.seconds
+            seconds += max(result.seconds, time.perf_counter() - start)
+            if evaluator.batch_size is not None:
+                self.last_batch_sizes[name] = evaluator.batch_size
             failpoint("mid_evaluation")  # a test kills the worker between two evaluators
         return metrics, seconds
 
+    def _run(
+        self, name: str, evaluator: Evaluator, limit: int | float | None, split: str
+    ) -> EvalResult:
+        """``evaluator.evaluate``, run again at half the batch after each out-of-memory error."""
+        first = evaluator.batch_size
+        tried: list[int | None] = []
+        while True:
+            tried.append(evaluator.batch_size)
+            failure = None
+            try:
+                return evaluator.evaluate(limit, split=split)  # type: ignore[arg-type]
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                failure = f"{type(exc).__name__}: {exc}"
+            # Out of the except block: the failed attempt's frames and tensors are released.
+            free_cached_memory()
+            if not evaluator.halve_batch():
+                if first is not None and evaluator.batch_size != first:
+                    evaluator.resize_batch(first)
+                raise EvaluationOutOfMemory(_out_of_memory_message(name, tried, failure))
+            self.oom_retries += 1
+
     def check_metrics(self, names: Sequence[str]) -> None:
+        """EvaluationError naming any of ``names`` no evaluator produces."""
         available = sorted({m for e in self.evaluators for m in e.metric_names()})
         missing = [name for name in names if name not in available]
         if missing:
@@ -50,6 +106,38 @@ class EvaluatorSuite:
                 f"no evaluator produces metric(s) {', '.join(missing)}; "
                 f"available: {', '.join(available)}"
             )
+
+
+def free_cached_memory() -> None:
+    """Collect garbage and return cached CUDA blocks to the driver (when CUDA is there)."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _unique_names(evaluators: Sequence[Evaluator]) -> list[str]:
+    """Each evaluator's ``name``; a repeated one gets ``#2``, ``#3``, ..."""
+    names: list[str] = []
+    for evaluator in evaluators:
+        name, number = evaluator.name, 1
+        while name in names:
+            number += 1
+            name = f"{evaluator.name}#{number}"
+        names.append(name)
+    return names
+
+
+def _out_of_memory_message(name: str, tried: list[int | None], failure: str) -> str:
+    if tried == [None]:
+        sizes = "it has no batch size to lower"
+    else:
+        sizes = "at batch sizes " + ", ".join(str(size) for size in tried)
+    return (
+        f"evaluator {name} ran out of memory {sizes} ({failure}); lower its batch_size, use "
+        "residency: host, or a smaller working dtype"
+    )
 
 
 def score_model(
@@ -87,3 +175,21 @@ def score_folder(
     model, tokenizer = load_model_for_eval(folder, device=device, dtype=dtype)
     metrics, _ = score_model(model, tokenizer, evaluators, limit, split)
     return metrics
+
+
+def first_mismatch(recorded: Mapping[str, float], measured: Mapping[str, float]) -> str | None:
+    """The first recorded metric (by name, ``*_stderr`` included) the measurement does not
+    reproduce within :data:`TOLERANCE`, described; None when all agree."""
+    for name in sorted(recorded):
+        want, got = recorded[name], measured.get(name)
+        if got is None:
+            return f"{name} is {want!r} in the study database but was not measured"
+        if not _agree(got, want):
+            return f"{name} is {got!r} in the exported model but {want!r} in the study database"
+    return None
+
+
+def _agree(a: float, b: float) -> bool:
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return a == b or abs(a - b) <= TOLERANCE

@@ -15,7 +15,6 @@ told otherwise (random masks are the same bits on every device).
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shlex
@@ -30,6 +29,7 @@ import yaml
 from pydantic import ValidationError
 
 from evomerge.errors import ConfigError, EvomergeError
+from evomerge.evaluate.suite import first_mismatch
 from evomerge.failpoints import failpoint
 from evomerge.merge.card import TrialCard, trial_card
 from evomerge.merge.plan import MergePlan
@@ -44,8 +44,6 @@ if TYPE_CHECKING:  # torch-heavy; imported where used so `evomerge --help` stays
     from evomerge.study.config import ExportConfig
 
 Progress = Callable[[int, int], None]
-TOLERANCE = 1e-6
-"""Largest absolute difference between a re-scored metric and the recorded one."""
 RECIPE_FILE = "evomerge_recipe.yaml"
 MERGEKIT_FILE = "mergekit_config.yml"
 IMAGES_FOLDER = "images"
@@ -385,24 +383,6 @@ def fidelity_limit(fidelity: str | None) -> int | float | None:
     except ValueError:
         raise ConfigError(f"unknown fidelity '{fidelity}' in the study database") from None
     return int(value) if value.is_integer() else value
-
-
-def first_mismatch(recorded: Mapping[str, float], measured: Mapping[str, float]) -> str | None:
-    """The first recorded metric (by name, ``*_stderr`` included) the measurement does not
-    reproduce within :data:`TOLERANCE`, described; None when all agree."""
-    for name in sorted(recorded):
-        want, got = recorded[name], measured.get(name)
-        if got is None:
-            return f"{name} is {want!r} in the study database but was not measured"
-        if not _agree(got, want):
-            return f"{name} is {got!r} in the exported model but {want!r} in the study database"
-    return None
-
-
-def _agree(a: float, b: float) -> bool:
-    if math.isnan(a) or math.isnan(b):
-        return math.isnan(a) and math.isnan(b)
-    return a == b or abs(a - b) <= TOLERANCE
 
 
 def working_dtype(trial: TrialView) -> str:
