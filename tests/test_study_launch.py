@@ -189,11 +189,15 @@ def test_ctrl_c_then_kills_at_three_fault_points_then_resume_ends_with_exactly_t
     assert store.studies()[0]["status"] == "finished"
 
 
-def test_a_study_with_holdout_ends_with_held_out_scores_for_its_front(toy_zoo, tmp_path, capsys):
-    """`holdout: 0.25`: the search selects on the other documents; when it ends, its front and
-    baselines are scored on the held-out ones (fidelity `holdout`), shown by `pareto --json`
-    and on the card of `export --trial best --by holdout`; `confirm --redo` in one process
-    gives the Ray workers' numbers again."""
+def test_a_bfloat16_study_with_holdout_ends_with_held_out_scores_and_a_verified_export(
+    toy_zoo, tmp_path, capsys
+):
+    """`working_dtype: bfloat16` and `holdout: 0.25`: every trial is recorded as scored in
+    bfloat16 with its phase timings; the search selects on the other documents; when it ends,
+    its front and baselines are scored on the held-out ones (fidelity `holdout`), shown by
+    `pareto --json` and on the card of `export --trial best --by holdout --verify`, which
+    re-scores the written checkpoint in bfloat16 and reproduces the workers' scores;
+    `confirm --redo` in one process gives the Ray workers' numbers again."""
     import json
 
     evaluator = {"kind": "lm_eval", "tasks": ["toy_facts_a", "toy_facts_b"], "holdout": 0.25}
@@ -204,10 +208,17 @@ def test_a_study_with_holdout_ends_with_held_out_scores_for_its_front(toy_zoo, t
         proposer={"kind": "random", "seed": 0},
         budget=9,
         storage=str(tmp_path / "s.db"),
+        working_dtype="bfloat16",
     )
     assert main(["search", str(path), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "scored on the held-out documents" in out
+    for trial in StudyStore(str(tmp_path / "s.db")).trials("toy"):
+        assert trial.scored_with == "bfloat16 on cpu"
+        phases = trial.timings
+        assert phases["merge_math"] > 0 and phases["copy"] > 0 and phases["evaluation"] > 0
+        assert phases["merge_math"] + phases["copy"] <= trial.merge_seconds
+        assert phases["batch_sizes"] and phases["oom_retries"] == 0
     storage = str(tmp_path / "s.db")
     assert main(["pareto", "--storage", storage, "--study", "toy", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -233,9 +244,10 @@ def test_a_study_with_holdout_ends_with_held_out_scores_for_its_front(toy_zoo, t
     )
     capsys.readouterr()
     out_dir = tmp_path / "merged"
-    args = ["--trial", "best", "--by", "holdout", "--out", str(out_dir), "--quiet"]
+    args = ["--trial", "best", "--by", "holdout", "--out", str(out_dir), "--verify", "--quiet"]
     assert main(["export", "--storage", storage, "--study", "toy", *args]) == 0
-    assert f"exported trial {best.number} " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"exported trial {best.number} " in out and "verified: yes" in out
     card = (out_dir / "README.md").read_text()
     assert "| metric | search (full) | held out |" in card
     for name in ("toy_facts_a/acc", "toy_facts_b/acc"):

@@ -73,23 +73,31 @@ def test_pareto_compares_full_fidelity_scores_only(url):
     assert trial.values(OBJECTIVES, "holdout") == [0.5, 0.55]
 
 
-def test_a_schema_2_database_is_upgraded_in_place(url):
+@pytest.mark.parametrize(
+    ("version", "missing"), [(2, ["scored_with", "timings"]), (3, ["timings"])]
+)
+def test_an_older_schema_is_upgraded_in_place(url, version, missing):
     store = StudyStore(url)
     store.create_study("s", {}, budget=1)
     store.add_trial("s", 0, role="proposal", label="p0")
     store.finish_trial("s", 0, state="COMPLETE", metrics={"a/acc": 0.5, "b/acc": 0.5})
-    with store.engine.begin() as connection:  # what schema 2 had: no scored_with column
-        connection.execute(sqlalchemy.text("ALTER TABLE evomerge_trials DROP COLUMN scored_with"))
+    with store.engine.begin() as connection:  # what that schema had: fewer columns
+        for column in missing:
+            connection.execute(sqlalchemy.text(f"ALTER TABLE evomerge_trials DROP COLUMN {column}"))
         connection.execute(
-            sqlalchemy.text("UPDATE evomerge_meta SET value = '2' WHERE key = 'schema_version'")
+            sqlalchemy.text(
+                f"UPDATE evomerge_meta SET value = '{version}' WHERE key = 'schema_version'"
+            )
         )
     store.engine.dispose()
     upgraded = StudyStore(url)
     assert upgraded.trials("s")[0].metrics == {"a/acc": 0.5, "b/acc": 0.5}
-    assert upgraded.trials("s")[0].scored_with is None
+    assert upgraded.trials("s")[0].scored_with is None and upgraded.trials("s")[0].timings == {}
     upgraded.add_trial("s", 1, role="proposal", label="p1")
-    upgraded.finish_trial("s", 1, state="COMPLETE", scored_with="float32 on cpu")
-    assert upgraded.trials("s")[1].scored_with == "float32 on cpu"
+    timings = {"merge_math": 0.25, "copy": 0.5, "batch_sizes": {"lm_eval": 8}}
+    upgraded.finish_trial("s", 1, state="COMPLETE", scored_with="bfloat16 on cpu", timings=timings)
+    assert upgraded.trials("s")[1].scored_with == "bfloat16 on cpu"
+    assert upgraded.trials("s")[1].timings == timings
     with upgraded.engine.connect() as connection:
         version = connection.execute(
             sqlalchemy.text("SELECT value FROM evomerge_meta WHERE key = 'schema_version'")
@@ -210,7 +218,9 @@ def test_an_earlier_schema_is_refused_and_left_untouched(tmp_path):
             sqlalchemy.text("INSERT INTO evomerge_meta VALUES ('schema_version', '1')")
         )
         connection.execute(sqlalchemy.text("CREATE TABLE evomerge_studies (id INTEGER)"))
-    with pytest.raises(StorageError, match=r"schema 1; this one needs 3.*new database"):
+    with pytest.raises(
+        StorageError, match=rf"schema 1; this one needs {SCHEMA_VERSION}.*new database"
+    ):
         StudyStore(path)
     with engine.begin() as connection:
         meta = connection.execute(sqlalchemy.text("SELECT * FROM evomerge_meta")).all()

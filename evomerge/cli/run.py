@@ -4,6 +4,7 @@ everything a run needs before it starts."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -55,7 +56,8 @@ def add_commands(commands: Any) -> None:
         "what 'search' checks before it starts (models, space, proposer, evaluators, "
         "objectives), that the database answers and takes writes, that the study name is free, "
         "that the Ray cluster has the CPUs and GPUs the workers ask for, CUDA for device: cuda, "
-        "and disk space for an export. Exit code 0 only if every check passes.",
+        "that a worker's memory plan fits its GPU and host memory, and disk space for an "
+        "export. Exit code 0 only if every check passes.",
     )
     check.add_argument("config", type=Path, help="study YAML file")
     add_storage(check, required=False, help="database URL or SQLite file (overrides the YAML)")
@@ -69,7 +71,41 @@ def add_commands(commands: Any) -> None:
         action="store_true",
         help="the study exists and is to be continued with 'evomerge resume'",
     )
+    check.add_argument(
+        "--offline",
+        action="store_true",
+        help="contact nothing: skip the database, study, Ray and CUDA checks (the YAML, the "
+        "models' headers, the memory plan and the disk are checked from files)",
+    )
+    check.add_argument(
+        "--json", action="store_true", help="print one JSON object: the checks and the memory plan"
+    )
+    check.add_argument(
+        "--gpu-memory",
+        type=_size,
+        metavar="SIZE",
+        help="one GPU's memory for the memory plan, in bytes as written: 80GB is 80x10^9, "
+        "80GiB is 80x2^30 (an '80 GB' H100 shows about 79.6 GiB); default: this machine's GPU "
+        "(none when --offline)",
+    )
+    check.add_argument(
+        "--host-memory",
+        type=_size,
+        metavar="SIZE",
+        help="one node's memory for the memory plan (e.g. 512GB); default: this machine's",
+    )
     check.set_defaults(handler=cmd_check)
+
+
+def _size(text: str) -> int:
+    from evomerge.util import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a size like 80GB, 80GiB or 85899345920"
+        ) from None
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -162,15 +198,18 @@ def _run(driver: StudyDriver, store: StudyStore, quiet: bool, config: Path | Non
     with no_transformers_bars(), live_progress(driver.name, enabled=not quiet) as show:
         summary = driver.run(on_progress=show)
     _report(summary, driver, store)
-    return 130 if summary.status == "stopped" else 0
+    if summary.status == "stopped":
+        return 1 if driver.abort_reason else 130
+    return 0
 
 
 def _report(summary: RunSummary, driver: StudyDriver, store: StudyStore) -> None:
     from evomerge.study.report import pareto_report
 
     if summary.status == "stopped":
+        why = f"{summary.reason}; " if driver.abort_reason else ""
         print(
-            f"stopped: {summary.finished} trials recorded ({summary.ran} in this run); "
+            f"stopped: {why}{summary.finished} trials recorded ({summary.ran} in this run); "
             f"continue with: {driver.resume_hint}",
             file=sys.stderr,
         )
@@ -183,14 +222,34 @@ def _report(summary: RunSummary, driver: StudyDriver, store: StudyStore) -> None
 def cmd_check(args: argparse.Namespace) -> int:
     from evomerge.study.check import ray_join_stuck, run_checks
 
-    checks = run_checks(args.config, storage=args.storage, address=args.address, resume=args.resume)
-    for check in checks:
-        print(check.line(), flush=True)
+    checks = run_checks(
+        args.config,
+        storage=args.storage,
+        address=args.address,
+        resume=args.resume,
+        offline=args.offline,
+        gpu_memory=args.gpu_memory,
+        host_memory=args.host_memory,
+    )
     failed = [c.name for c in checks if c.state == "FAIL"]
-    if failed:
-        print(f"{len(failed)} of {len(checks)} checks failed: {', '.join(failed)}")
+    if args.json:
+        memory = next((c.data for c in checks if c.name == "memory"), None)
+        report = {
+            "ok": not failed,
+            "checks": [{"name": c.name, "state": c.state, "detail": c.detail} for c in checks],
+            "memory": memory,
+        }
+        print(json.dumps(report, indent=2), flush=True)
     else:
-        print(f"all {len(checks)} checks passed")
+        for check in checks:
+            print(check.line(), flush=True)
+        skipped = [c.name for c in checks if c.state == "skip"]
+        if failed:
+            print(f"{len(failed)} of {len(checks)} checks failed: {', '.join(failed)}")
+        elif skipped:
+            print(f"no check failed; {len(skipped)} skipped: {', '.join(skipped)}")
+        else:
+            print(f"all {len(checks)} checks passed")
     if ray_join_stuck.is_set():  # Ray's threads would hold the interpreter at exit
         sys.stdout.flush()
         sys.stderr.flush()

@@ -3,8 +3,11 @@
 The caller connects to Ray (``ray.init``) first; the pool only creates actors. Each worker runs
 one candidate at a time. A worker that dies mid-candidate (killed, out of memory, a crash in
 native code) is replaced by a fresh actor and its candidate is run again, up to
-``max_attempts`` attempts in all; a candidate that runs past ``trial_timeout`` is failed and its
-worker replaced (a timeout is not retried: the candidate would most likely time out again).
+``max_attempts`` attempts in all; so is one whose worker reports itself broken (a sticky CUDA
+error, see :mod:`evomerge.cluster.failures`). A candidate that runs past ``trial_timeout`` is
+failed and its worker replaced (a timeout is not retried: the candidate would most likely time
+out again). Each worker that finishes loading is announced through ``on_event``, and so is a
+start still waiting, every ``START_NOTE_SECONDS``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from evomerge.cluster.worker import (
     CandidateResult,
@@ -27,6 +30,10 @@ from evomerge.cluster.worker import (
     failed_result,
 )
 from evomerge.errors import ConfigError, EvomergeError
+from evomerge.util import first_line, format_bytes
+
+START_NOTE_SECONDS = 30.0
+"""How often a start that is still loading says so."""
 
 # Errors of a finished call that mean the worker process is gone (not a failed candidate).
 _WORKER_DIED: tuple[type[BaseException], ...] = (RayActorError,)
@@ -80,7 +87,8 @@ class WorkerPool:
         gpus_per_worker: float = 0,
         max_attempts: int = 2,
         trial_timeout: float | None = None,
-        start_timeout: float = 300,
+        start_timeout: float = 900,
+        on_event: Callable[[str], None] | None = None,
     ) -> None:
         self.spec = spec if isinstance(spec, WorkerSpec) else WorkerSpec.model_validate(spec)
         if workers < 1:
@@ -91,6 +99,8 @@ class WorkerPool:
             raise ConfigError(f"max_attempts must be at least 1, got {max_attempts}")
         if trial_timeout is not None and trial_timeout <= 0:
             raise ConfigError(f"trial_timeout must be positive, got {trial_timeout}")
+        if start_timeout <= 0:
+            raise ConfigError(f"start_timeout must be positive, got {start_timeout}")
         if self.spec.device.startswith("cuda") and gpus_per_worker <= 0:
             raise ConfigError(
                 f"device {self.spec.device} needs gpus_per_worker > 0 "
@@ -102,6 +112,7 @@ class WorkerPool:
         self.max_attempts = max_attempts
         self.trial_timeout = trial_timeout
         self.start_timeout = start_timeout
+        self.on_event = on_event
         self.restarts = 0
         self.actors: dict[str, Any] = {}
         """worker id -> actor handle, for every live worker."""
@@ -153,24 +164,46 @@ class WorkerPool:
         self._check_resources()
         for slot in range(self.workers):
             self._launch(slot)
-        refs = list(self._starting)
-        try:
-            infos = ray.get(refs, timeout=self.start_timeout)
-        except GetTimeoutError:
-            self.shutdown()
-            raise EvomergeError(
-                f"the {self.workers} workers did not start within {self.start_timeout:g} s; "
-                f"each asks for {self.cpus_per_worker:g} CPUs and {self.gpus_per_worker:g} GPUs "
-                f"(the cluster has {_resources_text()}): can one node fit a worker?"
-            ) from None
-        except RayError as exc:
-            self.shutdown()
-            raise EvomergeError(f"a worker failed to start: {_ray_error_text(exc)}") from None
-        for ref, info in zip(refs, infos):
-            worker_id, _ = self._starting.pop(ref)
-            self.infos[worker_id] = info
-            self._free.append(worker_id)
+        began = time.monotonic()
+        pending = list(self._starting)
+        while pending:
+            waited = time.monotonic() - began
+            if waited >= self.start_timeout:
+                self.shutdown()
+                raise EvomergeError(
+                    f"{len(pending)} of the {self.workers} workers did not load within "
+                    f"{self.start_timeout:g} s (cluster.start_timeout); each asks for "
+                    f"{self.cpus_per_worker:g} CPUs and {self.gpus_per_worker:g} GPUs (the "
+                    f"cluster has {_resources_text()}): can one node fit a worker, and is "
+                    "the time enough to read its models?"
+                )
+            step = min(START_NOTE_SECONDS, self.start_timeout - waited)
+            ready, pending = ray.wait(pending, num_returns=1, timeout=step)
+            if not ready:
+                self._note(
+                    f"waiting for {len(pending)} of {self.workers} workers to load their "
+                    f"models ({time.monotonic() - began:.0f} s of {self.start_timeout:g} s)"
+                )
+            for ref in ready:
+                worker_id, _ = self._starting.pop(ref)
+                try:
+                    info = ray.get(ref)
+                except RayError as exc:
+                    self.shutdown()
+                    raise EvomergeError(
+                        f"{worker_id} failed to start: {_ray_error_text(exc)}"
+                    ) from None
+                self._ready(worker_id, info)
         return self
+
+    def _note(self, text: str) -> None:
+        if self.on_event is not None:
+            self.on_event(text)
+
+    def _ready(self, worker_id: str, info: dict[str, Any]) -> None:
+        self.infos[worker_id] = info
+        self._free.append(worker_id)
+        self._note(f"{worker_id} ready: {describe_worker(info)}")
 
     def shutdown(self) -> None:
         """Kill every actor; results still in flight are dropped."""
@@ -296,12 +329,12 @@ class WorkerPool:
     def _started(self, ref: Any) -> bool:
         worker_id, _ = self._starting.pop(ref)
         try:
-            self.infos[worker_id] = ray.get(ref)
+            info = ray.get(ref)
         except RayError as exc:
             raise EvomergeError(
                 f"replacement worker {worker_id} failed to start: {_ray_error_text(exc)}"
             ) from None
-        self._free.append(worker_id)
+        self._ready(worker_id, info)
         return True
 
     def _finished(self, ref: Any) -> CandidateResult | None:
@@ -324,6 +357,18 @@ class WorkerPool:
         except RayTaskError as exc:  # an unexpected exception inside MergeWorker.run
             self._free.append(entry.worker)
             return failed_result(task, _ray_error_text(exc), entry.worker)
+        if result.worker_broken:
+            self._replace(entry.worker)
+            self._note(f"{entry.worker} replaced: {first_line(result.error or '')}")
+            if task.attempt < self.max_attempts:
+                self._queue.append(dataclasses.replace(task, attempt=task.attempt + 1))
+                return None
+            times = "once" if task.attempt == 1 else f"{task.attempt} times"
+            result.error = (
+                f"WorkerBroken: the GPU failed {times} running this candidate "
+                f"(last: {result.error})"
+            )
+            return result
         self._free.append(entry.worker)
         return result
 
@@ -351,6 +396,24 @@ class WorkerPool:
                     )
                 )
         return results
+
+
+def describe_worker(info: dict[str, Any]) -> str:
+    """One line on a loaded worker: where, in which dtype, where its sources stay, how long."""
+    parts = [str(info.get("device", "?"))]
+    if info.get("working_dtype"):
+        parts.append(str(info["working_dtype"]))
+    if info.get("resident_bytes") is not None:
+        on_cpu = str(info.get("device", "cpu")).startswith("cpu")
+        place = (
+            "in memory"
+            if on_cpu
+            else "on the GPU"
+            if info.get("residency", "device") == "device"
+            else "in pinned host memory"
+        )
+        parts.append(f"models {place} ({format_bytes(int(info['resident_bytes']))})")
+    return f"{', '.join(parts)}; loaded in {float(info.get('load_seconds', 0)):.1f} s"
 
 
 def _resources_text() -> str:

@@ -27,7 +27,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from evomerge.checkpoint import ModelFolder, check_compatible, path_labels
+from evomerge.cluster.failures import is_sticky_cuda_error
 from evomerge.errors import ConfigError, EvomergeError
+from evomerge.evaluate.model_loading import fast_matmuls
+from evomerge.memory import default_working_dtype
 from evomerge.merge.engine import InPlaceMerger
 from evomerge.merge.recipe import Recipe, parse_recipe, plan_recipe
 
@@ -45,6 +48,12 @@ class WorkerSpec(BaseModel):
         min_length=1, description="evaluator mappings, as in a search config"
     )
     device: str = "cpu"
+    working_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="dtype candidates are built and scored in; None: bfloat16 on cuda"
+    )
+    residency: Literal["auto", "device", "host"] = Field(
+        "auto", description="where the base and sources stay: on the device, or on the host"
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="torch CPU threads; None: the CPUs Ray gave the actor, else 1"
     )
@@ -77,10 +86,18 @@ class CandidateResult:
     attempt: int = 1
     scored_with: str = ""
     """The working dtype and device kind the candidate was scored with (``float32 on cuda``)."""
+    worker_broken: bool = False
+    """The error left the worker unusable (a sticky CUDA error): the pool replaces it and runs
+    the candidate again on a fresh one, within ``max_attempts``."""
+    timings: dict[str, Any] = field(default_factory=dict)
+    """Where the time went, per phase (``merge_math``, ``transfer``, ``copy``, ``evaluation``
+    seconds), and how evaluation ran (``batch_sizes``, ``oom_retries``)."""
 
 
-WORKING_DTYPE = torch.float32
-"""The dtype a worker builds and scores candidates in (merges are computed in float32)."""
+def working_dtype(spec: WorkerSpec) -> torch.dtype:
+    """The torch dtype a worker of ``spec`` builds and scores candidates in."""
+    name = spec.working_dtype or default_working_dtype(spec.device)
+    return getattr(torch, name)
 
 
 def scored_with(dtype: torch.dtype, device: str) -> str:
@@ -127,6 +144,7 @@ class _ResidentView(InPlaceMerger):
         self.models = [parent.models[i] for i in indices]
         self.paths = tuple(parent.paths[i] for i in indices)
         self.device = parent.device
+        self.resident = parent.resident
         self.tensors = [parent.tensors[i] for i in indices]
 
 
@@ -156,12 +174,15 @@ class MergeWorker:
             ),
         ]
         check_compatible(self.folders)
-        self.merger = InPlaceMerger(self.folders, device=self.spec.device)
+        self.dtype = working_dtype(self.spec)
+        fast_matmuls(self.spec.device)
+        self.residency = self._residency()
+        self.merger = InPlaceMerger(self.folders, device=self.spec.device, resident=self.residency)
         self._views: dict[tuple[int, ...], InPlaceMerger] = {
             tuple(range(len(self.folders))): self.merger
         }
         self.model = AutoModelForCausalLM.from_pretrained(
-            self.spec.base, dtype=WORKING_DTYPE, trust_remote_code=False
+            self.spec.base, dtype=self.dtype, trust_remote_code=False
         ).to(self.spec.device)
         self.model.eval()
         self.tokenizer = AutoTokenizer.from_pretrained(self.spec.base)
@@ -170,6 +191,31 @@ class MergeWorker:
         )
         self.load_seconds = time.perf_counter() - start
 
+    def resident_bytes(self) -> int:
+        """Bytes of the base and sources as held (their stored dtype)."""
+        return sum(info.nbytes for folder in self.folders for info in folder.tensors.values())
+
+    def _residency(self) -> str:
+        """``device`` or ``host``: the spec's choice, or with ``auto`` the device when the
+        memory plan with the sources on it (what ``evomerge check`` prints) fits the GPU's
+        free memory."""
+        if self.spec.residency != "auto" or torch.device(self.spec.device).type != "cuda":
+            return "device" if self.spec.residency == "auto" else self.spec.residency
+        from evomerge.memory import memory_inputs, plan_memory
+
+        spec = self.spec
+        inputs = memory_inputs(spec.base, spec.sources, spec.evaluators, spec.device)
+        plan = plan_memory(
+            inputs.models,
+            inputs.arch,
+            inputs.evaluations,
+            device=spec.device,
+            working_dtype=str(self.dtype).removeprefix("torch."),
+            residency="device",
+        )
+        free, _ = torch.cuda.mem_get_info(torch.device(spec.device))
+        return "device" if plan.gpu_bytes_per_worker <= free else "host"
+
     def info(self) -> dict[str, Any]:
         return {
             "worker": self.worker_id,
@@ -177,6 +223,9 @@ class MergeWorker:
             "device": self.spec.device,
             "pid": os.getpid(),
             "torch_threads": self.torch_threads,
+            "working_dtype": str(self.dtype).removeprefix("torch."),
+            "residency": self.residency,
+            "resident_bytes": self.resident_bytes(),
         }
 
     def _held_index(self, path: str, what: str) -> int:
@@ -217,18 +266,31 @@ class MergeWorker:
 
     def run(self, task: CandidateTask) -> CandidateResult:
         """Merge ``task.recipe`` into the model and evaluate it; errors a candidate can cause
-        (bad recipe, NaN/Inf, out of memory, a failing evaluator) give a failed result."""
+        (bad recipe, NaN/Inf, out of memory, a failing evaluator) give a failed result, and
+        one that leaves the GPU unusable also marks the worker broken (see ``failures``)."""
         start = time.perf_counter()
         merge_seconds: float | None = None
+        timings: dict[str, Any] = {}
         try:
             recipe = parse_recipe(task.recipe, where=f"trial {task.key} recipe")
             merger, folders = self._resolve(recipe)
             plan = plan_recipe(recipe, folders)
-            merger.merge_into(plan, self.model)
+            build = merger.merge_into(plan, self.model)
             merge_seconds = time.perf_counter() - start
+            timings.update(
+                merge_math=build.math_seconds,
+                transfer=build.transfer_seconds,
+                copy=build.copy_seconds,
+            )
             metrics, eval_seconds = self.suite.evaluate(task.limit, task.split)
+            timings.update(
+                evaluation=eval_seconds,
+                batch_sizes=dict(self.suite.last_batch_sizes),
+                oom_retries=self.suite.oom_retries,
+            )
         except (EvomergeError, RuntimeError, ValueError) as exc:
-            if self.spec.device.startswith("cuda"):
+            broken = is_sticky_cuda_error(exc)
+            if self.spec.device.startswith("cuda") and not broken:
                 torch.cuda.empty_cache()
             elapsed = time.perf_counter() - start
             return CandidateResult(
@@ -239,6 +301,8 @@ class MergeWorker:
                 eval_seconds=0.0 if merge_seconds is None else elapsed - merge_seconds,
                 worker=self.worker_id,
                 attempt=task.attempt,
+                worker_broken=broken,
+                timings=timings,
             )
         return CandidateResult(
             key=task.key,
@@ -248,5 +312,6 @@ class MergeWorker:
             eval_seconds=eval_seconds,
             worker=self.worker_id,
             attempt=task.attempt,
-            scored_with=scored_with(WORKING_DTYPE, self.spec.device),
+            scored_with=scored_with(self.dtype, self.spec.device),
+            timings=timings,
         )

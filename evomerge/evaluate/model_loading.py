@@ -18,6 +18,17 @@ _TOKENIZER_MARKERS = (
 )
 
 
+def fast_matmuls(device: str) -> None:
+    """On CUDA, let float32 matmuls use TF32 tensor cores (bfloat16 and float16 ones use
+    tensor cores anyway). A study's workers and an export's verification on the same kind of
+    device both call this, so they compute alike."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def load_model_for_eval(
     folder: str | os.PathLike[str],
     device: str = "cpu",
@@ -45,6 +56,7 @@ def load_model_for_eval(
             "save the tokenizer into the model folder"
         )
     wanted = parse_dtype(dtype, "--dtype") or torch.float32
+    fast_matmuls(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,

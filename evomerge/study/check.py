@@ -6,6 +6,11 @@ failed. It creates nothing: no study, no database file, no Ray instance. The che
 - ``yaml``: the study file loads and validates.
 - ``preflight``: what ``search`` checks before it starts (:mod:`evomerge.study.preflight`): the
   models exist and can be merged, the space, the proposer, the evaluators and the objectives.
+- ``memory``: one worker's GPU and host memory, planned from the models' safetensors headers and
+  the evaluators' settings (:mod:`evomerge.memory`), against the GPU's size (``--gpu-memory``,
+  else this machine's GPU) and this machine's memory (``--host-memory``, else MemTotal) shared
+  by the workers that run on it; a plan that does not fit fails, with the numbers and what to
+  change.
 - ``database``: the database answers and takes writes (PostgreSQL: a temporary table in a
   transaction that is rolled back; SQLite: a file can be made in its folder).
 - ``study``: the name is new (``search`` refuses an existing one), or, with ``--resume``, a
@@ -15,6 +20,9 @@ failed. It creates nothing: no study, no database file, no Ray instance. The che
   GPUs.
 - ``cuda``: with ``device: cuda``, torch sees a GPU here (for ``export --device cuda``).
 - ``disk``: the study's folder has room for an export the size of the base model's weights.
+
+``offline`` skips what would contact anything (the database, the study name, Ray, CUDA): the
+YAML, the preflight, the memory plan and the disk are checked from files alone.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import re
 import shutil
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,14 +56,25 @@ class Check:
     name: str
     state: State
     detail: str
+    data: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    """What the check found, for ``--json`` (the memory plan)."""
 
     def line(self) -> str:
         return f"{self.state:<5} {self.name:<10} {self.detail}"
 
 
 def run_checks(
-    path: Path, *, storage: str | None = None, address: str | None = None, resume: bool = False
+    path: Path,
+    *,
+    storage: str | None = None,
+    address: str | None = None,
+    resume: bool = False,
+    offline: bool = False,
+    gpu_memory: int | None = None,
+    host_memory: int | None = None,
 ) -> list[Check]:
+    """Every check, in order. ``gpu_memory``: bytes of one GPU (default: this machine's, unless
+    offline); ``host_memory``: bytes of one node's memory (default: this machine's MemTotal)."""
     from evomerge.study.config import StudyConfig, load_study_config
     from evomerge.study.store import resume_command, storage_url
 
@@ -76,12 +95,27 @@ def run_checks(
             f"{f' / {config.budget_hours:g} h' if config.budget_hours else ''}, "
             f"workers {cluster.workers}, device {config.device}",
         ),
-        _preflight(config, str(path)),
     ]
+    preflight = _preflight(config, str(path))
+    remote = ray_address(cluster, address)[0] is not None
+    checks += [
+        preflight,
+        _memory(config, preflight.state == "ok", remote, offline, gpu_memory, host_memory),
+    ]
+    if offline:
+        checks += [
+            Check(name, "skip", f"offline: {what} not contacted")
+            for name, what in (
+                ("database", "the database"),
+                ("study", "the database"),
+                ("ray", "Ray"),
+                ("cuda", "CUDA"),
+            )
+        ]
+        return [*checks, _disk(config, path)]
     database = _database(config.storage or "")
     how = resume_command(config.name, storage_url(config.storage or ""), None if storage else path)
     checks += [database, _study_name(config, resume, database.state == "ok", how)]
-    remote = ray_address(cluster, address)[0] is not None
     checks += [_ray(config, address), _cuda(config.device, remote), _disk(config, path)]
     return checks
 
@@ -94,6 +128,177 @@ def _preflight(config: Any, where: str) -> Check:
     except EvomergeError as exc:
         return Check("preflight", "FAIL", str(exc))
     return Check("preflight", "ok", "models, space, proposer, evaluators and objectives")
+
+
+# -- memory ---------------------------------------------------------------------------------------
+
+
+def _memory(
+    config: Any,
+    preflight_ok: bool,
+    remote: bool,
+    offline: bool,
+    gpu_memory: int | None,
+    host_memory: int | None,
+) -> Check:
+    """One worker's memory plan against the GPU and host memory it gets."""
+    from evomerge.memory import (
+        WORKING_DTYPES,
+        gpu_bytes_per_worker,
+        plan_study_memory,
+        study_memory_inputs,
+    )
+
+    try:
+        inputs = study_memory_inputs(config)
+    except (EvomergeError, OSError, ValueError) as exc:
+        why = "the models cannot be read (see preflight)" if not preflight_ok else first_line(exc)
+        return Check("memory", "skip" if not preflight_ok else "FAIL", f"cannot plan: {why}")
+    on_gpu = config.device.startswith("cuda")
+    gpu, gpu_from = _gpu_size(gpu_memory, on_gpu and not offline, remote)
+    gpu_available = gpu_bytes_per_worker(config, gpu) if on_gpu else None
+    host, host_from, sharing = _host_size(config, host_memory, remote)
+    host_available = host // sharing if host is not None else None
+    plan = plan_study_memory(config, gpu, inputs=inputs)
+
+    def summary(candidate: Any) -> dict[str, Any]:
+        return {
+            "residency": candidate.residency,
+            "gpu_bytes_per_worker": candidate.gpu_bytes_per_worker,
+            "host_bytes_per_worker": candidate.host_bytes_per_worker,
+            "fits": candidate.fits(gpu_available, host_available),
+        }
+
+    by_dtype = {}
+    for dtype in WORKING_DTYPES:
+        chosen = plan_study_memory(config, gpu, dtype, inputs=inputs)
+        entry = summary(chosen)
+        if on_gpu:
+            entry["by_residency"] = {
+                where: summary(
+                    plan_study_memory(config, gpu, dtype, residency=where, inputs=inputs)
+                )
+                for where in ("device", "host")
+            }
+        by_dtype[dtype] = entry
+    gpu_fits = plan.gpu_fits(gpu_available) if on_gpu else True
+    host_fits = plan.host_fits(host_available)
+    data = {
+        **plan.to_json(),
+        "gpu_bytes_available": gpu_available,
+        "host_bytes_available": host_available,
+        "fits": plan.fits(gpu_available, host_available),
+        "gpu_fits": gpu_fits,
+        "host_fits": host_fits,
+        "configured_residency": config.cluster.residency,
+        "assumed": {"gpu": gpu_from, "host": host_from},
+        "by_working_dtype": by_dtype,
+    }
+    host_text = (
+        f"host {format_bytes(plan.host_bytes_per_worker)} of "
+        f"{format_bytes(host_available) if host_available is not None else '?'} "
+        f"({plan.breakdown('host')}; {host_from})"
+    )
+    if on_gpu:
+        share = f"{format_bytes(gpu_available)}" if gpu_available is not None else "? (unknown)"
+        if gpu_available is not None and config.cluster.gpus_per_worker < 1:
+            share += f" ({config.cluster.gpus_per_worker:g} of a GPU)"
+        text = (
+            f"per worker: GPU {format_bytes(plan.gpu_bytes_per_worker)} of {share} "
+            f"({plan.working_dtype}, residency {plan.residency}: {plan.breakdown('gpu')}; "
+            f"{gpu_from}); {host_text}"
+        )
+    else:
+        text = f"per worker ({config.device}, {plan.working_dtype}): {host_text}"
+    text += "".join(f"; {note}" for note in plan.notes if not note.startswith("residency"))
+    advice = _memory_advice(config, plan, gpu_fits is False, host_fits is False, sharing)
+    if gpu_fits is False or host_fits is False:
+        return Check("memory", "FAIL", f"does not fit: {text}; {advice}", data)
+    if gpu_fits is None:
+        return Check("memory", "skip", f"{text}; whether it fits the GPU is unknown", data)
+    if host_fits is None:
+        return Check("memory", "skip", f"{text}; the host's memory is unknown", data)
+    return Check("memory", "ok", text, data)
+
+
+def _gpu_size(given: int | None, probe: bool, remote: bool) -> tuple[int | None, str]:
+    """One GPU's bytes and where that number came from."""
+    if given is not None:
+        return given, f"--gpu-memory {format_bytes(given)}"
+    if not probe:
+        return None, "give its size with --gpu-memory (e.g. 80GB)"
+    try:
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        sizes = [torch.cuda.get_device_properties(i).total_memory for i in range(count)]
+        name = torch.cuda.get_device_name(0) if count else ""
+    except Exception:  # a driver that does not answer: as if there were none
+        count, sizes, name = 0, [], ""
+    if not count:
+        return None, "no GPU here to measure: give its size with --gpu-memory (e.g. 80GB)"
+    where = "this machine's GPU" + ("; the workers' may differ" if remote else "")
+    return min(sizes), f"{name}, {format_bytes(min(sizes))} ({where})"
+
+
+def _host_size(config: Any, given: int | None, remote: bool) -> tuple[int | None, str, int]:
+    """One node's memory, where that came from, and how many workers share it."""
+    workers = config.cluster.workers
+    sharing = 1 if remote else workers
+    if given is not None:
+        size, source = given, f"--host-memory {format_bytes(given)}"
+    else:
+        size = _mem_total()
+        source = f"this machine's {format_bytes(size)}" if size else "no /proc/meminfo here"
+    if remote:
+        assumed = "a cluster: one worker per node assumed"
+    else:
+        assumed = f"{workers} worker{'s' if workers != 1 else ''} on this machine"
+    return size, f"{source} / {sharing}: {assumed}", sharing
+
+
+def _mem_total() -> int | None:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _memory_advice(config: Any, plan: Any, gpu_short: bool, host_short: bool, sharing: int) -> str:
+    """What to change so that a plan fits."""
+
+    changes: list[str] = []
+    on_gpu = plan.device == "cuda"
+    evaluation = plan.evaluation
+    step_is_eval = plan.bytes_of("evaluation") >= plan.bytes_of("merge")
+    if (gpu_short or (host_short and not on_gpu)) and evaluation is not None and step_is_eval:
+        change = (
+            f"lower batch_size (the evaluation takes {format_bytes(plan.bytes_of('evaluation'))}"
+            f" at batch {evaluation.batch} x {evaluation.sequence} tokens)"
+        )
+        if evaluation.sequence_source != "max_length":
+            change += f" or set max_length (now {evaluation.sequence_source})"
+        changes.append(change)
+    if gpu_short and plan.residency == "device":
+        changes.append(
+            f"cluster.residency: host (moves {format_bytes(plan.bytes_of('resident tensors'))} "
+            "of resident tensors off the GPU)"
+        )
+    if (gpu_short or host_short) and plan.working_dtype == "float32" and on_gpu:
+        changes.append("working_dtype: bfloat16 (halves the working model and the evaluation)")
+    if gpu_short and config.cluster.gpus_per_worker < 1:
+        changes.append(
+            f"gpus_per_worker: 1 (now {config.cluster.gpus_per_worker:g}: workers share a GPU)"
+        )
+    if host_short and sharing > 1:
+        changes.append(f"fewer workers per node (now {sharing} share this machine)")
+    if host_short and on_gpu and config.cluster.residency == "host":
+        changes.append("cluster.residency: device (the resident tensors on the GPU)")
+    return "change: " + "; or ".join(changes) if changes else "a machine with more memory"
 
 
 # -- the database ---------------------------------------------------------------------------------

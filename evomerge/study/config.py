@@ -97,7 +97,16 @@ class ClusterConfig(_Strict):
     trial_timeout: float | None = Field(default=None, gt=0)
     """Seconds a trial may run before its worker is killed and the trial fails."""
     max_attempts: int = Field(default=2, ge=1)
-    """How often a trial is tried when its worker dies."""
+    """How often a trial is tried when its worker dies or is left broken (a sticky CUDA
+    error such as an illegal memory access): it is re-run on a fresh worker."""
+    start_timeout: float = Field(default=900, gt=0)
+    """Seconds a worker may take to load the base and sources (a 7B family reads tens of GB
+    and converts it on the CPU); the study stops with the reason when one takes longer."""
+    residency: Literal["auto", "device", "host"] = "auto"
+    """Where a worker keeps the base and sources (in their stored dtype): ``device`` (on the
+    GPU), ``host`` (pinned host memory, streamed to the GPU one tensor at a time while a
+    candidate is built) or ``auto`` (on the GPU when they fit beside the working model and
+    the evaluation, else on the host). The same place on a CPU device."""
 
 
 class ExportConfig(_Strict):
@@ -148,7 +157,13 @@ class StudyConfig(_Strict):
     baselines: bool = True
     """Score each source alone and the space's uniform merges first, as reference points."""
     device: str = "cpu"
-    """Where workers merge and evaluate: ``cpu``, ``cuda`` or ``cuda:N``."""
+    """Where workers merge and evaluate: ``cpu`` or ``cuda`` (each worker sees the GPU Ray gives
+    it as ``cuda:0``)."""
+    working_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """The dtype a worker builds and scores candidates in (merge math is float32 per tensor,
+    rounded to this); recorded with each trial, and an export's verification scores in it.
+    None: bfloat16 on ``cuda`` (what users run; several times faster than float32), float32
+    on ``cpu``."""
     snapshot_every: int = Field(default=50, ge=1)
     """Write the proposer's whole state every this many results (and every 30 s); results told
     since are replayed from the trials on resume."""
@@ -193,17 +208,51 @@ def parse_study_config(data: dict[str, Any], where: str, folder: Path | None = N
         raise ConfigError(f"{where}: {pydantic_message(exc)}") from None
     if isinstance(config.budget, int) and config.budget < 1:
         raise ConfigError(f"{where}: budget: must be at least 1 trial, got {config.budget}")
-    if config.device.startswith("cuda") and config.cluster.gpus_per_worker <= 0:
-        raise ConfigError(
-            f"{where}: device: {config.device} needs cluster.gpus_per_worker > 0 (Ray hides "
-            "the GPUs from workers that ask for none)"
-        )
+    _check_gpus(config, where)
     if folder is not None:
         config = _resolved(config, folder)
     for index, evaluator in enumerate(config.evaluators):
         parse_evaluator_config(evaluator, where=f"{where}: evaluators[{index}]")
     parse_proposer_config(config.proposer, where=f"{where}: proposer")
     return config
+
+
+def _check_gpus(config: StudyConfig, where: str) -> None:
+    """What Ray gives each worker must match the device it is told to use."""
+    device = config.device
+    gpus = config.cluster.gpus_per_worker
+    if device.startswith("cuda") and gpus <= 0:
+        raise ConfigError(
+            f"{where}: device: {device} needs cluster.gpus_per_worker > 0 (Ray hides "
+            "the GPUs from workers that ask for none)"
+        )
+    if device.startswith("cuda:") and device != "cuda:0":
+        raise ConfigError(
+            f"{where}: device: {device}: each worker sees only the GPU Ray gives it, as cuda:0; "
+            "write device: cuda (cluster.workers sets how many GPUs are used)"
+        )
+    if gpus > 1:
+        raise ConfigError(
+            f"{where}: cluster.gpus_per_worker: {gpus:g}: a worker uses one GPU, so more would "
+            "sit idle; use 1 (one worker per GPU), or a fraction such as 0.5 to share a GPU "
+            "between workers whose models fit in that share of its memory"
+        )
+
+
+def worker_spec(config: StudyConfig, device: str | None = None) -> Any:
+    """The :class:`~evomerge.cluster.worker.WorkerSpec` of the study's workers; ``device``
+    overrides where (the working dtype stays the study's, so scores compare)."""
+    from evomerge.cluster.worker import WorkerSpec
+    from evomerge.memory import study_working_dtype
+
+    return WorkerSpec(
+        base=config.base,
+        sources=config.sources,
+        evaluators=config.evaluators,
+        device=device or config.device,
+        working_dtype=study_working_dtype(config),  # type: ignore[arg-type]
+        residency=config.cluster.residency,
+    )
 
 
 def load_study_config(path: Path) -> StudyConfig:

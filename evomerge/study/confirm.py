@@ -89,7 +89,8 @@ def confirm_study(
 ) -> ConfirmResult:
     """Score the targets on the held-out documents in this process (one worker, the study's
     models and evaluators, ``device`` or the study's), storing each as fidelity ``holdout``."""
-    from evomerge.cluster.worker import CandidateTask, MergeWorker, WorkerSpec
+    from evomerge.cluster.worker import CandidateTask, MergeWorker
+    from evomerge.study.config import worker_spec
 
     config = stored_study_config(store, study)
     evaluators = config.evaluators
@@ -103,12 +104,7 @@ def confirm_study(
     result = ConfirmResult([], {})
     if not targets:
         return result
-    spec = WorkerSpec(
-        base=config.base,
-        sources=config.sources,
-        evaluators=evaluators,
-        device=device or config.device,
-    )
+    spec = worker_spec(config, device)
     worker = MergeWorker(spec, "confirm")
     for done, trial in enumerate(targets):
         task = CandidateTask(key=trial.number, recipe=trial.recipe or {}, split=HOLDOUT)

@@ -43,16 +43,17 @@ import numpy as np
 
 from evomerge.checkpoint import ModelFolder, source_labels
 from evomerge.cluster.connect import ensure_ray
-from evomerge.cluster.worker import CandidateResult, CandidateTask, WorkerSpec
+from evomerge.cluster.worker import CandidateResult, CandidateTask
 from evomerge.errors import ConfigError
 from evomerge.failpoints import failpoint
 from evomerge.optimize import dominates, pareto_front, scalarize
 from evomerge.optimize.objectives import nondominated_order
 from evomerge.space import build_space_proposer, space_from_setting
 from evomerge.stop_signals import on_stop_signals
-from evomerge.study.config import StudyConfig
+from evomerge.study.config import StudyConfig, worker_spec
 from evomerge.study.confirm import confirm_targets, holdout_evaluators
 from evomerge.study.read import stored_study_config
+from evomerge.study.status import error_type
 from evomerge.study.store import (
     HOLDOUT,
     LEASE_SECONDS,
@@ -65,6 +66,7 @@ from evomerge.study.store import (
     mask_url,
     resume_command,
 )
+from evomerge.util import first_line
 
 SNAPSHOT_SECONDS = 30.0
 
@@ -121,6 +123,11 @@ class StudyProgress:
         return max(0.0, min(left)) if left else None
 
 
+REPEATED_FAILURES = 10
+"""Trials failing in a row with one cause (the error's type) that stop a run: an avoidable
+error (out of memory, a broken evaluator) would otherwise fail every trial all night."""
+
+
 @dataclass(frozen=True)
 class RunSummary:
     finished: int
@@ -149,6 +156,12 @@ class StudyDriver:
         self.next_number = 0
         self.finished = 0
         self.failed = 0
+        self.failure_causes: dict[str, int] = {}
+        """Failures of this run by cause (the error's type)."""
+        self.failure_streak: list[str] = []
+        """The errors of the trials that failed since the last one that completed."""
+        self.abort_reason: str | None = None
+        """Set when too many trials in a row failed for one cause: the run stops."""
         self.jobs: dict[int, _Job] = {}
         self._next_job = 0
         self.queue: deque[_PendingTrial] = deque()
@@ -173,6 +186,8 @@ class StudyDriver:
         self._snapshot_told = 0
         self._snapshot_at = self.started
         self.ran = 0
+        self.on_note: Callable[[str], None] | None = None
+        """Where one-off lines go (a worker loaded or replaced); set by ``run``."""
         self.worker_load_seconds: dict[str, float] = {}
         """Worker id -> seconds it took to load its models (filled in by ``run``)."""
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -323,6 +338,7 @@ class StudyDriver:
             snapshot=snapshot,
             elapsed_seconds=self.elapsed(),
             scored_with=result.scored_with or None,
+            timings=result.timings or None,
         )
         self.finished += 1
         self.ran += 1
@@ -331,7 +347,9 @@ class StudyDriver:
             self.full_seconds.append(result.merge_seconds + result.eval_seconds)
         if values is None:
             self.failed += 1
+            self._count_failure(error or "")
             return
+        self.failure_streak.clear()
         if not cheap:
             self._observe(job.number, values)
         if job.proposal_id is not None and self._promoting():
@@ -340,6 +358,28 @@ class StudyDriver:
                 self._promote_batch()
         if self.budget is not None and self.finished >= self.budget and self.batch:
             self._promote_batch()  # the last, partial batch
+
+    def _count_failure(self, error: str) -> None:
+        """Track failures by cause; :data:`REPEATED_FAILURES` in a row with one cause stop
+        the study (resumable) instead of spending the night on it."""
+        cause = error_type(error)
+        self.failure_causes[cause] = self.failure_causes.get(cause, 0) + 1
+        if self.failure_streak and error_type(self.failure_streak[-1]) != cause:
+            self.failure_streak.clear()
+        self.failure_streak.append(error)
+        if len(self.failure_streak) >= REPEATED_FAILURES and self.abort_reason is None:
+            self.abort_reason = (
+                f"the last {len(self.failure_streak)} trials all failed with {cause} (last: "
+                f"{first_line(error)}); fix the cause, then continue"
+            )
+
+    def failures_note(self) -> str:
+        """``3 of 40 trials failed (EvaluationError 2, MergeError 1)``, or "" when none did."""
+        if not self.failed:
+            return ""
+        causes = sorted(self.failure_causes.items(), key=lambda item: -item[1])
+        shown = ", ".join(f"{cause} {count}" for cause, count in causes[:3])
+        return f"{self.failed} of {self.finished} trials failed ({shown})"
 
     def _snapshot_due(self) -> tuple[bytes, int] | None:
         """The proposer's state, every ``snapshot_every`` results or ``SNAPSHOT_SECONDS``:
@@ -596,10 +636,16 @@ class StudyDriver:
         self,
         on_result: Callable[[CandidateResult], None] | None = None,
         on_progress: Callable[[StudyProgress], None] | None = None,
+        on_note: Callable[[str], None] | None = None,
     ) -> RunSummary:
         """Run until the budget (trials or hours) is used up (or the proposer has finished, which
         only a proposer with a limit of its own does, e.g. cma with ``restarts``).
-        Ctrl-C stops at once and leaves the study ready to resume (the summary says so)."""
+        Ctrl-C stops at once and leaves the study ready to resume (the summary says so).
+        ``on_note`` gets one-off lines: each worker loaded, a worker replaced. ``on_progress``
+        may instead have a ``note`` method (:class:`evomerge.study.live.LiveProgress`)."""
+        if on_note is None:
+            on_note = getattr(on_progress, "note", None)
+        self.on_note = on_note
         self.begin()
         self.started = time.monotonic()
         budget_seconds = self.config.budget_hours * 3600 if self.config.budget_hours else None
@@ -651,12 +697,7 @@ class StudyDriver:
             return self._finish(time_up)  # nothing left to do: no need to start workers
         started_ray = False
         cluster = self.config.cluster
-        spec = WorkerSpec(
-            base=self.config.base,
-            sources=self.config.sources,
-            evaluators=self.config.evaluators,
-            device=self.config.device,
-        )
+        spec = worker_spec(self.config)
 
         def handle(result: CandidateResult) -> None:
             if result.worker not in self.worker_load_seconds and result.worker in pool.infos:
@@ -679,13 +720,16 @@ class StudyDriver:
                 gpus_per_worker=cluster.gpus_per_worker,
                 max_attempts=cluster.max_attempts,
                 trial_timeout=cluster.trial_timeout,
+                start_timeout=cluster.start_timeout,
+                on_event=self.on_note,
             ) as pool:
                 unused = dispatch(
                     pool, self.next_task, handle, should_stop=lambda: self._should_stop(time_up)
                 )
                 if not self.lease_lost:
                     self._put_back(unused)
-                    self._confirm(pool, on_progress)
+                    if self.abort_reason is None:
+                        self._confirm(pool, on_progress)
         except KeyboardInterrupt:
             self._stopped()
             return RunSummary(self.finished, self.budget, self.ran, "stopped", "interrupted")
@@ -709,6 +753,9 @@ class StudyDriver:
                 f"study '{self.name}': another driver took it over while this one was stalled; "
                 "this driver stopped (its finished results are recorded)"
             )
+        if self.abort_reason is not None:
+            self._stopped()
+            return RunSummary(self.finished, self.budget, self.ran, "stopped", self.abort_reason)
         return self._finish(time_up)
 
     def _confirm(self, pool: Any, on_progress: Callable[[StudyProgress], None] | None) -> None:
@@ -743,7 +790,7 @@ class StudyDriver:
     def _should_stop(self, time_up: Callable[[], bool]) -> bool:
         if self.interrupted:  # its KeyboardInterrupt did not get here: raise it again
             raise KeyboardInterrupt("a stop signal")
-        return time_up() or self.lease_lost
+        return time_up() or self.lease_lost or self.abort_reason is not None
 
     def _finish(self, time_up: Callable[[], bool]) -> RunSummary:
         self.store.set_elapsed(self.name, self.elapsed())
@@ -761,6 +808,8 @@ class StudyDriver:
             reason = "the proposer has finished (no more proposals" + (
                 f"; {notes})" if notes else ")"
             )
+        if self.failed:
+            reason += f"; {self.failures_note()}"
         if self.confirming:
             reason += (
                 f"; {self.confirmed} of {self.confirming} trial(s) (the front and the baselines) "

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from evomerge.util import format_duration
 
@@ -31,14 +31,72 @@ def describe(progress: StudyProgress) -> str:
     return " | ".join(parts)
 
 
+class LiveProgress:
+    """``show(progress)`` after every result, and ``show.note(text)`` for a one-off line (a
+    worker loaded, a worker replaced); this base class shows nothing."""
+
+    def __call__(self, progress: StudyProgress) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+
+class _Bar(LiveProgress):
+    def __init__(self, bar: Any, task: Any) -> None:
+        self.bar = bar
+        self.task = task
+
+    def __call__(self, progress: StudyProgress) -> None:
+        if progress.budget is not None:
+            self.bar.update(self.task, completed=progress.finished, total=progress.budget)
+        else:
+            self.bar.update(
+                self.task,
+                completed=int(progress.elapsed_seconds),
+                total=int(progress.budget_seconds or 0) or None,
+            )
+        self.bar.update(self.task, info=describe(progress))
+
+    def note(self, text: str) -> None:
+        self.bar.console.print(text, markup=False, highlight=False)
+
+
+class _Lines(LiveProgress):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.last = (0.0, -1)
+
+    def __call__(self, progress: StudyProgress) -> None:
+        now = time.monotonic()
+        if progress.budget:
+            share = progress.finished / progress.budget
+        elif progress.budget_seconds:
+            share = progress.elapsed_seconds / progress.budget_seconds
+        else:
+            share = 0.0
+        step = int(share * 10)
+        if now - self.last[0] < 60 and step == self.last[1]:
+            return
+        self.last = (now, step)
+        total = f"/{progress.budget}" if progress.budget else ""
+        print(
+            f"{self.name}: {progress.finished}{total} trials | {describe(progress)}",
+            file=sys.stderr,
+        )
+
+    def note(self, text: str) -> None:
+        print(f"{self.name}: {text}", file=sys.stderr, flush=True)
+
+
 @contextmanager
-def live_progress(name: str, enabled: bool = True) -> Iterator[Callable[[StudyProgress], None]]:
-    """Yield ``show(progress)``: a live bar on a terminal, else a line now and then."""
+def live_progress(name: str, enabled: bool = True) -> Iterator[LiveProgress]:
+    """Yield ``show``: a live bar on a terminal, else a line now and then (and each note)."""
     if not enabled:
-        yield lambda progress: None
+        yield LiveProgress()
         return
     if not sys.stderr.isatty():
-        yield _log_lines(name)
+        yield _Lines(name)
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -51,38 +109,4 @@ def live_progress(name: str, enabled: bool = True) -> Iterator[Callable[[StudyPr
         console=Console(stderr=True),
         transient=False,
     ) as bar:
-        task = bar.add_task(name, total=None, info="starting workers ...")
-
-        def show(progress: StudyProgress) -> None:
-            if progress.budget is not None:
-                bar.update(task, completed=progress.finished, total=progress.budget)
-            else:
-                bar.update(
-                    task,
-                    completed=int(progress.elapsed_seconds),
-                    total=int(progress.budget_seconds or 0) or None,
-                )
-            bar.update(task, info=describe(progress))
-
-        yield show
-
-
-def _log_lines(name: str) -> Callable[[StudyProgress], None]:
-    last = [0.0, -1.0]
-
-    def show(progress: StudyProgress) -> None:
-        now = time.monotonic()
-        if progress.budget:
-            share = progress.finished / progress.budget
-        elif progress.budget_seconds:
-            share = progress.elapsed_seconds / progress.budget_seconds
-        else:
-            share = 0.0
-        step = int(share * 10)
-        if now - last[0] < 60 and step == last[1]:
-            return
-        last[0], last[1] = now, step
-        total = f"/{progress.budget}" if progress.budget else ""
-        print(f"{name}: {progress.finished}{total} trials | {describe(progress)}", file=sys.stderr)
-
-    return show
+        yield _Bar(bar, bar.add_task(name, total=None, info="starting workers ..."))

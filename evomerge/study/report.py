@@ -46,6 +46,7 @@ def format_status(status: Mapping[str, Any]) -> str:
         f"(evomerge pareto --study {status['study']})"
     )
     lines += _worker_lines(status["workers"])
+    lines += _timing_lines(status.get("timings") or {})
     lines += [
         f"{'proposer' if i == 0 else '':<10} {label}: {text}"
         for i, (label, text) in enumerate((status.get("proposer") or {}).items())
@@ -125,6 +126,23 @@ def _cheap_lines(fidelities: Mapping[str, Any] | None) -> list[str]:
             f"{'':<10} best cheap score (not comparable): {cheap['value']:.4f} at "
             f"{cheap['fidelity']}, trial {cheap['trial']} {cheap['label']}"
         )
+    return lines
+
+
+def _timing_lines(timings: Mapping[str, Any]) -> list[str]:
+    """Where a candidate's time goes, on average; nothing for trials that did not record it."""
+    means = {k: v for k, v in (timings.get("mean_seconds") or {}).items() if v is not None}
+    if not timings.get("trials") or not means:
+        return []
+    shown = ", ".join(
+        f"{phase.replace('_', ' ')} {seconds:.3g} s" for phase, seconds in means.items()
+    )
+    lines = [f"{'phases':<10} mean of {timings['trials']} trial(s): {shown}"]
+    how = ", ".join(f"{k} ({v})" for k, v in (timings.get("scored_with") or {}).items())
+    retries = timings.get("oom_retries") or 0
+    if how or retries:
+        extra = f"; {retries} evaluation(s) retried with half the batch" if retries else ""
+        lines.append(f"{'':<10} scored in {how or 'unrecorded'}{extra}")
     return lines
 
 

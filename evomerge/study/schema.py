@@ -18,12 +18,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 3
-"""3: trials record how they were scored (``scored_with``: working dtype and device kind).
+SCHEMA_VERSION = 4
+"""4: trials record where their time went (``timings``: seconds per phase, batch sizes).
+3: trials record how they were scored (``scored_with``: working dtype and device kind).
 2: trials record what the proposer was told and load seconds, studies their wall time
-and the driver that holds them (a lease with a heartbeat). A schema-2 database is upgraded in
-place (one nullable column added); schema 1 was only ever written by development builds and
-is refused, not migrated."""
+and the driver that holds them (a lease with a heartbeat). A schema-2 or -3 database is
+upgraded in place (nullable columns added); schema 1 was only ever written by development
+builds and is refused, not migrated."""
 
 
 def utcnow() -> datetime:
@@ -89,6 +90,9 @@ class TrialRow(Base):
     scored_with: Mapped[str | None] = mapped_column(String(64), nullable=True)
     """How the worker scored the trial: its working dtype and device kind (``float32 on cuda``);
     an export's verification re-scores the same way."""
+    timings: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """Where the trial's time went (JSON): ``merge_math``, ``transfer``, ``copy`` and
+    ``evaluation`` seconds, the evaluators' ``batch_sizes`` and ``oom_retries``."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     study: Mapped[StudyRow] = relationship(back_populates="trials")

@@ -63,6 +63,7 @@ def study_status(store: StudyStore, name: str, latest: int = LATEST_FAILURES) ->
         "pareto_size": len(_front(complete, objectives)),
         "fidelities": _fidelities(complete, objectives),
         "workers": _workers(trials),
+        "timings": mean_timings(trials),
         "proposer": _proposer_notes(store, name),
     }
 
@@ -226,6 +227,23 @@ def _workers(trials: Iterable[TrialView]) -> list[dict[str, Any]]:
         }
         for worker, done in sorted(by_worker.items())
     ]
+
+
+PHASES = ("merge_math", "transfer", "copy", "evaluation")
+"""The phases of a candidate a trial records the seconds of (``TrialView.timings``)."""
+
+
+def mean_timings(trials: Iterable[TrialView]) -> dict[str, Any]:
+    """Mean seconds per phase over the trials that recorded them, how they were scored
+    (``scored_with``: trial count each) and the evaluation out-of-memory retries in all."""
+    timed = [t for t in trials if t.timings]
+    scored = Counter(t.scored_with for t in trials if t.scored_with)
+    return {
+        "trials": len(timed),
+        "mean_seconds": {p: _mean(t.timings.get(p) for t in timed) for p in PHASES},
+        "oom_retries": sum(int(t.timings.get("oom_retries") or 0) for t in timed),
+        "scored_with": dict(scored),
+    }
 
 
 def _mean(values: Iterable[float | None]) -> float | None:

@@ -51,7 +51,7 @@ from evomerge.study.schema import (
     TrialRow,
     utcnow,
 )
-from evomerge.util import first_line
+from evomerge.util import first_line, json_safe
 
 TERMINAL = ("COMPLETE", "FAILED")
 
@@ -225,6 +225,9 @@ class TrialView:
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
     scored_with: str | None = None
     """How the worker scored it: working dtype and device kind, e.g. ``float32 on cuda``."""
+    timings: dict[str, Any] = field(default_factory=dict)
+    """Where its time went: seconds per phase (``merge_math``, ``transfer``, ``copy``,
+    ``evaluation``), the evaluators' ``batch_sizes`` and ``oom_retries``; empty if unrecorded."""
 
     def values(self, objectives: Sequence[Objective], fidelity: str = FULL) -> list[float] | None:
         """The objective values at ``fidelity`` (full by default), None if not scored so."""
@@ -318,8 +321,8 @@ class StudyStore:
                 f"{mask_url(self.url)} was written by a newer evomerge (schema "
                 f"{version}; this one knows {SCHEMA_VERSION}); upgrade evomerge"
             )
-        if version == 2:
-            self._upgrade_from_2()
+        if version in (2, 3):
+            self._upgrade_from(version)
             return
         if version is not None and version < SCHEMA_VERSION:
             raise StorageError(
@@ -328,15 +331,18 @@ class StudyStore:
                 "be upgraded; keep using that version for it, or start a new database"
             )
 
-    def _upgrade_from_2(self) -> None:
-        """Schema 2 to 3: one nullable column (``scored_with``), in one transaction; a
-        concurrent upgrader that added it first is fine."""
+    def _upgrade_from(self, version: int) -> None:
+        """Schema 2 or 3 to 4: the nullable columns added since (``scored_with`` in 3,
+        ``timings`` in 4), in one transaction; a concurrent upgrader that added them first is
+        fine."""
+        added = {"scored_with": "VARCHAR(64)", "timings": "TEXT"}
         with self.engine.begin() as connection:
             columns = {c["name"] for c in inspect(connection).get_columns(TrialRow.__tablename__)}
-            if "scored_with" not in columns:
-                connection.execute(
-                    text(f"ALTER TABLE {TrialRow.__tablename__} ADD COLUMN scored_with VARCHAR(64)")
-                )
+            for name, kind in added.items():
+                if name not in columns:
+                    connection.execute(
+                        text(f"ALTER TABLE {TrialRow.__tablename__} ADD COLUMN {name} {kind}")
+                    )
             connection.execute(
                 update(Meta).where(Meta.key == "schema_version").values(value=str(SCHEMA_VERSION))
             )
@@ -535,6 +541,7 @@ class StudyStore:
         snapshot: tuple[bytes, int] | None = None,
         elapsed_seconds: float | None = None,
         scored_with: str | None = None,
+        timings: Mapping[str, Any] | None = None,
     ) -> None:
         """Record a result and its metrics in one transaction, with what the proposer was told
         (``told``), optionally its state afterwards (``snapshot``: state, results told) and the
@@ -554,6 +561,8 @@ class StudyStore:
         }
         if scored_with is not None:
             values["scored_with"] = scored_with
+        if timings:
+            values["timings"] = json.dumps(json_safe(dict(timings)))
         if told is not None:
             values["tell_seq"] = told.seq
             values["asks_before_tell"] = told.asks_before
@@ -708,6 +717,7 @@ class StudyStore:
                     metrics=scores.get(t.id, {}).get(FULL, {}),
                     scores=scores.get(t.id, {}),
                     scored_with=t.scored_with,
+                    timings={} if t.timings is None else json.loads(t.timings),
                     merge_seconds=t.merge_seconds,
                     eval_seconds=t.eval_seconds,
                     load_seconds=t.load_seconds,
