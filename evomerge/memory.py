@@ -886,6 +886,35 @@ def plans_by_working_dtype(
     }
 
 
+FIXED_GPU_COMPONENTS = ("resident tensors", "working model", "CUDA overhead")
+"""What a worker holds on its GPU whatever it runs: an evaluation can shrink its batch (and does
+when it runs out of memory), these cannot."""
+
+
+def fixed_gpu_bytes(plan: MemoryPlan) -> int:
+    """The GPU bytes of :data:`FIXED_GPU_COMPONENTS` in ``plan``."""
+    return sum(
+        c.bytes for c in plan.components if c.where == "gpu" and c.name in FIXED_GPU_COMPONENTS
+    )
+
+
+def choose_residency(
+    setting: str, on_device: MemoryPlan, on_host: MemoryPlan, usable: int
+) -> tuple[Residency, int | None]:
+    """Where a worker with ``usable`` bytes of GPU memory keeps its sources: ``setting`` as
+    given, or for ``auto`` the device when the whole plan fits, else the host. Returns the
+    residency and, when even its fixed part does not fit, that part's bytes (else None)."""
+    if setting not in ("auto", "device", "host"):
+        raise ConfigError(f"residency '{setting}' is not auto, device or host")
+    chosen: Residency
+    if setting == "auto":
+        chosen = "device" if on_device.gpu_bytes_per_worker <= usable else "host"
+    else:
+        chosen = "device" if setting == "device" else "host"
+    fixed = fixed_gpu_bytes(on_device if chosen == "device" else on_host)
+    return chosen, (fixed if fixed > usable else None)
+
+
 def peak_cpu_bytes(run: Callable[[], Any]) -> int:
     """Measured, not planned: the highest total of CPU bytes torch held allocated while
     ``run()`` ran (allocations minus frees in time order, from the profiler's memory records;

@@ -19,19 +19,21 @@ import yaml
 from evomerge import memory
 from evomerge.checkpoint import ModelFolder
 from evomerge.cli import main
+from evomerge.errors import ConfigError
 from evomerge.memory import (
     Architecture,
     EvalShape,
     ModelSize,
     architecture_from_config,
+    choose_residency,
     evaluation_bytes,
     kv_cache_bytes,
     log_prob_bytes,
     logits_bytes,
+    memory_inputs,
     plan_memory,
     read_model_size,
 )
-from evomerge.study.config import ClusterConfig
 
 REPO = Path(__file__).resolve().parents[1]
 GB = 10**9
@@ -208,8 +210,7 @@ def family_7b(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _tour_study(folder: Path, family: dict[str, Path], **cluster: object) -> Path:
     """The README tour's study, with the bundled toy_facts tasks standing in for gsm8k and
     arc_challenge (their datasets are not here; max_length fixes the arithmetic anyway)."""
-    if "residency" in ClusterConfig.model_fields:
-        cluster.setdefault("residency", "device")  # the tour's "on the GPU" column
+    cluster.setdefault("residency", "device")  # the tour's "on the GPU" column
     data = {
         "name": "hermes-math",
         "base": str(family["base"]),
@@ -368,3 +369,37 @@ def test_check_on_the_toy_zoo_prints_a_memory_line(toy_zoo, tmp_path, capsys, mo
     assert "per worker (cpu, float32): host" in line
     # no max_length: the longest request of the task, tokenized with the base's tokenizer
     assert "batch 64 x" in line and "(longest request of its tasks)" in line
+
+
+def test_a_worker_s_residency_follows_the_plan_and_refuses_what_cannot_shrink(family_7b):
+    """What a worker decides at start from the GPU memory it may use: the sources on the
+    device when the whole plan fits, else on the host; when not even the resident tensors,
+    the working model and the CUDA context fit, it refuses (the evaluation could shrink)."""
+    evaluators = [
+        {"kind": "lm_eval", "tasks": ["toy_facts_a"], "batch_size": 32, "max_length": 2048}
+    ]
+    inputs = memory_inputs(
+        str(family_7b["base"]),
+        [str(family_7b["hermes"]), str(family_7b["math"])],
+        evaluators,
+        "cuda",
+    )
+
+    def plan(residency: str, dtype: str = "bfloat16"):  # type: ignore[no-untyped-def]
+        return plan_memory(
+            inputs.models, inputs.arch, inputs.evaluations, working_dtype=dtype, residency=residency
+        )
+
+    device, host = plan("device"), plan("host")
+    assert device.gpu_bytes_per_worker == HAND_BF16
+    fixed_device = RESIDENT + PARAMS_7B * 2 + 2 * GB  # by hand: sources, working model, CUDA
+    fixed_host = PARAMS_7B * 2 + 2 * GB
+    assert choose_residency("auto", device, host, 80 * GB) == ("device", None)
+    assert choose_residency("auto", device, host, 76 * GB) == ("host", None)
+    assert choose_residency("device", device, host, 76 * GB) == ("device", None)
+    assert choose_residency("device", device, host, 40 * GB) == ("device", fixed_device)
+    assert choose_residency("auto", device, host, 16 * GB) == ("host", fixed_host)
+    fp32 = (plan("device", "float32"), plan("host", "float32"))
+    assert choose_residency("auto", *fp32, 80 * GB) == ("host", None)
+    with pytest.raises(ConfigError, match="residency 'disk' is not auto, device or host"):
+        choose_residency("disk", device, host, 80 * GB)

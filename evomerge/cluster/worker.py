@@ -33,6 +33,7 @@ from evomerge.evaluate.model_loading import fast_matmuls
 from evomerge.memory import default_working_dtype
 from evomerge.merge.engine import InPlaceMerger
 from evomerge.merge.recipe import Recipe, parse_recipe, plan_recipe
+from evomerge.util import format_bytes
 
 Status = Literal["complete", "failed"]
 
@@ -111,8 +112,9 @@ def failed_result(task: CandidateTask, error: str, worker: str) -> CandidateResu
     )
 
 
-def _ray_assigned_cpus() -> float | None:
-    """The CPUs Ray assigned to the current actor, or None outside a Ray worker."""
+def _ray_assigned(resource: str) -> float | None:
+    """How much of ``resource`` (``CPU``, ``GPU``) Ray assigned to the current actor, or None
+    outside a Ray worker."""
     import sys
 
     if "ray" not in sys.modules:  # not running under Ray: do not import it for nothing
@@ -125,7 +127,7 @@ def _ray_assigned_cpus() -> float | None:
         context = ray.get_runtime_context()
         if context.worker.mode != ray.WORKER_MODE:
             return None
-        return float(context.get_assigned_resources().get("CPU", 0.0)) or None
+        return float(context.get_assigned_resources().get(resource, 0.0)) or None
     except Exception:  # an old or unusual Ray: fall back to the default
         return None
 
@@ -162,7 +164,7 @@ class MergeWorker:
         self.worker_id = worker_id
         threads = self.spec.torch_threads
         if threads is None:
-            cpus = _ray_assigned_cpus()
+            cpus = _ray_assigned("CPU")
             threads = max(1, round(cpus)) if cpus else 1
         torch.set_num_threads(threads)
         self.torch_threads = threads
@@ -196,25 +198,42 @@ class MergeWorker:
         return sum(info.nbytes for folder in self.folders for info in folder.tensors.values())
 
     def _residency(self) -> str:
-        """``device`` or ``host``: the spec's choice, or with ``auto`` the device when the
-        memory plan with the sources on it (what ``evomerge check`` prints) fits the GPU's
-        free memory."""
-        if self.spec.residency != "auto" or torch.device(self.spec.device).type != "cuda":
-            return "device" if self.spec.residency == "auto" else self.spec.residency
-        from evomerge.memory import memory_inputs, plan_memory
-
+        """``device`` or ``host`` (see :func:`evomerge.memory.choose_residency`): with ``auto``
+        the device when the memory plan (what ``evomerge check`` prints) fits the GPU memory
+        this worker may use (its Ray share of the GPU, at most what is free). A plan whose
+        fixed part (resident tensors, working model, CUDA context) does not fit is refused
+        here, with the numbers: the evaluation can shrink its batch, the rest cannot."""
         spec = self.spec
+        if torch.device(spec.device).type != "cuda":
+            return "device" if spec.residency == "auto" else spec.residency
+        from evomerge.memory import choose_residency, memory_inputs, plan_memory
+
         inputs = memory_inputs(spec.base, spec.sources, spec.evaluators, spec.device)
-        plan = plan_memory(
-            inputs.models,
-            inputs.arch,
-            inputs.evaluations,
-            device=spec.device,
-            working_dtype=str(self.dtype).removeprefix("torch."),
-            residency="device",
-        )
-        free, _ = torch.cuda.mem_get_info(torch.device(spec.device))
-        return "device" if plan.gpu_bytes_per_worker <= free else "host"
+        plans = {
+            where: plan_memory(
+                inputs.models,
+                inputs.arch,
+                inputs.evaluations,
+                device=spec.device,
+                working_dtype=str(self.dtype).removeprefix("torch."),
+                residency=where,
+            )
+            for where in ("device", "host")
+        }
+        free, total = torch.cuda.mem_get_info(torch.device(spec.device))
+        share = min(1.0, _ray_assigned("GPU") or 1.0)
+        usable = min(free, int(total * share))
+        chosen, short = choose_residency(spec.residency, plans["device"], plans["host"], usable)
+        if short is not None:
+            of = f"{share:g} of " if share < 1 else ""
+            raise ConfigError(
+                f"{self.worker_id}: the models alone need {format_bytes(short)} of GPU memory "
+                f"(resident tensors, working model, CUDA context; residency {chosen}) but this "
+                f"worker may use {format_bytes(usable)} ({of}a {format_bytes(total)} GPU, "
+                f"{format_bytes(free)} free): use residency: host, working_dtype: bfloat16, or "
+                "fewer workers per GPU (evomerge check prints the whole plan)"
+            )
+        return chosen
 
     def info(self) -> dict[str, Any]:
         return {
