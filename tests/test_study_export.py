@@ -398,6 +398,35 @@ def test_verification_rescores_as_the_worker_recorded(toy_zoo, scored, tmp_path,
     assert not (tmp_path / "x").exists()
 
 
+BATCH_EVALUATOR = """
+def batch(model, tokenizer, batch_size):
+    return {"size": batch_size}
+"""
+
+
+def test_verification_uses_the_batch_sizes_the_worker_ran_with(toy_zoo, scored, tmp_path, capsys):
+    """A worker that ran out of memory scores with a halved batch (recorded in the trial's
+    timings); verification re-scores with that batch, not the configured one. An evaluator
+    that reports its batch size makes the difference visible."""
+    (tmp_path / "batch.py").write_text(BATCH_EVALUATOR)
+    evaluator = {"kind": "python", "function": f"{tmp_path / 'batch.py'}:batch", "batch_size": 8}
+    storage = str(tmp_path / "s.db")
+    store = fill(storage, toy_zoo, scored, evaluators=[evaluator])
+    for number, timings in ((9, {"batch_sizes": {"python:batch": 2}, "oom_retries": 2}), (10, {})):
+        store.add_trial("toy", number, role="proposal", label="p", recipe=scored[1]["recipe"])
+        store.finish_trial(
+            "toy", number, state="COMPLETE", metrics={"batch/size": 2.0}, timings=timings
+        )
+    verify = ("--verify", "--quiet")
+    assert (
+        run(export_args(storage, "--trial", "9", "--out", tmp_path / "a", *verify), capsys)[0] == 0
+    )
+    code, _, err = run(
+        export_args(storage, "--trial", "10", "--out", tmp_path / "b", *verify), capsys
+    )
+    assert code == 1 and "batch/size is 8.0 in the exported model but 2.0" in err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a CPU-only machine")
 def test_export_merges_on_the_study_device_or_says_why_not(toy_zoo, scored, tmp_path, capsys):
     storage = str(tmp_path / "s.db")

@@ -146,15 +146,24 @@ def score_model(
     evaluators: Sequence[Mapping[str, Any]],
     limit: int | float | None,
     split: str = "search",
+    batch_sizes: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, float], float]:
-    """Build the evaluators from their config mappings, score ``model``, close them."""
+    """Build the evaluators from their config mappings, score ``model``, close them.
+    ``batch_sizes`` (by evaluator name, as ``EvaluatorSuite.last_batch_sizes`` records them)
+    replaces their batch sizes: a trial a worker scored after halving a batch is re-scored
+    with the same batches."""
     from evomerge.evaluate.registry import build_evaluator
 
     built: list[Evaluator] = []
     try:
         for config in evaluators:
             built.append(build_evaluator(dict(config), model, tokenizer))
-        return EvaluatorSuite(built).evaluate(limit, split)
+        suite = EvaluatorSuite(built)
+        for name, evaluator in zip(suite.names, suite.evaluators, strict=True):
+            size = (batch_sizes or {}).get(name)
+            if size is not None and evaluator.batch_size is not None:
+                evaluator.resize_batch(int(size))
+        return suite.evaluate(limit, split)
     finally:
         for evaluator in built:
             evaluator.close()
@@ -167,13 +176,15 @@ def score_folder(
     device: str = "cpu",
     dtype: str | None = None,
     split: str = "search",
+    batch_sizes: Mapping[str, int] | None = None,
 ) -> dict[str, float]:
     """Load a model folder in ``dtype`` (see :func:`load_model_for_eval`) and score it with the
-    evaluators; float32 is what a study worker scores in."""
+    evaluators (``batch_sizes``: see :func:`score_model`); float32 is what a study worker
+    scores in on a CPU."""
     from evomerge.evaluate.model_loading import load_model_for_eval
 
     model, tokenizer = load_model_for_eval(folder, device=device, dtype=dtype)
-    metrics, _ = score_model(model, tokenizer, evaluators, limit, split)
+    metrics, _ = score_model(model, tokenizer, evaluators, limit, split, batch_sizes)
     return metrics
 
 

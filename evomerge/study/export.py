@@ -412,10 +412,11 @@ def _verify(
     changed: str | None,
     out: Path,
 ) -> dict[str, float] | None:
-    """Score the staged folder as the worker did and require the recorded metrics; when it is
-    written in another dtype, also score it as written: those scores, else None. When the
-    export merged to another dtype than the trial (``changed`` says how), the worker's scores
-    cannot be reproduced: it is scored as written only, to be shown beside them."""
+    """Score the staged folder as the worker did (its working dtype and batch sizes) and
+    require the recorded metrics; when it is written in another dtype, also score it as
+    written: those scores, else None. When the export merged to another dtype than the trial
+    (``changed`` says how), the worker's scores cannot be reproduced: it is scored as written
+    only, to be shown beside them."""
     fidelity, recorded = trial.search_scores
     if not recorded:
         raise ConfigError(f"trial {trial.number} has no recorded metrics to verify against")
@@ -426,9 +427,10 @@ def _verify(
 
     working = working_dtype(trial)
     limit = fidelity_limit(fidelity)
+    batches = trial.timings.get("batch_sizes") or None  # as the worker ran them
     if changed is not None:
-        return score_folder(staging, evaluators, limit, device, dtype=written)
-    measured = score_folder(staging, evaluators, limit, device, dtype=working)
+        return score_folder(staging, evaluators, limit, device, written, batch_sizes=batches)
+    measured = score_folder(staging, evaluators, limit, device, working, batch_sizes=batches)
     problem = first_mismatch(recorded, measured)
     if problem is not None:
         scored = trial.scored_with or f"{working} (not recorded)"
@@ -439,7 +441,7 @@ def _verify(
         )
     if written == working:
         return None
-    return score_folder(staging, evaluators, limit, device, dtype=written)
+    return score_folder(staging, evaluators, limit, device, written, batch_sizes=batches)
 
 
 def _dtype_change(trial: TrialView, recipe: Recipe) -> str | None:
