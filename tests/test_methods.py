@@ -209,9 +209,64 @@ def test_fisher_weighted_average() -> None:
     # weights 2, 1: [(2*1*1 + 3*3) / (2 + 3), (2*3*2 + 1*6) / (6 + 1)]
     weights = [{"weight": 2.0}, {"weight": 1.0}]
     close(merge_tensor("fisher", None, [x1, x2], {}, weights, ctx), [11 / 5, 18 / 7])
-    # All-zero Fisher: both clamp to the floor, a plain average.
+    # All-zero Fisher: no information, a plain average.
     zero = TensorContext(name=NAME, aux={"fisher": [torch.zeros(2, dtype=F64)] * 2})
     close(merge_tensor("fisher", None, [x1, x2], {}, None, zero), [2.0, 4.0])
+    # One source all zero: the tensor is the weighted average (weights 2, 1).
+    one_zero = TensorContext(name=NAME, aux={"fisher": [torch.zeros(2, dtype=F64), vec(5.0, 1.0)]})
+    close(merge_tensor("fisher", None, [x1, x2], {}, weights, one_zero), [5 / 3, 10 / 3])
+
+
+def test_fisher_floor_is_relative_to_each_sources_mean() -> None:
+    x1, x2 = vec(0.0, 0.0, 0.0, 0.0), vec(1.0, 1.0, 1.0, 1.0)
+    f1 = vec(0.0, 2.0, 4.0, 2.0)  # mean 2: floor 0.25 x 2 = 0.5 lifts the 0
+    f2 = vec(1.0, 1.0, 1.0, 1.0)  # mean 1: untouched
+    ctx = TensorContext(name=NAME, aux={"fisher": [f1, f2]})
+    out = merge_tensor("fisher", None, [x1, x2], {"fisher_floor": 0.25}, None, ctx)
+    close(out, [1 / 1.5, 1 / 3, 1 / 5, 1 / 3])
+    # The default floor, 1e-3 of the mean: the 0 counts 0.002.
+    out = merge_tensor("fisher", None, [x1, x2], {}, None, ctx)
+    close(out, [1 / 1.002, 1 / 3, 1 / 5, 1 / 3])
+    assert get_method("fisher").param("fisher_floor").default == 1e-3
+
+
+@pytest.mark.parametrize("scales", [(1.0, 1.0, 1.0), (3e-9, 1e-10, 7e-9), (2.0, 5e-3, 1e4)])
+def test_fisher_with_constant_fisher_is_the_weighted_average(scales) -> None:
+    """F_i = c_i everywhere: sum_i w_i c_i x_i / sum_i w_i c_i, whatever the c_i (NumPy oracle)."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    xs = [rng.normal(size=(5, 3)) for _ in scales]
+    ws = [0.5, 1.5, 2.0]
+    fishers = [torch.full((5, 3), c, dtype=F64) for c in scales]
+    ctx = TensorContext(name=NAME, aux={"fisher": fishers})
+    out = merge_tensor(
+        "fisher", None, [torch.from_numpy(x) for x in xs], {}, [{"weight": w} for w in ws], ctx
+    )
+    k = [w * c for w, c in zip(ws, scales, strict=True)]
+    oracle = sum(ki * x for ki, x in zip(k, xs, strict=True)) / sum(k)
+    np.testing.assert_allclose(out.numpy(), oracle, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_fisher_is_invariant_to_scaling_every_fisher(dtype) -> None:
+    """Multiplying every source's Fisher by 1e-9 (typical LLM values) changes nothing; an
+    absolute floor would make that a plain average."""
+    generator = torch.Generator().manual_seed(0)
+    xs = [torch.randn(64, generator=generator, dtype=dtype) for _ in range(3)]
+    fishers = [torch.rand(64, generator=generator, dtype=dtype) ** 4 for _ in range(3)]
+    fishers[0][:8] = 0.0  # entries the data never reached: floored
+    per_source = [{"weight": 1.0}, {"weight": 2.0}, {"weight": 0.5}]
+
+    def merged(scale: float) -> torch.Tensor:
+        ctx = TensorContext(name=NAME, aux={"fisher": [f * scale for f in fishers]})
+        return merge_tensor("fisher", None, xs, {}, per_source, ctx)
+
+    reference = merged(1.0)
+    torch.testing.assert_close(merged(1e-9), reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(merged(1e6), reference, rtol=1e-5, atol=1e-6)
+    plain = sum(w["weight"] * x for w, x in zip(per_source, xs, strict=True)) / 3.5
+    assert not torch.allclose(reference, plain, atol=1e-2)
 
 
 def test_fisher_rejects_bad_fisher_tensors() -> None:
@@ -411,6 +466,7 @@ X = torch.ones(3)
         ("slerp", [X], {}, [{}], "t"),
         ("slerp", [X], {"t": 0.5, "dot_threshold": 0.0}, [{}], "dot_threshold"),
         ("fisher", [X], {"fisher_floor": 0.0}, [{}], "fisher_floor"),
+        ("fisher", [X], {"fisher_floor": 1.5}, [{}], "fisher_floor"),
         ("fisher", [X], {}, [{"weight": -1.0}], "weight"),
     ],
 )

@@ -15,7 +15,17 @@ from collections.abc import Callable, Sequence
 from evomerge import __version__
 from evomerge.errors import EvomergeError
 
-COMMAND_GROUPS = ("merge", "models", "run", "study", "plot", "export", "dashboard", "reference")
+COMMAND_GROUPS = (
+    "merge",
+    "models",
+    "fisher",
+    "run",
+    "study",
+    "plot",
+    "export",
+    "dashboard",
+    "reference",
+)
 """The modules of this package that register commands, in the order ``--help`` lists them."""
 
 
