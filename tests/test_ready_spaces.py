@@ -32,6 +32,7 @@ from evomerge.merge.plan import MergePlan, TensorJob
 from evomerge.merge.recipe import plan_recipe
 from evomerge.merge.registry import get_method
 from evomerge.space import SEARCH_SPACES_DIR, BoundSpace, Gene, load_space
+from tests.helpers import write_random_fisher
 
 SPACES_DIR = Path(os.environ.get("EVOMERGE_SPACES_UNDER_TEST", SEARCH_SPACES_DIR))
 SPACE_FILES = sorted(SPACES_DIR.glob("*.yaml"))
@@ -49,7 +50,9 @@ def moved(before: torch.Tensor, after: torch.Tensor) -> bool:
 class Probe:
     """A space bound to the toy zoo and the merge of its reference genome, tensor by tensor."""
 
-    def __init__(self, path: Path, zoo: dict[str, Path], tensors: Callable) -> None:
+    def __init__(
+        self, path: Path, zoo: dict[str, Path], tensors: Callable, fisher: dict[str, Path]
+    ) -> None:
         self.space = load_space(path)
         labels = ["ft_b"] if self.space.method == "slerp" else ["ft_a", "ft_b"]
         self.base = str(zoo["base"])
@@ -58,6 +61,9 @@ class Probe:
             ModelFolder(zoo["base"], label="base"),
             *(ModelFolder(zoo[label], label=label) for label in labels),
         ]
+        self.fisher: list[str] | None = None
+        if "fisher" in get_method(self.space.method).aux:  # stand-in diagonals, one per source
+            self.fisher = [str(fisher[label]) for label in labels]
         self.bound: BoundSpace = self.space.bind(self.folders[0], labels)
         self.tensors = tensors
         self.reference = self.bound.uniform_genomes()[0]
@@ -65,8 +71,12 @@ class Probe:
         self.cache: dict[str, torch.Tensor] = {}
 
     def plan(self, genome: np.ndarray) -> MergePlan:
-        recipe = self.bound.decode(genome, self.base, self.sources)
-        return plan_recipe(recipe, self.folders)
+        recipe = self.bound.decode(genome, self.base, self.sources, self.fisher)
+        aux = {
+            index: ModelFolder(path, label=f"fisher {index}", require_config=False)
+            for index, path in enumerate(self.fisher or [])
+        }
+        return plan_recipe(recipe, self.folders, aux)
 
     def merge(self, plan: MergePlan, job: TensorJob) -> torch.Tensor:
         return merge_job(
@@ -116,7 +126,7 @@ def tensors(toy_zoo: dict[str, Path]):  # type: ignore[no-untyped-def]
 
     def get(path: str) -> dict[str, torch.Tensor]:
         if path not in loaded:
-            folder = ModelFolder(path)
+            folder = ModelFolder(path, require_config=(Path(path) / "config.json").is_file())
             loaded[path] = {name: folder.read(name, "cpu") for name in folder.tensors}
             folder.close()
         return loaded[path]
@@ -126,13 +136,20 @@ def tensors(toy_zoo: dict[str, Path]):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module")
-def probe_of(toy_zoo: dict[str, Path], tensors: Callable) -> Callable[[Path], Probe]:
-    """The probe of a space file, built once per module."""
+def probe_of(
+    toy_zoo: dict[str, Path], tensors: Callable, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[Path], Probe]:
+    """The probe of a space file, built once per module (with stand-in Fisher diagonals)."""
     probes: dict[Path, Probe] = {}
+    root = tmp_path_factory.mktemp("fisher")
+    fisher = {
+        label: write_random_fisher(toy_zoo[label], root / label, seed)
+        for seed, label in enumerate(("ft_a", "ft_b"))
+    }
 
     def get(path: Path) -> Probe:
         if path not in probes:
-            probes[path] = Probe(path, toy_zoo, tensors)
+            probes[path] = Probe(path, toy_zoo, tensors, fisher)
         return probes[path]
 
     return get

@@ -12,8 +12,9 @@ from evomerge.errors import ConfigError
 from evomerge.merge.config_file import plan_from_file
 from evomerge.merge.engine import merge_to_folder
 from evomerge.merge.recipe import open_recipe_models, plan_recipe
+from evomerge.merge.registry import get_method
 from evomerge.space import SEARCH_SPACES_DIR, load_space, parse_space
-from tests.helpers import copy_model, load_folder
+from tests.helpers import copy_model, load_folder, write_random_fisher
 
 READY = sorted(p.stem for p in SEARCH_SPACES_DIR.glob("*.yaml"))
 
@@ -24,7 +25,8 @@ def _sources(space_name: str) -> list[str]:
 
 def test_every_kind_of_ready_space_exists():
     methods = ["task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della", "slerp"]
-    assert READY == sorted(f"{m}_{v}" for m in methods for v in ("global", "per_layer"))
+    expected = [f"{m}_{v}" for m in methods for v in ("global", "per_layer")]
+    assert READY == sorted([*expected, "fisher_per_layer"])
 
 
 @pytest.mark.parametrize("name", READY)
@@ -33,7 +35,13 @@ def test_decode_encode_round_trip_and_the_recipe_merges(name, family, tmp_path):
     space = load_space(name).bind(ModelFolder(family["base"]), _sources(name))
     genome = np.random.default_rng(1).random(space.dimension)
     folders = [str(family[s]) for s in _sources(name)]
-    recipe = space.decode(genome, str(family["base"]), folders)
+    fisher = None
+    if "fisher" in get_method(space.method.name).aux:
+        fisher = [
+            str(write_random_fisher(family[s], tmp_path / f"fisher_{s}", i))
+            for i, s in enumerate(_sources(name))
+        ]
+    recipe = space.decode(genome, str(family["base"]), folders, fisher)
     np.testing.assert_allclose(space.encode(recipe), genome, atol=1e-12)
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe.model_dump(exclude_defaults=True)))

@@ -33,6 +33,7 @@ from evomerge.evaluate.model_loading import fast_matmuls
 from evomerge.memory import default_working_dtype
 from evomerge.merge.engine import InPlaceMerger
 from evomerge.merge.recipe import Recipe, parse_recipe, plan_recipe
+from evomerge.merge.registry import get_method
 from evomerge.util import format_bytes
 
 Status = Literal["complete", "failed"]
@@ -51,6 +52,9 @@ class WorkerSpec(BaseModel):
     device: str = "cpu"
     working_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="dtype candidates are built and scored in; None: bfloat16 on cuda"
+    )
+    fisher: list[str] | None = Field(
+        None, description="each source's Fisher-diagonal folder, in order (method fisher)"
     )
     residency: Literal["auto", "device", "host"] = Field(
         "auto", description="where the base and sources stay: on the device, or on the host"
@@ -176,13 +180,17 @@ class MergeWorker:
             ),
         ]
         check_compatible(self.folders)
+        self.fisher_folders = [
+            ModelFolder(path, label=f"fisher of {folder.label}", require_config=False)
+            for path, folder in zip(self.spec.fisher or [], self.folders[1:], strict=False)
+        ]
+        """Each source's Fisher diagonal (``spec.fisher``), held after the models."""
         self.dtype = working_dtype(self.spec)
         fast_matmuls(self.spec.device)
         self.residency = self._residency()
-        self.merger = InPlaceMerger(self.folders, device=self.spec.device, resident=self.residency)
-        self._views: dict[tuple[int, ...], InPlaceMerger] = {
-            tuple(range(len(self.folders))): self.merger
-        }
+        held = [*self.folders, *self.fisher_folders]
+        self.merger = InPlaceMerger(held, device=self.spec.device, resident=self.residency)
+        self._views: dict[tuple[int, ...], InPlaceMerger] = {tuple(range(len(held))): self.merger}
         self.model = AutoModelForCausalLM.from_pretrained(
             self.spec.base, dtype=self.dtype, trust_remote_code=False
         ).to(self.spec.device)
@@ -195,7 +203,8 @@ class MergeWorker:
 
     def resident_bytes(self) -> int:
         """Bytes of the base and sources as held (their stored dtype)."""
-        return sum(info.nbytes for folder in self.folders for info in folder.tensors.values())
+        held = [*self.folders, *self.fisher_folders]
+        return sum(info.nbytes for folder in held for info in folder.tensors.values())
 
     def _residency(self) -> str:
         """``device`` or ``host`` (see :func:`evomerge.memory.choose_residency`): with ``auto``
@@ -208,7 +217,7 @@ class MergeWorker:
             return "device" if spec.residency == "auto" else spec.residency
         from evomerge.memory import choose_residency, memory_inputs, plan_memory
 
-        inputs = memory_inputs(spec.base, spec.sources, spec.evaluators, spec.device)
+        inputs = memory_inputs(spec.base, spec.sources, spec.evaluators, spec.device, spec.fisher)
         plans = {
             where: plan_memory(
                 inputs.models,
@@ -217,6 +226,7 @@ class MergeWorker:
                 device=spec.device,
                 working_dtype=str(self.dtype).removeprefix("torch."),
                 residency=where,
+                fisher=inputs.fisher,
             )
             for where in ("device", "host")
         }
@@ -257,8 +267,11 @@ class MergeWorker:
         held = ", ".join(str(f.path) for f in self.folders)
         raise ConfigError(f"{what} {path} is not a model this worker holds ({held})")
 
-    def _resolve(self, recipe: Recipe) -> tuple[InPlaceMerger, list[ModelFolder]]:
-        """The merger and the opened folders (labelled as the recipe names them) to plan with."""
+    def _resolve(
+        self, recipe: Recipe
+    ) -> tuple[InPlaceMerger, list[ModelFolder], dict[int, ModelFolder]]:
+        """The merger, the opened folders (labelled as the recipe names them) and the sources'
+        Fisher diagonals (by source number, for a method that needs them) to plan with."""
         indices: list[int] = []
         labels: list[str] = []
         if recipe.base is not None:
@@ -273,7 +286,8 @@ class MergeWorker:
             indices.append(index)
             label = source.label or self.folders[index].label
             labels.append(f"{label}#{number}" if label in labels else label)
-        key = tuple(indices)
+        aux = self._fisher_for(recipe, indices[1:] if recipe.base is not None else indices)
+        key = tuple(indices) + tuple(len(self.folders) + i - 1 for i in aux.values())
         if key not in self._views:
             self._views[key] = _ResidentView(self.merger, key)
         folders = []
@@ -281,7 +295,31 @@ class MergeWorker:
             folder = copy.copy(self.folders[index])
             folder.label = label
             folders.append(folder)
-        return self._views[key], folders
+        fisher = {number: self.fisher_folders[index - 1] for number, index in aux.items()}
+        return self._views[key], folders, fisher
+
+    def _fisher_for(self, recipe: Recipe, sources: list[int]) -> dict[int, int]:
+        """For a method that weighs sources by their Fisher diagonals: recipe source number ->
+        held model index of that source (its diagonal is held at the same offset); else {}."""
+        if "fisher" not in get_method(recipe.method).aux:
+            return {}
+        if not self.fisher_folders:
+            raise ConfigError(
+                f"method '{recipe.method}' needs each source's Fisher diagonal, and this worker "
+                "holds none: set 'fisher' in the study (one folder per source)"
+            )
+        found = {}
+        for number, (source, index) in enumerate(zip(recipe.sources, sources, strict=True)):
+            if index == 0:
+                raise ConfigError(f"sources[{number}] is the base, which has no Fisher diagonal")
+            held = self.fisher_folders[index - 1]
+            if source.fisher and not _same_folder(source.fisher, held.path):
+                raise ConfigError(
+                    f"sources[{number}].fisher {source.fisher} is not the Fisher diagonal this "
+                    f"worker holds for {source.model} ({held.path})"
+                )
+            found[number] = index
+        return found
 
     def run(self, task: CandidateTask) -> CandidateResult:
         """Merge ``task.recipe`` into the model and evaluate it; errors a candidate can cause
@@ -292,8 +330,8 @@ class MergeWorker:
         timings: dict[str, Any] = {}
         try:
             recipe = parse_recipe(task.recipe, where=f"trial {task.key} recipe")
-            merger, folders = self._resolve(recipe)
-            plan = plan_recipe(recipe, folders)
+            merger, folders, fisher = self._resolve(recipe)
+            plan = plan_recipe(recipe, folders, fisher)
             build = merger.merge_into(plan, self.model)
             merge_seconds = time.perf_counter() - start
             timings.update(

@@ -137,6 +137,9 @@ class StudyConfig(_Strict):
     """Folder of the base model (Hugging Face layout, safetensors) the sources were tuned from."""
     sources: list[str] = Field(min_length=1)
     """Folders of the fine-tunes to merge; each one's folder name is its label."""
+    fisher: list[str] | None = None
+    """Each source's Fisher-diagonal folder (``evomerge fisher``), in the order of ``sources``:
+    needed by, and only accepted with, a space whose method is ``fisher``."""
     space: str | dict[str, Any]
     """The search space: a ready space's name (``search_spaces/``), a YAML file, or a mapping
     (see Search spaces below)."""
@@ -209,6 +212,11 @@ def parse_study_config(data: dict[str, Any], where: str, folder: Path | None = N
     if isinstance(config.budget, int) and config.budget < 1:
         raise ConfigError(f"{where}: budget: must be at least 1 trial, got {config.budget}")
     _check_gpus(config, where)
+    if config.fisher is not None and len(config.fisher) != len(config.sources):
+        raise ConfigError(
+            f"{where}: fisher: one Fisher folder per source, in the order of sources: "
+            f"{len(config.sources)} sources but {len(config.fisher)} Fisher folders"
+        )
     if folder is not None:
         config = _resolved(config, folder)
     for index, evaluator in enumerate(config.evaluators):
@@ -250,6 +258,7 @@ def worker_spec(config: StudyConfig, device: str | None = None) -> Any:
         sources=config.sources,
         evaluators=config.evaluators,
         device=device or config.device,
+        fisher=config.fisher,
         working_dtype=study_working_dtype(config),  # type: ignore[arg-type]
         residency=config.cluster.residency,
     )
@@ -274,6 +283,7 @@ def _resolved(config: StudyConfig, folder: Path) -> StudyConfig:
         update={
             "base": path(config.base),
             "sources": [path(s) for s in config.sources],
+            "fisher": None if config.fisher is None else [path(f) for f in config.fisher],
             "space": space,
             "storage": storage,
             "evaluators": [anchor_evaluator_paths(dict(e), folder) for e in config.evaluators],

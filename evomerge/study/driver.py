@@ -230,7 +230,9 @@ class StudyDriver:
         return out if self.config.baselines else []
 
     def _recipe(self, genome: np.ndarray) -> dict[str, Any]:
-        recipe = self.space.decode(genome, self.config.base, self.config.sources)
+        recipe = self.space.decode(
+            genome, self.config.base, self.config.sources, self.config.fisher
+        )
         return recipe.model_dump(exclude_defaults=True)
 
     def _job(self, job: _Job) -> int:

@@ -39,6 +39,7 @@ def preflight(config: StudyConfig, where: str) -> None:
         check_compatible([base, *sources])
     with _naming(where, "space"):
         space = space_from_setting(config.space).bind(base, labels)
+    _check_fisher(config, where, base, labels, "fisher" in space.method.aux, space.method.name)
     with _naming(where, "proposer"):
         build_space_proposer(config.proposer, space, config.objectives)
     prefixes: set[str] | None = set()
@@ -121,6 +122,49 @@ def stand_in_model(base: ModelFolder) -> tuple[Any, Any] | None:
 
 def _positive_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _check_fisher(
+    config: StudyConfig,
+    where: str,
+    base: ModelFolder,
+    labels: list[str],
+    needed: bool,
+    method: str,
+) -> None:
+    """``fisher`` is given exactly when the space's method uses it, one folder per source,
+    each with a float32-or-wider diagonal of the base's shape for every float tensor."""
+    from evomerge.checkpoint import ModelFolder
+
+    if needed and not config.fisher:
+        raise ConfigError(
+            f"{where}: fisher: the space merges with method '{method}', which weighs each "
+            "source by its Fisher diagonal: give one folder per source, in the order of "
+            "sources (make them with: evomerge fisher SOURCE --out DIR --tasks ...)"
+        )
+    if config.fisher and not needed:
+        raise ConfigError(
+            f"{where}: fisher: the space's method '{method}' does not use Fisher diagonals; "
+            "remove 'fisher', or search a space of method fisher (e.g. fisher_per_layer)"
+        )
+    for index, path in enumerate(config.fisher or []):
+        with _naming(where, f"fisher[{index}]"):
+            folder = ModelFolder(path, label=f"fisher of {labels[index]}", require_config=False)
+            for name, info in base.tensors.items():
+                if not info.dtype.is_floating_point:
+                    continue
+                held = folder.tensors.get(name)
+                if held is None:
+                    raise ConfigError(
+                        f"{folder.path} has no Fisher diagonal for tensor {name} (is it the "
+                        f"Fisher of {labels[index]}, a fine-tune of this base?)"
+                    )
+                if held.shape != info.shape:
+                    raise ConfigError(
+                        f"{folder.path}: the Fisher diagonal of {name} has shape "
+                        f"{list(held.shape)}, the base's tensor {list(info.shape)}"
+                    )
+            folder.close()
 
 
 @contextmanager
