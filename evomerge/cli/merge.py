@@ -24,7 +24,14 @@ def add_commands(commands: Any) -> None:
         "merge",
         help="merge models from an evomerge recipe or a mergekit YAML",
         description="Merge models from an evomerge recipe or a mergekit YAML (auto-detected) "
-        "into a Hugging Face folder. The folder appears only when the merge is complete.",
+        "into a Hugging Face folder. The folder appears only when the merge is complete. "
+        "A source may be a PEFT LoRA adapter folder (adapter_config.json + "
+        "adapter_model.safetensors) of the base: it merges as the exact fine-tune "
+        "base + B@A*alpha/r (alpha/sqrt(r) with rsLoRA). In a recipe, name the adapter folder as "
+        "a source (the recipe needs a base); in a mergekit YAML, write 'model: BASE+ADAPTER' "
+        "(the adapter applied to BASE) or name the adapter folder alone (applied to "
+        "base_model). DoRA, trained biases, modules_to_save, alpha_pattern and embedding LoRA "
+        "are refused.",
     )
     merge.add_argument("config", type=Path, help="recipe or mergekit YAML")
     merge.add_argument("out_dir", type=Path, help="output folder (must be empty or absent)")

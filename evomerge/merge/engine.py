@@ -85,17 +85,11 @@ def _first_ref(job: TensorJob) -> TensorRef:
 
 
 def open_plan_models(plan: MergePlan, allow_pickle: bool = False) -> list[ModelFolder]:
-    """Open the plan's models (already validated when the plan was built; Fisher folders
-    have no config.json)."""
-    return [
-        ModelFolder(
-            path,
-            label=label,
-            allow_pickle=allow_pickle,
-            require_config=(Path(path) / "config.json").is_file(),
-        )
-        for path, label in zip(plan.models, plan.labels)
-    ]
+    """Open the plan's models (already validated when the plan was built): LoRA adapters over
+    their bases, Fisher folders without a config.json (see :func:`open_plan_sources`)."""
+    from evomerge.adapters import open_plan_sources
+
+    return open_plan_sources(plan, allow_pickle)  # type: ignore[return-value]
 
 
 def merge_to_folder(

@@ -14,6 +14,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from evomerge.adapters import (
+    ADAPTER_CONFIG,
+    AdapterFolder,
+    Source,
+    is_adapter_folder,
+    open_source,
+    plan_extra,
+)
 from evomerge.checkpoint import ModelFolder, check_compatible
 from evomerge.errors import ConfigError
 from evomerge.merge.plan import MergePlan, TensorJob, TensorRef, freeze
@@ -117,20 +125,50 @@ def plan_mergekit(
     """Resolve a mergekit config into a plan with mergekit's semantics."""
     method = _method_for(config.merge_method)
     paths: list[str] = []
-    folders: list[ModelFolder] = []
+    folders: list[Source] = []
 
-    def model_index(ref: str) -> int:
-        if "+" in ref and not Path(resolve_path(ref, relative_to)).exists():
-            raise ConfigError(f"model '{ref}': LoRA references (model+lora) are not supported")
-        path = str(Path(resolve_path(ref, relative_to)).resolve())
-        if path not in paths:
+    def folder_index(path: str, ref: str, base: int | None = None) -> int:
+        key = path if base is None else f"{paths[base]}+{path}"
+        if key not in paths:
             if not Path(path).exists():
                 raise ConfigError(
                     f"model '{ref}' is not a local folder (evomerge never downloads models)"
                 )
-            paths.append(path)
-            folders.append(ModelFolder(path, label=_label(ref, folders), allow_pickle=allow_pickle))
-        return paths.index(path)
+            if base is None and is_adapter_folder(path):
+                if config.base_model is None or ref == config.base_model:
+                    raise ConfigError(
+                        f"model '{ref}' is a LoRA adapter: name the model it applies to as "
+                        "'BASE+ADAPTER', or set base_model"
+                    )
+                return folder_index(path, ref, model_index(config.base_model))
+            base_folder = folders[base] if base is not None else None
+            folder = open_source(
+                path,
+                label=_label(ref, folders),
+                base=base_folder if isinstance(base_folder, ModelFolder) else None,
+                allow_pickle=allow_pickle,
+            )
+            if base is not None and not isinstance(folder, AdapterFolder):
+                raise ConfigError(
+                    f"model '{ref}': '{Path(path).name}' after '+' is not a LoRA adapter folder "
+                    f"({ADAPTER_CONFIG} missing)"
+                )
+            paths.append(key)
+            folders.append(folder)
+        return paths.index(key)
+
+    def model_index(ref: str) -> int:
+        """A model reference: a folder, an adapter folder (over base_model), or mergekit's
+        ``BASE+ADAPTER`` (the adapter applied to BASE)."""
+        whole = Path(resolve_path(ref, relative_to))
+        if "+" in ref and not whole.exists():
+            base_ref, adapter_ref = ref.split("+", 1)
+            base = folder_index(str(Path(resolve_path(base_ref, relative_to)).resolve()), base_ref)
+            if isinstance(folders[base], AdapterFolder):
+                raise ConfigError(f"model '{ref}': '{base_ref}' is itself a LoRA adapter")
+            adapter = str(Path(resolve_path(adapter_ref, relative_to)).resolve())
+            return folder_index(adapter, ref, base)
+        return folder_index(str(whole.resolve()), ref)
 
     base_index = model_index(config.base_model) if config.base_model else None
     slices = config.slices or [_models_as_slice(config, folders, model_index, base_index)]
@@ -150,7 +188,7 @@ def plan_mergekit(
                 f"(layer_range is [first, last + 1)): {spans}"
             )
         resolved_slices.append((out_slice, slice_base, inputs, lengths.pop()))
-    check_compatible(folders)
+    check_compatible(folders)  # type: ignore[arg-type]  # an adapter mirrors its base
     reference = folders[resolved_slices[0][2][0][0]]
     jobs: list[TensorJob] = []
     pre = [n for n in reference.tensors if layer_index(n) is None and tensor_kind(n) == "embedding"]
@@ -179,6 +217,8 @@ def plan_mergekit(
     for name in post:
         jobs.append(_mk_job(config, method, resolved_slices[-1], name, name, 0.0))
     first = base_index if base_index is not None else resolved_slices[0][2][0][0]
+    if isinstance(folders[first], AdapterFolder):  # config and tokenizer from its base
+        first = folders.index(folders[first].base)  # type: ignore[union-attr]
     tokenizer = first
     if config.tokenizer_source not in (None, "base"):
         if config.tokenizer_source == "union":
@@ -196,10 +236,11 @@ def plan_mergekit(
         config_model=first,
         tokenizer_model=tokenizer,
         num_layers=out_layer,
+        extra=plan_extra(folders),
     )
 
 
-def _label(ref: str, existing: list[ModelFolder]) -> str:
+def _label(ref: str, existing: list[Source]) -> str:
     label = Path(ref.rstrip("/")).name or ref
     taken = {f.label for f in existing}
     return label if label not in taken else f"{label}#{len(existing)}"
@@ -221,8 +262,15 @@ def _dtype(name: str | None, field: str) -> str | None:
     return aliases[name]
 
 
+def _reference(folder: Source) -> str:
+    """A model reference that :func:`plan_mergekit` resolves back to ``folder``."""
+    if isinstance(folder, AdapterFolder):
+        return f"{folder.base.path.as_posix()}+{folder.path.as_posix()}"
+    return folder.path.as_posix()
+
+
 def _models_as_slice(
-    config: MergekitConfig, folders: list[ModelFolder], model_index: Any, base_index: int | None
+    config: MergekitConfig, folders: list[Source], model_index: Any, base_index: int | None
 ) -> MkOutputSlice:
     """mergekit's normalization: ``models:`` is one slice over all layers, base appended."""
     sources = []
@@ -233,16 +281,14 @@ def _models_as_slice(
         layers = folders[index].num_layers or 1
         sources.append(
             MkInputSlice(
-                model=folders[index].path.as_posix(),
+                model=_reference(folders[index]),
                 layer_range=(0, layers),
                 parameters=entry.parameters,
             )
         )
     if base_index is not None and base_index not in listed:
         layers = folders[base_index].num_layers or 1
-        sources.append(
-            MkInputSlice(model=folders[base_index].path.as_posix(), layer_range=(0, layers))
-        )
+        sources.append(MkInputSlice(model=_reference(folders[base_index]), layer_range=(0, layers)))
     return MkOutputSlice(sources=sources)
 
 
@@ -395,7 +441,7 @@ def recipe_to_mergekit(recipe: Recipe, relative_to: Path | None = None) -> dict[
     entries = []
     offset = 1 if recipe.base is not None else 0
     for index, source in enumerate(recipe.sources):
-        entry: dict[str, Any] = {"model": str(models[index + offset].path)}
+        entry: dict[str, Any] = {"model": _reference(models[index + offset])}
         if source.parameters:
             entry["parameters"] = {
                 k: _to_mk_setting(k, v, names) for k, v in source.parameters.items()

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from evomerge.adapters import Source, open_source, plan_extra
 from evomerge.checkpoint import ModelFolder, check_compatible, path_labels
 from evomerge.errors import ConfigError
 from evomerge.merge.plan import MergePlan, TensorJob, TensorRef, freeze
@@ -147,26 +148,36 @@ def resolve_path(path: str, relative_to: Path | None) -> str:
 
 def open_recipe_models(
     recipe: Recipe, relative_to: Path | None = None, allow_pickle: bool = False
-) -> list[ModelFolder]:
-    """Open base (if any) then sources, and check they can be merged."""
-    models = []
+) -> list[Source]:
+    """Open base (if any) then sources, and check they can be merged.
+
+    A source may be a PEFT LoRA adapter folder of the recipe's base (see
+    :mod:`evomerge.adapters`): it reads as the base with the adapter applied.
+    """
+    models: list[Source] = []
+    base: ModelFolder | None = None
     if recipe.base is not None:
-        models.append(
-            ModelFolder(
-                resolve_path(recipe.base, relative_to), label="base", allow_pickle=allow_pickle
-            )
+        base = ModelFolder(
+            resolve_path(recipe.base, relative_to), label="base", allow_pickle=allow_pickle
         )
+        models.append(base)
     labels = {"base"}
     paths = [resolve_path(source.model, relative_to) for source in recipe.sources]
     for index, (source, path, default) in enumerate(
         zip(recipe.sources, paths, path_labels(paths), strict=True)
     ):
-        folder = ModelFolder(path, label=source.label or default, allow_pickle=allow_pickle)
+        folder = open_source(
+            path,
+            label=source.label or default,
+            base=base,
+            allow_pickle=allow_pickle,
+            what="set 'base' in the recipe",
+        )
         if folder.label in labels:
             folder.label = f"{folder.label}#{index}"
         labels.add(folder.label)
         models.append(folder)
-    check_compatible(models)
+    check_compatible(models)  # type: ignore[arg-type]  # an adapter mirrors its base
     return models
 
 
@@ -184,7 +195,7 @@ def open_fisher_folders(recipe: Recipe, relative_to: Path | None = None) -> dict
 
 
 def plan_recipe(
-    recipe: Recipe, models: Sequence[ModelFolder], aux_models: dict[int, ModelFolder] | None = None
+    recipe: Recipe, models: Sequence[Source], aux_models: dict[int, ModelFolder] | None = None
 ) -> MergePlan:
     """Resolve a recipe against opened models (base first if the recipe has one)."""
     method = get_method(recipe.method)
@@ -260,6 +271,7 @@ def plan_recipe(
         config_model=0,
         tokenizer_model=_tokenizer_model(recipe, models),
         num_layers=models[0].num_layers,
+        extra=plan_extra(all_models),
     )
 
 
@@ -275,7 +287,7 @@ def _check_parameter_names(method: MergeMethod, recipe: Recipe) -> None:
                 )
 
 
-def _tokenizer_model(recipe: Recipe, models: Sequence[ModelFolder]) -> int:
+def _tokenizer_model(recipe: Recipe, models: Sequence[Source]) -> int:
     if recipe.tokenizer_source == "base":
         return 0
     for index, model in enumerate(models):
