@@ -139,7 +139,8 @@ class StudyConfig(_Strict):
     """Folders of the fine-tunes to merge; each one's folder name is its label."""
     fisher: list[str] | None = None
     """Each source's Fisher-diagonal folder (``evomerge fisher``), in the order of ``sources``:
-    needed by, and only accepted with, a space whose method is ``fisher``."""
+    needed by, and only accepted with, a space whose method weighs by them (``fisher``,
+    ``fisher_task_arithmetic``: the ready ``fisher_per_layer`` space)."""
     space: str | dict[str, Any]
     """The search space: a ready space's name (``search_spaces/``), a YAML file, or a mapping
     (see Search spaces below)."""
