@@ -58,10 +58,28 @@ def add_commands(commands: Any) -> None:
         "ones (after `evomerge confirm`)",
     )
     export.add_argument(
+        "--as-lora",
+        type=_rank,
+        metavar="RANK",
+        help="also write the merged delta as a PEFT LoRA adapter of at most this rank in "
+        "OUT/lora-rRANK (truncated SVD of each attention/MLP Linear; the card reports the "
+        "errors and what the adapter leaves out)",
+    )
+    export.add_argument(
         "--force", action="store_true", help="replace an existing --out, after success"
     )
     add_quiet(export)
     export.set_defaults(handler=cmd_export)
+
+
+def _rank(text: str) -> int:
+    try:
+        rank = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"rank must be a whole number, not {text!r}") from None
+    if rank < 1:
+        raise argparse.ArgumentTypeError(f"rank must be at least 1, not {rank}")
+    return rank
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -87,6 +105,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             device=device,
             by=args.by,
             progress=advance,
+            as_lora=args.as_lora,
         )
     print(
         f"exported trial {result.number} ({result.label}, {result.role}) of study "
@@ -111,5 +130,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"plots: {', '.join(result.images)}")
     for skipped in result.images_skipped:
         print(f"plot not drawn: {skipped}")
+    if result.lora is not None:
+        worst = result.lora.worst()
+        error = f"worst relative error {worst.max:.3e} ({worst.kind})" if worst else "empty"
+        left = len(result.lora.left_out)
+        print(
+            f"LoRA adapter (rank {result.lora.rank}): {result.path / str(result.lora.path)}, "
+            f"{len(result.lora.tensors)} tensors, {error}; {left} changed tensor(s) left out"
+        )
     print(f"verified: {'yes' if result.verified else 'no'}")
     return 0

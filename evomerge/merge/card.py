@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import yaml
 
 from evomerge import __version__
 from evomerge.merge.plan import MergePlan
+
+if TYPE_CHECKING:
+    from evomerge.lora_export import LoraReport
 
 
 def model_card(
@@ -71,6 +75,8 @@ class TrialCard:
     written_dtype: str | None = None
     unverified_reason: str | None = None
     """Why verification could not compare with the recorded scores (another output dtype)."""
+    lora: LoraReport | None = None
+    """The merged delta as a LoRA adapter (``--as-lora``): its folder and errors."""
 
 
 def trial_card(plan: MergePlan, trial: TrialCard) -> str:
@@ -111,6 +117,7 @@ def trial_card(plan: MergePlan, trial: TrialCard) -> str:
         "",
         _mergekit_line(trial.mergekit_reason),
         "",
+        *_lora_lines(trial.lora),
         "## Reproduce",
         "",
         "```bash",
@@ -191,6 +198,36 @@ def _image_lines(trial: TrialCard) -> list[str]:
         name = path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
         lines += [f"{caption}", "", f"![{name}]({path})", ""]
     return lines
+
+
+def _lora_lines(report: LoraReport | None) -> list[str]:
+    """The section on the adapter beside the weights: errors per kind, what it leaves out."""
+    if report is None:
+        return []
+    lines = [
+        f"## LoRA adapter (rank {report.rank})",
+        "",
+        f"`{report.path}/` holds the merge's change to the base as a PEFT LoRA adapter: a "
+        f"truncated SVD (rank at most {report.rank}) of each attention and MLP Linear weight's "
+        "delta. Load it with `PeftModel.from_pretrained(base_model, "
+        f'"{report.path}")`. Relative error per tensor: `||delta - B A|| / ||delta||` '
+        "(Frobenius norms).",
+        "",
+        "| kind | tensors | mean relative error | max relative error |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {k.kind} | {k.tensors} | {k.mean:.3e} | {k.max:.3e} |" for k in report.by_kind()]
+    if report.left_out:
+        lines += [
+            "",
+            "Changed by the merge but not in the adapter (a Linear LoRA cannot carry them; "
+            "relative change `||delta|| / ||base||`):",
+            "",
+        ]
+        lines += [f"- `{t.name}` ({t.kind}): {t.change:.3e}" for t in report.left_out]
+    else:
+        lines += ["", "Every tensor the merge changed is in the adapter."]
+    return [*lines, ""]
 
 
 def _is_stderr_of_other(name: str, metrics: Mapping[str, float]) -> bool:

@@ -8,7 +8,9 @@ beside the weights; a plot that cannot be drawn is reported and left out, it fai
 With ``verify`` the staged folder is loaded and scored again as the worker scored the trial
 (its recorded working dtype and device kind, at the fidelity the database recorded), and must
 match it; when the checkpoint is written in another dtype it is also scored as written, and the
-card shows both, labelled. Only then is the folder renamed into place: after an error or Ctrl-C
+card shows both, labelled. With ``as_lora`` the merged delta is also written as a PEFT LoRA
+adapter in ``lora-rRANK/`` (see :mod:`evomerge.lora_export`) and the card reports its errors.
+Only then is the folder renamed into place: after an error or Ctrl-C
 nothing is left at the output folder or beside it. The merge runs on the study's device unless
 told otherwise (random masks are the same bits on every device).
 """
@@ -40,6 +42,7 @@ from evomerge.util import parse_size
 
 if TYPE_CHECKING:  # torch-heavy; imported where used so `evomerge --help` stays fast
     from evomerge.checkpoint import ModelFolder
+    from evomerge.lora_export import LoraReport
     from evomerge.merge.recipe import Recipe
     from evomerge.study.config import ExportConfig
 
@@ -83,6 +86,8 @@ class ExportResult:
     device: str = "cpu"
     notes: tuple[str, ...] = ()
     """What the user should know: where it was merged when the study's device is missing."""
+    lora: LoraReport | None = None
+    """With ``as_lora``: the adapter written in the export (``lora.path``) and its errors."""
 
 
 # -- the export ------------------------------------------------------------------------------
@@ -101,10 +106,14 @@ def export_trial(
     device: str | None = None,
     by: str = "search",
     progress: Progress | None = None,
+    as_lora: int | None = None,
 ) -> ExportResult:
     """Merge a trial's recipe into ``out`` (see the module docstring); ``verify``, ``dtype``
     and ``shard_size`` default to the study's ``export`` settings, ``device`` to the study's
-    device; ``by`` ranks ``best`` by the searched-on or the held-out score."""
+    device; ``by`` ranks ``best`` by the searched-on or the held-out score; ``as_lora`` also
+    writes the merged delta as a LoRA adapter of that rank."""
+    if as_lora is not None and as_lora < 1:
+        raise ConfigError(f"--as-lora must be a rank of at least 1, not {as_lora}")
     config = store.study_config(study)
     settings = export_settings(config, study)
     verify = settings.verify if verify is None else verify
@@ -114,7 +123,7 @@ def export_trial(
     target = Path(out).expanduser().resolve()
     _check_target(target, force)
     trial = select_trial(store, study, selector, by)
-    parts = _prepare(store, study, trial, target, dtype or settings.dtype)
+    parts = _prepare(store, study, trial, target, dtype or settings.dtype, as_lora)
     if trial.scored_with is None and draws_random_masks(parts.plan):
         notes.append(
             f"trial {trial.number} was scored by an evomerge that drew DARE/DELLA masks with "
@@ -128,6 +137,7 @@ def export_trial(
         remove_abandoned(abandoned, "partial")  # ... and its writer's own hidden folder
     as_written: dict[str, float] | None = None
     written = None
+    lora = None
     try:
         try:
             _write(parts, staging, device=device, shard_size=shard_size, progress=progress)
@@ -145,6 +155,9 @@ def export_trial(
                 )
                 if changed is not None:
                     notes.append(f"not verified: {changed}; its scores as written are shown")
+            if as_lora is not None:
+                lora = _write_lora(config, parts, staging, as_lora, device)
+                card = replace(card, lora=lora)
             (staging / "README.md").write_text(trial_card(parts.plan, card))
         except OSError as exc:  # a full disk, a quota, a folder made read-only
             raise EvomergeError(
@@ -175,6 +188,7 @@ def export_trial(
         written_dtype=written,
         device=device,
         notes=tuple(notes),
+        lora=lora,
     )
 
 
@@ -220,7 +234,12 @@ class _Parts:
 
 
 def _prepare(
-    store: StudyStore, study: str, trial: TrialView, target: Path, dtype: str | None
+    store: StudyStore,
+    study: str,
+    trial: TrialView,
+    target: Path,
+    dtype: str | None,
+    as_lora: int | None = None,
 ) -> _Parts:
     from evomerge.merge.recipe import open_fisher_folders, open_recipe_models, plan_recipe
 
@@ -245,7 +264,7 @@ def _prepare(
         scored_with=trial.scored_with,
         recipe_yaml=recipe_yaml,
         mergekit_reason=reason,
-        export_command=export_command(store, study, trial.number, dtype),
+        export_command=export_command(store, study, trial.number, dtype, as_lora),
     )
     return _Parts(plan, recipe, recipe_yaml, mergekit, card)
 
@@ -267,6 +286,31 @@ def _write(
     (staging / RECIPE_FILE).write_text(parts.recipe_yaml)
     if parts.mergekit is not None:
         (staging / MERGEKIT_FILE).write_text(yaml.safe_dump(parts.mergekit, sort_keys=False))
+
+
+def lora_folder(rank: int) -> str:
+    """The adapter's folder inside the export."""
+    return f"lora-r{rank}"
+
+
+def _write_lora(
+    config: Mapping[str, Any], parts: _Parts, staging: Path, rank: int, device: str
+) -> LoraReport:
+    """The merged delta over the study's base as a LoRA adapter in ``staging/lora-rRANK``,
+    read tensor by tensor from the base and the staged weights."""
+    from evomerge.lora_export import export_lora
+
+    base = parts.recipe.base or config.get("base")
+    if base is None:
+        raise ConfigError(
+            "--as-lora needs the base model the adapter applies to; the trial's recipe has none"
+        )
+    name = parts.card.base_model
+    if name == Path(base).name:  # no hub id: the folder itself
+        name = str(Path(base).expanduser().resolve())
+    folder = lora_folder(rank)
+    report = export_lora(base, staging, staging / folder, rank, base_model=name, device=device)
+    return replace(report, path=folder)
 
 
 def _draw_images(
@@ -318,12 +362,16 @@ def base_model_name(folder: ModelFolder) -> str:
     return folder.path.name
 
 
-def export_command(store: StudyStore, study: str, number: int, dtype: str | None) -> str:
+def export_command(
+    store: StudyStore, study: str, number: int, dtype: str | None, as_lora: int | None = None
+) -> str:
     """The command line that exports this trial again (the password masked)."""
     words = ["evomerge", "export", "--storage", mask_url(store.url), "--study", study]
     words += ["--trial", str(number), "--out", "OUT"]
     if dtype is not None:
         words += ["--dtype", dtype]
+    if as_lora is not None:
+        words += ["--as-lora", str(as_lora)]
     return " ".join(shlex.quote(word) for word in words)
 
 
