@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from evomerge.adapters import AdapterFolder, Source, open_source
 from evomerge.checkpoint import ModelFolder, check_compatible, path_labels
 from evomerge.cluster.failures import is_sticky_cuda_error
 from evomerge.errors import ConfigError, EvomergeError
@@ -143,6 +144,13 @@ def _same_folder(a: str, b: Path) -> bool:
         return False
 
 
+def _held_bytes(folder: Source) -> int:
+    """Bytes a merger holds for ``folder``: a LoRA adapter's factors, a model's tensors."""
+    if isinstance(folder, AdapterFolder):
+        return sum(f.a.nbytes + f.b.nbytes for f in folder.factors.values())
+    return sum(info.nbytes for info in folder.tensors.values())
+
+
 class _ResidentView(InPlaceMerger):
     """An InPlaceMerger over some of another merger's resident models (shared, not copied)."""
 
@@ -172,14 +180,15 @@ class MergeWorker:
             threads = max(1, round(cpus)) if cpus else 1
         torch.set_num_threads(threads)
         self.torch_threads = threads
-        self.folders = [
-            ModelFolder(self.spec.base, label="base"),
+        base = ModelFolder(self.spec.base, label="base")
+        self.folders: list[Source] = [
+            base,
             *(
-                ModelFolder(s, label=label)
+                open_source(s, label=label, base=base)
                 for s, label in zip(self.spec.sources, path_labels(self.spec.sources), strict=True)
             ),
         ]
-        check_compatible(self.folders)
+        check_compatible(self.folders)  # type: ignore[arg-type]  # an adapter mirrors its base
         self.fisher_folders = [
             ModelFolder(path, label=f"fisher of {folder.label}", require_config=False)
             for path, folder in zip(self.spec.fisher or [], self.folders[1:], strict=False)
@@ -202,9 +211,10 @@ class MergeWorker:
         self.load_seconds = time.perf_counter() - start
 
     def resident_bytes(self) -> int:
-        """Bytes of the base and sources as held (their stored dtype)."""
+        """Bytes of the base and sources as held (their stored dtype; a LoRA adapter's
+        factors, since the merger holds an adapter over the base as its factors only)."""
         held = [*self.folders, *self.fisher_folders]
-        return sum(info.nbytes for folder in held for info in folder.tensors.values())
+        return sum(_held_bytes(folder) for folder in held)
 
     def _residency(self) -> str:
         """``device`` or ``host`` (see :func:`evomerge.memory.choose_residency`): with ``auto``
@@ -269,7 +279,7 @@ class MergeWorker:
 
     def _resolve(
         self, recipe: Recipe
-    ) -> tuple[InPlaceMerger, list[ModelFolder], dict[int, ModelFolder]]:
+    ) -> tuple[InPlaceMerger, list[Source], dict[int, ModelFolder]]:
         """The merger, the opened folders (labelled as the recipe names them) and the sources'
         Fisher diagonals (by source number, for a method that needs them) to plan with."""
         indices: list[int] = []
@@ -295,6 +305,9 @@ class MergeWorker:
             folder = copy.copy(self.folders[index])
             folder.label = label
             folders.append(folder)
+        for folder in folders:  # an adapter applies to the recipe's base (plan_extra finds it)
+            if isinstance(folder, AdapterFolder) and recipe.base is not None and indices[0] == 0:
+                folder.base = folders[0]  # type: ignore[assignment]
         fisher = {number: self.fisher_folders[index - 1] for number, index in aux.items()}
         return self._views[key], folders, fisher
 

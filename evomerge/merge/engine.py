@@ -17,12 +17,13 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from evomerge.adapters import AdapterFolder, LoraFactors
 from evomerge.checkpoint import OTHER_FILES, TOKENIZER_FILES, ModelFolder, parse_dtype
 from evomerge.errors import CheckpointError, MergeError
 from evomerge.failpoints import failpoint
@@ -189,6 +190,60 @@ class MergeTimings:
     """Bytes of inputs read through the host-to-device stream (on a CPU device: not copied)."""
 
 
+class HeldAdapter(Mapping[str, torch.Tensor]):
+    """A LoRA adapter as an :class:`InPlaceMerger` holds it: its low-rank factors and the
+    base's held tensors (shared, not copied). Reading a tensor gives what
+    :meth:`AdapterFolder.read` gives: the base's tensor where the adapter leaves it alone, else
+    float32 ``base + B @ A * scaling``, computed on the device the base tensor is held on."""
+
+    def __init__(
+        self, base: Mapping[str, torch.Tensor], factors: Mapping[str, LoraFactors]
+    ) -> None:
+        self.base = base
+        self.factors = dict(factors)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor = self.base[name]
+        factors = self.factors.get(name)
+        if factors is None:
+            return tensor
+        return tensor.to(torch.float32) + factors.delta(tensor.device)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype ``self[name]`` has, without materializing it."""
+        return torch.float32 if name in self.factors else self.base[name].dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the factors (what this adapter adds to the memory held)."""
+        return sum(f.a.nbytes + f.b.nbytes for f in self.factors.values())
+
+    def on(
+        self, name: str, device: torch.device, moved: dict[int, torch.Tensor]
+    ) -> tuple[torch.Tensor, int]:
+        """``self[name]`` built on ``device`` from the base tensor copied there (once per
+        job: ``moved`` maps a held tensor's id to its copy) and the factors; and the bytes
+        copied."""
+        held = self.base[name]
+        copied = 0
+        tensor = moved.get(id(held))
+        if tensor is None:
+            tensor = held.to(device, non_blocking=held.is_pinned())
+            moved[id(held)] = tensor
+            copied += held.nbytes
+        factors = self.factors.get(name)
+        if factors is None:
+            return tensor, copied
+        copied += factors.a.nbytes + factors.b.nbytes
+        return tensor.to(torch.float32) + factors.delta(device), copied
+
+
 class InPlaceMerger:
     """Sources held in memory; each plan is merged straight into a model's parameters.
 
@@ -197,6 +252,11 @@ class InPlaceMerger:
     inputs to the device just before merging it, so the device holds one job's inputs and
     temporaries at a time; the merged tensors are the same. The plan's models must be the ones
     this merger was built with (same paths, same order).
+
+    A LoRA :class:`AdapterFolder` whose base is an earlier model of the merger is held as its
+    factors only (a :class:`HeldAdapter` over that base's held tensors, where the base's are
+    held); each adapted tensor is materialized, exactly, when a job reads it. An adapter over
+    a base the merger does not hold is read whole, like any model.
     """
 
     resident: Residency = "device"
@@ -218,8 +278,25 @@ class InPlaceMerger:
         self.resident = resident
         home = self.device if resident == "device" else torch.device("cpu")
         pin = resident == "host" and self.device.type == "cuda" and torch.cuda.is_available()
-        self.tensors: list[dict[str, torch.Tensor]] = []
-        for model in self.models:
+        self.tensors: list[Mapping[str, torch.Tensor]] = []
+
+        def place(tensor: torch.Tensor) -> torch.Tensor:
+            tensor = tensor.to(home)
+            return tensor.pin_memory() if pin else tensor
+
+        for index, model in enumerate(self.models):
+            base = _held_base(model, self.paths[:index])
+            if base is not None:
+                factors = {
+                    name: replace(f, a=place(f.a), b=place(f.b))
+                    for name, f in model.factors.items()  # type: ignore[attr-defined]
+                }
+                if check_finite:
+                    for name, f in factors.items():
+                        for part in (f.a, f.b):
+                            check_finite_tensor(part, TensorRef(0, name), [model.label])
+                self.tensors.append(HeldAdapter(self.tensors[base], factors))
+                continue
             held = {}
             for name in model.tensors:
                 tensor = model.read(name, home)
@@ -238,7 +315,8 @@ class InPlaceMerger:
         tensors on another device than the compute device (a view of a host merger)."""
         if self.resident == "host":
             return True
-        held = next((t for group in self.tensors for t in group.values()), None)
+        plain = (g.base if isinstance(g, HeldAdapter) else g for g in self.tensors)
+        held = next((t for group in plain for t in group.values()), None)
         if held is None:
             return False
         index = self.device.index  # "cuda" (no index) is the current device, held as cuda:N
@@ -249,13 +327,37 @@ class InPlaceMerger:
     def fetch(self, job: TensorJob) -> dict[TensorRef, torch.Tensor]:
         """One job's inputs on the compute device: each copied from host memory (asynchronous
         from pinned memory; the merge's kernels queue behind the copies)."""
+        return self._fetch(job)[0]
+
+    def _fetch(self, job: TensorJob) -> tuple[dict[TensorRef, torch.Tensor], int]:
+        """:meth:`fetch`, and the bytes copied: an adapter's tensor is built on the device
+        from its base's tensor (copied once per job) and its factors."""
         refs = [r for r in (job.base, *job.sources) if r is not None]
         refs += [r for _, group in job.aux for r in group]
         fetched = {}
+        moved: dict[int, torch.Tensor] = {}
+        copied = 0
         for ref in refs:
-            held = self.read(ref)
-            fetched[ref] = held.to(self.device, non_blocking=held.is_pinned())
-        return fetched
+            group = self.tensors[ref.model]
+            if isinstance(group, HeldAdapter):
+                fetched[ref], nbytes = group.on(ref.tensor, self.device, moved)
+                copied += nbytes
+                continue
+            held = group[ref.tensor]
+            tensor = moved.get(id(held))
+            if tensor is None:
+                tensor = held.to(self.device, non_blocking=held.is_pinned())
+                moved[id(held)] = tensor
+                copied += held.nbytes
+            fetched[ref] = tensor
+        return fetched, copied
+
+    def _dtype(self, ref: TensorRef) -> torch.dtype:
+        """The dtype :meth:`read` gives for ``ref`` (an adapter's without building it)."""
+        group = self.tensors[ref.model]
+        if isinstance(group, HeldAdapter):
+            return group.dtype(ref.tensor)
+        return group[ref.tensor].dtype
 
     def merged_tensors(self, plan: MergePlan) -> Iterable[tuple[str, torch.Tensor]]:
         """Yield (name, merged tensor in its output dtype) for every job of the plan."""
@@ -299,8 +401,8 @@ class InPlaceMerger:
         for job in plan.jobs:
             clock.start()
             if streams:
-                inputs = self.fetch(job)
-                clock.lap("transfer", sum(t.nbytes for t in inputs.values()))
+                inputs, copied = self._fetch(job)
+                clock.lap("transfer", copied)
                 read: Reader = inputs.__getitem__
             else:
                 read = self.read
@@ -309,8 +411,17 @@ class InPlaceMerger:
             if streams:
                 del inputs
             clock.lap("math")
-            stored = self.read(_first_ref(job)).dtype
+            stored = self._dtype(_first_ref(job))
             yield job.name, merged.to(output_dtype(plan, job, stored))
+
+
+def _held_base(model: ModelFolder, earlier: Sequence[str]) -> int | None:
+    """The index among ``earlier`` (paths of the models held before ``model``) of the base an
+    adapter ``model`` applies to, or None (not an adapter, or its base is not held)."""
+    if not isinstance(model, AdapterFolder):
+        return None
+    path = str(model.base.path)
+    return earlier.index(path) if path in earlier else None
 
 
 class _PhaseClock:

@@ -218,12 +218,14 @@ class StudyDriver:
     # -- trials --------------------------------------------------------------------------------
 
     def _baselines(self) -> list[_PendingTrial]:
+        from evomerge.adapters import is_adapter_folder
+
         out = []
         for source, label in zip(self.config.sources, self.labels, strict=True):
-            recipe = {
-                "method": "linear",
-                "sources": [{"model": source, "label": label, "parameters": {"weight": 1.0}}],
-            }
+            recipe: dict[str, Any] = {"method": "linear"}
+            if is_adapter_folder(source):  # a LoRA adapter is a model only over its base
+                recipe["base"] = self.config.base  # (linear does not weigh the base in)
+            recipe["sources"] = [{"model": source, "label": label, "parameters": {"weight": 1.0}}]
             out.append(_PendingTrial("source", label, recipe))
         for label, genome in self.space.uniform_baselines():
             out.append(_PendingTrial("uniform", label, self._recipe(genome), genome.tolist()))

@@ -23,6 +23,7 @@ def preflight(config: StudyConfig, where: str) -> None:
     it (a python function) is run once on a tiny stand-in model (:func:`stand_in_model`): one
     that returns no metrics, or not the objectives', is refused here rather than in every
     trial. Errors name ``where`` (the YAML) and the field."""
+    from evomerge.adapters import open_source
     from evomerge.checkpoint import ModelFolder, check_compatible, source_labels
     from evomerge.evaluate.registry import preflight_evaluator, probe_evaluator
     from evomerge.space import build_space_proposer, space_from_setting
@@ -34,9 +35,9 @@ def preflight(config: StudyConfig, where: str) -> None:
     sources = []
     for index, (path, label) in enumerate(zip(config.sources, labels, strict=True)):
         with _naming(where, f"sources[{index}]"):
-            sources.append(ModelFolder(path, label=label))
+            sources.append(open_source(path, label=label, base=base))  # a LoRA adapter too
     with _naming(where, "sources"):
-        check_compatible([base, *sources])
+        check_compatible([base, *sources])  # type: ignore[list-item]  # an adapter mirrors its base
     with _naming(where, "space"):
         space = space_from_setting(config.space).bind(base, labels)
     _check_fisher(config, where, base, labels, "fisher" in space.method.aux, space.method.name)
