@@ -398,6 +398,36 @@ def test_verification_rescores_as_the_worker_recorded(toy_zoo, scored, tmp_path,
     assert not (tmp_path / "x").exists()
 
 
+def test_an_inspection_of_the_study_is_linked_from_the_export_card(
+    toy_zoo, scored, tmp_path, capsys
+):
+    """`evomerge inspect --storage --study` inspects the study's own models, records where,
+    and the model card of a later export carries its summary and its folder."""
+    storage = str(tmp_path / "s.db")
+    fill(storage, toy_zoo, scored)
+    out = tmp_path / "inspection"
+    code, _, err = run(
+        ["inspect", "--storage", storage, "--study", "toy", "--out", out, "--quiet"], capsys
+    )
+    assert code == 0, err
+    summary = (out / "SUMMARY.md").read_text()
+    assert json.loads((out / "inspect.json").read_text())["paths"] == {
+        "ft_a": str(toy_zoo["ft_a"]),
+        "ft_b": str(toy_zoo["ft_b"]),
+    }
+    assert (
+        run(export_args(storage, "--trial", "1", "--out", tmp_path / "x", "--quiet"), capsys)[0]
+        == 0
+    )
+    card = (tmp_path / "x" / "README.md").read_text()
+    assert (
+        f"## Inspection of the sources\n\n`evomerge inspect` of this study's models, in `{out}`"
+        in card
+    )
+    body = [line for line in summary.splitlines() if line and not line.startswith("#")]
+    assert body and all(line in card for line in body)
+
+
 BATCH_EVALUATOR = """
 def batch(model, tokenizer, batch_size):
     return {"size": batch_size}

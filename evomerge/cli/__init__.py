@@ -22,7 +22,9 @@ COMMAND_GROUPS = (
     "run",
     "study",
     "plot",
+    "inspect",
     "export",
+    "align",
     "dashboard",
     "reference",
 )

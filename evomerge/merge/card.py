@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -77,6 +77,8 @@ class TrialCard:
     """Why verification could not compare with the recorded scores (another output dtype)."""
     lora: LoraReport | None = None
     """The merged delta as a LoRA adapter (``--as-lora``): its folder and errors."""
+    inspection: Mapping[str, Any] | None = None
+    """The latest ``evomerge inspect`` of the study's models (``path``, ``summary``)."""
 
 
 def trial_card(plan: MergePlan, trial: TrialCard) -> str:
@@ -118,6 +120,7 @@ def trial_card(plan: MergePlan, trial: TrialCard) -> str:
         _mergekit_line(trial.mergekit_reason),
         "",
         *_lora_lines(trial.lora),
+        *_inspection_lines(trial.inspection),
         "## Reproduce",
         "",
         "```bash",
@@ -198,6 +201,25 @@ def _image_lines(trial: TrialCard) -> list[str]:
         name = path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
         lines += [f"{caption}", "", f"![{name}]({path})", ""]
     return lines
+
+
+def _inspection_lines(inspection: Mapping[str, Any] | None) -> list[str]:
+    """The study's latest ``evomerge inspect``: where it is, and its summary one level down."""
+    if not inspection:
+        return []
+    summary = [
+        f"#{line}" if line.startswith("#") else line
+        for line in str(inspection["summary"]).strip().splitlines()
+    ]
+    return [
+        "## Inspection of the sources",
+        "",
+        f"`evomerge inspect` of this study's models, in `{inspection['path']}` "
+        "(inspect.json, heatmaps and scans there):",
+        "",
+        *summary,
+        "",
+    ]
 
 
 def _lora_lines(report: LoraReport | None) -> list[str]:

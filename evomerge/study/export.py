@@ -265,6 +265,7 @@ def _prepare(
         recipe_yaml=recipe_yaml,
         mergekit_reason=reason,
         export_command=export_command(store, study, trial.number, dtype, as_lora),
+        inspection=store.inspection(study),
     )
     return _Parts(plan, recipe, recipe_yaml, mergekit, card)
 

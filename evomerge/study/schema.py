@@ -99,6 +99,18 @@ class TrialRow(Base):
     metrics: Mapped[list[MetricRow]] = relationship(back_populates="trial")
 
 
+class InspectionRow(Base):
+    """An ``evomerge inspect`` of a study's models: where it was written and its summary (an
+    export's model card links the latest). A table added beside schema 4, created on open."""
+
+    __tablename__ = "evomerge_inspections"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("evomerge_studies.id"), index=True)
+    path: Mapped[str] = mapped_column(Text)
+    summary: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class MetricRow(Base):
     """One metric of one trial at one fidelity (``rank``: documents per task; None = all)."""
 

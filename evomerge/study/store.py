@@ -44,6 +44,7 @@ from evomerge.study.schema import (
     SCHEMA_VERSION,
     Base,
     ExportRow,
+    InspectionRow,
     Meta,
     MetricRow,
     SnapshotRow,
@@ -471,6 +472,27 @@ class StudyStore:
             row.updated_at = utcnow()
 
     @_retried
+    def record_inspection(self, study: str, path: str, summary: str) -> None:
+        """Note an ``evomerge inspect`` of the study's models (its folder and SUMMARY.md)."""
+        with self.session() as session:
+            study_id = self._study_id(session, study)
+            session.add(InspectionRow(study_id=study_id, path=path, summary=summary))
+
+    def inspection(self, study: str) -> dict[str, Any] | None:
+        """The latest inspection of the study's models (``path``, ``summary``,
+        ``created_at``), or None."""
+        with self.session() as session:
+            study_id = self._study_id(session, study)
+            row = session.scalars(
+                select(InspectionRow)
+                .where(InspectionRow.study_id == study_id)
+                .order_by(InspectionRow.id.desc())
+                .limit(1)
+            ).first()
+            if row is None:
+                return None
+            return {"path": row.path, "summary": row.summary, "created_at": _aware(row.created_at)}
+
     def studies(self) -> list[dict[str, Any]]:
         """Every study with its budget, status and trial counts by state."""
         with self.session() as session:
