@@ -92,10 +92,6 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 WORKING_DTYPES = ("float32", "bfloat16", "float16")
 LM_EVAL_DEFAULT_MAX_LENGTH = 2048
 """lm-eval's context when neither the evaluator nor the model's config gives one."""
-PERPLEXITY_MAX_LENGTH_CAP = 4096
-"""The perplexity evaluator's default window: the model's context, capped at this."""
-LM_EVAL_AUTO_MAX_BATCH = 64
-"""What lm_eval's ``batch_size: auto`` is on a CPU (no search there: lm-eval's maximum)."""
 LM_EVAL_MAX_GEN_TOKS = 256
 """Tokens lm-eval generates at most for a ``generate_until`` request that sets no limit."""
 
@@ -709,6 +705,8 @@ def evaluation_shape(
     on_gpu: bool = True,
 ) -> EvalShape:
     """The largest batch an evaluator (a parsed evaluator config) runs through the model."""
+    from evomerge.evaluate.perplexity import DEFAULT_MAX_LENGTH_CAP as PERPLEXITY_MAX_LENGTH_CAP
+
     kind = str(getattr(evaluator, "kind", "unknown"))
     context = arch.max_position_embeddings
     if kind == "lm_eval":
@@ -753,7 +751,9 @@ def _batch(value: Any, on_gpu: bool) -> tuple[int, str]:
         return int(value), ""
     if on_gpu:  # "auto": lm-eval's own search for the largest batch that fits what is left
         return 1, f"{value}: planned at 1, the least its search can pick"
-    return LM_EVAL_AUTO_MAX_BATCH, f"{value}: {LM_EVAL_AUTO_MAX_BATCH} on a CPU, no search"
+    from evomerge.evaluate.harness import AUTO_MAX_BATCH_SIZE
+
+    return AUTO_MAX_BATCH_SIZE, f"{value}: {AUTO_MAX_BATCH_SIZE} on a CPU, no search"
 
 
 def longest_request_tokens(

@@ -9,7 +9,7 @@
 (b) Quality: the Fisher of ft_a on toy_facts_a and of ft_b on toy_facts_b (all documents,
     batch size 1), then the mean accuracy on toy_facts_a/b/c of the fisher merge of ft_a + ft_b
     (weights 1, 1, default floor), the uniform average (linear 0.5/0.5) and task arithmetic at
-    weight 0.8 each (the best uniform merge, /work/shared/toy-zoo.md).
+    weight 0.8 each (the best uniform merge in the toy zoo design notes).
 
 Usage: python scripts/bench_fisher.py [--workdir DIR]   (prints a markdown table)
 """
