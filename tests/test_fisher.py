@@ -18,6 +18,7 @@ from evomerge.evaluate.model_loading import load_model_for_eval
 from evomerge.fisher import Sample, choose_samples, estimate_fisher, task_samples, text_samples
 from evomerge.merge.config_file import plan_from_file
 from evomerge.merge.engine import merge_to_folder
+from evomerge.merge.registry import TensorContext, merge_tensor
 from tests.helpers import load_folder, write_yaml
 
 TEXT = Path(__file__).resolve().parents[1] / "evaluators" / "text" / "toy_facts_heldout.txt"
@@ -189,3 +190,18 @@ def test_missing_model_and_existing_out(toy_zoo, tmp_path, capsys) -> None:
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert main([*argv, "--force", "--samples", "1"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["fisher.json", "model.safetensors"]
+
+
+def test_a_fisher_mean_below_float32s_smallest_normal_gives_no_nan() -> None:
+    # Found by hypothesis: one entry at float32's smallest normal, the rest 0, so the mean
+    # (1.18e-38 / 4) is subnormal in float32, and the other source's Fisher, put on the first
+    # source's scale, overflowed to inf (inf / inf = NaN).
+    base = torch.zeros(4)
+    sources = [torch.zeros(4), torch.ones(4)]
+    tiny = torch.finfo(torch.float32).tiny
+    fishers = [torch.tensor([tiny, 0.0, 0.0, 0.0]), torch.full((4,), 8.0)]
+    ctx = TensorContext(name="t", aux={"fisher": fishers})
+    for method in ("fisher", "fisher_task_arithmetic"):
+        out = merge_tensor(method, base, sources, {}, [{"weight": 1.0}] * 2, ctx)
+        assert bool(torch.isfinite(out).all()), (method, out)
+        assert bool(((out >= 0) & (out <= 1)).all()), (method, out)  # between the sources

@@ -30,8 +30,8 @@ def fisher_weights(
     method: str, sources: Sequence[torch.Tensor], shared: Mapping[str, Any], ctx: TensorContext
 ) -> list[torch.Tensor]:
     """Each source's Fisher diagonal for this tensor, checked, floored at ``fisher_floor`` x its
-    mean, and put on one scale (divided by the first source's mean, so the sums neither underflow
-    nor depend on the data's overall scale). A source whose Fisher is zero over the whole
+    mean, and put on one scale (divided by the largest of the sources' means, so the sums neither
+    overflow nor depend on the data's overall scale). A source whose Fisher is zero over the whole
     tensor says nothing about it, and the sources' Fishers cannot be compared there: every
     source then gets a constant 1 (the merge becomes the plain weighted one)."""
     dtype = compute_dtype(sources[0])
@@ -58,12 +58,22 @@ def fisher_weights(
     means = [diag.mean(dtype=torch.float64) if diag.numel() else None for diag in diags]
     if any(mean is None or float(mean) == 0.0 for mean in means):
         return [torch.ones_like(diag) for diag in diags]
+    top = max(float(mean) for mean in means)  # type: ignore[arg-type]
     weights = []
     for diag, mean in zip(diags, means, strict=True):
         assert mean is not None
-        # Divided by its mean, every source's Fisher is O(1): no underflow in the sums.
-        floored = (diag / mean.to(dtype)).clamp(min=shared["fisher_floor"])
-        weights.append(floored * (float(mean) / float(means[0])))  # type: ignore[index]
+        # Divided by its mean, every source's Fisher is O(1): no underflow in the sums. A mean
+        # below the compute dtype's smallest normal number would lose its digits there: that
+        # division goes through float64.
+        if float(mean) >= torch.finfo(dtype).tiny:
+            ratio = diag / mean.to(dtype)
+        else:
+            ratio = (diag.to(torch.float64) / mean).to(dtype)
+        floored = ratio.clamp(min=shared["fisher_floor"])
+        # On the scale of the largest mean: factors at most 1, so a source whose Fisher is
+        # 1e40 times another's cannot overflow to inf (inf / inf = NaN); the largest keeps a
+        # weight of at least the floor, so the denominator is never 0.
+        weights.append(floored * (float(mean) / top))
     return weights
 
 
