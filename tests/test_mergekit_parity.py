@@ -620,6 +620,320 @@ CASES: dict[str, tuple[str, ConfigBuilder]] = {
     "scientific-notation-strings": ("family", scientific_notation),
 }
 
+# --- mergekit configs of nuslerp, multislerp, karcher and nearswap ---------------------------
+
+
+def nuslerp_base_gradients(m: Models) -> dict[str, Any]:
+    # Task vectors slerped as whole flat tensors; t = w1 / (w0 + w1) per layer and per filter.
+    return {
+        "merge_method": "nuslerp",
+        "base_model": m["base"],
+        "models": [
+            {"model": m["ft_0"], "parameters": {"weight": [0.2, 0.8]}},
+            {
+                "model": m["ft_1"],
+                "parameters": {"weight": [{"filter": "self_attn", "value": 0.7}, {"value": 0.3}]},
+            },
+        ],
+    }
+
+
+def nuslerp_no_base_row_wise(m: Models) -> dict[str, Any]:
+    # The weights themselves, column by column (row_wise transposes before slerping rows).
+    return {
+        "merge_method": "nuslerp",
+        "models": [
+            {"model": m["ft_1"], "parameters": {"weight": 1.0}},
+            {"model": m["ft_2"], "parameters": {"weight": [0.5, 2.0, 1.0]}},
+        ],
+        "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+    }
+
+
+def nuslerp_slices_rows(m: Models) -> dict[str, Any]:
+    # slices: form with the base listed, row by row; weights summing to 0 on the MLPs (t = 0.5).
+    return {
+        "merge_method": "nuslerp",
+        "base_model": m["base"],
+        "slices": [
+            {
+                "sources": [
+                    full(m["base"]),
+                    full(m["ft_0"], weight=[{"filter": "mlp", "value": 1.0}, {"value": 0.4}]),
+                    full(m["ft_2"], weight=[{"filter": "mlp", "value": -1.0}, {"value": 0.9}]),
+                ],
+                "parameters": {"nuslerp_flatten": False},
+            }
+        ],
+    }
+
+
+def multislerp_base_three(m: Models) -> dict[str, Any]:
+    return {
+        "merge_method": "multislerp",
+        "base_model": m["base"],
+        "models": [
+            {"model": m["ft_0"], "parameters": {"weight": [0.2, 0.9]}},
+            {
+                "model": m["ft_1"],
+                "parameters": {"weight": [{"filter": "self_attn", "value": 0.1}, {"value": 0.5}]},
+            },
+            {"model": m["ft_2"], "parameters": {"weight": 0.3}},
+        ],
+    }
+
+
+def multislerp_no_base_slices(m: Models) -> dict[str, Any]:
+    # No base: the weights themselves; weights not normalized, eps from the config.
+    return {
+        "merge_method": "multislerp",
+        "slices": [
+            {
+                "sources": [
+                    {"model": m["ft_0"], "layer_range": [0, 3], "parameters": {"weight": 0.4}},
+                    {
+                        "model": m["ft_2"],
+                        "layer_range": [1, 4],
+                        "parameters": {"weight": [0.8, 0.1]},
+                    },
+                ],
+            }
+        ],
+        "parameters": {"normalize_weights": False, "eps": 1e-7},
+    }
+
+
+def karcher_three(m: Models) -> dict[str, Any]:
+    return {
+        "merge_method": "karcher",
+        "models": [{"model": m["ft_0"]}, {"model": m["ft_1"]}, {"model": m["ft_2"]}],
+        "parameters": {
+            "max_iter": [{"filter": "mlp", "value": 2}, {"value": 10}],
+            "tol": [{"filter": "self_attn", "value": 1e-7}, {"value": 1e-5}],
+        },
+    }
+
+
+def karcher_base_appended(m: Models) -> dict[str, Any]:
+    # karcher ignores the base as such: the models: form appends it as one more input.
+    return {
+        "merge_method": "karcher",
+        "base_model": m["base"],
+        "models": [{"model": m["ft_0"]}, {"model": m["ft_2"]}],
+    }
+
+
+def karcher_slices(m: Models) -> dict[str, Any]:
+    return {
+        "merge_method": "karcher",
+        "slices": [
+            {
+                "sources": [
+                    {"model": m["ft_1"], "layer_range": [0, 2]},
+                    {"model": m["ft_2"], "layer_range": [2, 4]},
+                ],
+                "parameters": {"max_iter": 3},
+            },
+            {"sources": [full(m["ft_0"]), full(m["base"])], "parameters": {"tol": 1e-6}},
+        ],
+    }
+
+
+def nearswap_models(m: Models) -> dict[str, Any]:
+    return {
+        "merge_method": "nearswap",
+        "base_model": m["base"],
+        "models": [{"model": m["ft_1"]}],
+        "parameters": {"t": 0.02},
+    }
+
+
+def nearswap_slices_gradient(m: Models) -> dict[str, Any]:
+    return {
+        "merge_method": "nearswap",
+        "base_model": m["base"],
+        "slices": [
+            {
+                "sources": [full(m["ft_2"]), full(m["base"])],
+                "parameters": {
+                    "t": [{"filter": "self_attn", "value": [0.001, 0.05]}, {"value": 0.03}]
+                },
+            }
+        ],
+    }
+
+
+CASES.update(
+    {
+        "nuslerp-base-gradients": ("family", nuslerp_base_gradients),
+        "nuslerp-no-base-row_wise": ("family", nuslerp_no_base_row_wise),
+        "nuslerp-slices-rows-zero-sum": ("family", nuslerp_slices_rows),
+        "multislerp-base-three": ("family", multislerp_base_three),
+        "multislerp-no-base-slices": ("family", multislerp_no_base_slices),
+        "karcher-three-filters": ("family", karcher_three),
+        "karcher-base-appended": ("family", karcher_base_appended),
+        "karcher-slices": ("family", karcher_slices),
+        "nearswap-models": ("family", nearswap_models),
+        "nearswap-slices-gradient": ("family", nearswap_slices_gradient),
+        "tied-nuslerp": ("tied_family", nuslerp_base_gradients),
+    }
+)
+
+# --- mergekit configs of sce, ram, ramplus_tl and arcee_fusion ------------------------------
+
+
+def sce_gradients(m: Models) -> dict[str, Any]:
+    # select_topk: a per-layer gradient on the MLPs, a fixed share elsewhere; int8_mask changes
+    # mergekit's mask dtype only.
+    return {
+        "merge_method": "sce",
+        "base_model": m["base"],
+        "models": [
+            {"model": m["base"]},
+            {"model": m["ft_0"]},
+            {"model": m["ft_1"]},
+            {"model": m["ft_2"]},
+        ],
+        "parameters": {
+            "select_topk": [{"filter": "mlp", "value": [0.2, 0.9]}, {"value": 0.5}],
+            "int8_mask": True,
+        },
+    }
+
+
+def sce_slices(m: Models) -> dict[str, Any]:
+    # Two slices: the first keeps every entry (select_topk 1, the default), the second
+    # selects by a gradient set on the slice; the second slice has its own base model.
+    return {
+        "merge_method": "sce",
+        "base_model": m["base"],
+        "slices": [
+            {"sources": [full(m["base"], 2), full(m["ft_0"], 2), full(m["ft_1"], 2)]},
+            {
+                "base_model": m["ft_2"],
+                "sources": [
+                    {"model": m["ft_2"], "layer_range": [2, 4]},
+                    {"model": m["ft_0"], "layer_range": [2, 4]},
+                    {"model": m["ft_1"], "layer_range": [2, 4]},
+                ],
+                "parameters": {
+                    "select_topk": [{"filter": "self_attn", "value": [0.1, 0.6]}, {"value": 0.3}]
+                },
+            },
+        ],
+        "parameters": {"select_topk": 1.0},
+    }
+
+
+def ram_thresholds(m: Models) -> dict[str, Any]:
+    # The toy task vectors' entries are about 0.014 in size: epsilon near that leaves entries
+    # set in none, one (unique) and several (overlap) of the sources.
+    return {
+        "merge_method": "ram",
+        "base_model": m["base"],
+        "models": [{"model": m["ft_0"]}, {"model": m["ft_1"]}, {"model": m["ft_2"]}],
+        "parameters": {"epsilon": [{"filter": "mlp", "value": [0.01, 0.03]}, {"value": 0.02}]},
+    }
+
+
+def ram_slices(m: Models) -> dict[str, Any]:
+    return {
+        "merge_method": "ram",
+        "base_model": m["base"],
+        "slices": [
+            {
+                "sources": [full(m["base"]), full(m["ft_0"]), full(m["ft_2"])],
+                "parameters": {"epsilon": [0.005, 0.025]},
+            }
+        ],
+    }
+
+
+def ram_default_epsilon(m: Models) -> dict[str, Any]:
+    # The default epsilon (1e-5): almost every entry is set in both sources.
+    return {
+        "merge_method": "ram",
+        "base_model": m["base"],
+        "models": [{"model": m["ft_1"]}, {"model": m["ft_2"]}],
+    }
+
+
+def ramplus_gradients(m: Models) -> dict[str, Any]:
+    return {
+        "merge_method": "ramplus_tl",
+        "base_model": m["base"],
+        "models": [
+            {"model": m["base"]},
+            {"model": m["ft_0"]},
+            {"model": m["ft_1"]},
+            {"model": m["ft_2"]},
+        ],
+        "parameters": {
+            "epsilon": [{"filter": "mlp", "value": [0.01, 0.03]}, {"value": 0.02}],
+            "r": [{"filter": "self_attn", "value": [0.5, 2.0]}, {"value": 0.3}],
+            "alpha": [{"filter": "mlp", "value": 0.5}, {"value": [0.1, 3.0]}],
+        },
+    }
+
+
+def ramplus_slices(m: Models) -> dict[str, Any]:
+    # Defaults for r and alpha; epsilon from the slice, with a filter.
+    return {
+        "merge_method": "ramplus_tl",
+        "base_model": m["base"],
+        "slices": [
+            {
+                "sources": [full(m["base"]), full(m["ft_1"]), full(m["ft_2"])],
+                "parameters": {"epsilon": [{"filter": "mlp", "value": 0.03}, {"value": 0.015}]},
+            }
+        ],
+    }
+
+
+def arcee_fusion_models(base: str, source: str) -> ConfigBuilder:
+    def build(m: Models) -> dict[str, Any]:
+        return {
+            "merge_method": "arcee_fusion",
+            "base_model": m[base],
+            "models": [{"model": m[base]}, {"model": m[source]}],
+        }
+
+    return build
+
+
+def arcee_fusion_slices(m: Models) -> dict[str, Any]:
+    # Each slice fuses another model into its own base, with shifted layers in the second.
+    return {
+        "merge_method": "arcee_fusion",
+        "base_model": m["base"],
+        "slices": [
+            {"sources": [full(m["base"], 2), full(m["ft_0"], 2)]},
+            {
+                "base_model": m["ft_1"],
+                "sources": [
+                    {"model": m["ft_1"], "layer_range": [2, 4]},
+                    {"model": m["ft_2"], "layer_range": [1, 3]},
+                ],
+            },
+        ],
+    }
+
+
+CASES.update(
+    {
+        "sce-select_topk-filters": ("family", sce_gradients),
+        "sce-slices-slice-base": ("family", sce_slices),
+        "ram-epsilon-filters": ("family", ram_thresholds),
+        "ram-slices-gradient": ("family", ram_slices),
+        "ram-default-epsilon": ("family", ram_default_epsilon),
+        "ramplus_tl-gradients-filters": ("family", ramplus_gradients),
+        "ramplus_tl-slices-defaults": ("family", ramplus_slices),
+        "arcee_fusion": ("family", arcee_fusion_models("base", "ft_0")),
+        "arcee_fusion-other-base": ("family", arcee_fusion_models("ft_2", "ft_1")),
+        "arcee_fusion-slices": ("family", arcee_fusion_slices),
+    }
+)
+
 COPIES = {"passthrough-frankenmerge"}  # outputs that are layer copies by design
 
 
@@ -864,6 +1178,124 @@ NATIVE: dict[str, tuple[Callable[[Models], dict[str, Any]], bool]] = {
     "slerp-kind-attention-first": (native_slerp_attention_first, False),
     "linear-with-base": (native_linear_with_base, False),
 }
+
+# --- native recipes of nuslerp, multislerp, karcher and nearswap -----------------------------
+
+
+def native_nuslerp(m: Models) -> dict[str, Any]:
+    return {
+        "method": "nuslerp",
+        "base": m["base"],
+        "sources": [
+            {"model": m["ft_0"], "parameters": {"weight": [{"kind": "mlp", "value": [0.2, 0.8]}]}},
+            {"model": m["ft_1"], "parameters": {"weight": 0.6}},
+        ],
+        "parameters": {"weight": 0.5, "nuslerp_flatten": False},
+    }
+
+
+def native_nuslerp_no_base(m: Models) -> dict[str, Any]:
+    return {
+        "method": "nuslerp",
+        "sources": [
+            {"model": m["ft_0"], "parameters": {"weight": 0.3}},
+            {"model": m["ft_2"], "parameters": {"weight": 0.7}},
+        ],
+    }
+
+
+def native_multislerp(m: Models) -> dict[str, Any]:
+    return {
+        "method": "multislerp",
+        "base": m["base"],
+        "sources": [
+            {"model": m["ft_0"], "parameters": {"weight": [0.1, 0.9]}},
+            {"model": m["ft_1"], "parameters": {"weight": [{"kind": "attention", "value": 0.2}]}},
+            {"model": m["ft_2"]},
+        ],
+        "parameters": {"weight": 0.4},
+    }
+
+
+def native_karcher(m: Models) -> dict[str, Any]:
+    return {
+        "method": "karcher",
+        "sources": [{"model": m["ft_0"]}, {"model": m["ft_1"]}, {"model": m["ft_2"]}],
+        "parameters": {"max_iter": [{"kind": "mlp", "value": 4}, {"value": 20}], "tol": 1e-6},
+    }
+
+
+def native_nearswap(m: Models) -> dict[str, Any]:
+    return {
+        "method": "nearswap",
+        "base": m["base"],
+        "sources": [{"model": m["ft_0"]}],
+        "parameters": {"t": [{"kind": "attention", "value": [0.005, 0.04]}, {"value": 0.01}]},
+    }
+
+
+NATIVE.update(
+    {
+        "nuslerp-kinds": (native_nuslerp, False),
+        "nuslerp-no-base-relative-paths": (native_nuslerp_no_base, True),
+        "multislerp-kinds": (native_multislerp, False),
+        "karcher-kinds": (native_karcher, False),
+        "nearswap-kinds": (native_nearswap, False),
+    }
+)
+
+# --- native recipes of sce, ram, ramplus_tl and arcee_fusion ---------------------------------
+
+
+def native_sce(m: Models) -> dict[str, Any]:
+    return {
+        "method": "sce",
+        "base": m["base"],
+        "sources": [{"model": m["ft_0"]}, {"model": m["ft_1"]}, {"model": m["ft_2"]}],
+        "parameters": {
+            "select_topk": [
+                {"kind": "mlp", "value": [0.3, 0.8]},
+                {"filter": "q_proj", "value": 0.1},
+                {"value": 0.6},
+            ]
+        },
+    }
+
+
+def native_ram(m: Models) -> dict[str, Any]:
+    return {
+        "method": "ram",
+        "base": m["base"],
+        "sources": [{"model": m["ft_0"]}, {"model": m["ft_1"]}, {"model": m["ft_2"]}],
+        "parameters": {"epsilon": [{"kind": "attention", "value": [0.01, 0.03]}, {"value": 0.02}]},
+    }
+
+
+def native_ramplus_tl(m: Models) -> dict[str, Any]:
+    return {
+        "method": "ramplus_tl",
+        "base": m["base"],
+        "sources": [{"model": m["ft_1"]}, {"model": m["ft_2"]}],
+        "parameters": {
+            "epsilon": 0.02,
+            "r": [{"kind": "mlp", "value": [0.2, 1.5]}, {"value": 0.4}],
+            "alpha": [0.1, 2.0],
+        },
+    }
+
+
+def native_arcee_fusion(m: Models) -> dict[str, Any]:
+    return {"method": "arcee_fusion", "base": m["base"], "sources": [{"model": m["ft_2"]}]}
+
+
+NATIVE.update(
+    {
+        "sce-kinds": (native_sce, False),
+        "ram-kinds": (native_ram, False),
+        "ramplus_tl-gradients": (native_ramplus_tl, True),
+        "arcee_fusion": (native_arcee_fusion, False),
+    }
+)
 
 
 def _native_params() -> list[Any]:

@@ -52,7 +52,10 @@ def add_commands(commands: Any) -> None:
     add_quiet(merge)
     merge.set_defaults(handler=cmd_merge)
 
-    methods = commands.add_parser("methods", help="list merge methods and their parameters")
+    methods = commands.add_parser(
+        "methods", help="list merge methods (one line each), or show the named ones in full"
+    )
+    methods.add_argument("names", nargs="*", metavar="NAME", help="methods to show in full")
     methods.set_defaults(handler=cmd_methods)
 
     recipe = commands.add_parser("recipe", help="inspect or convert a recipe")
@@ -116,32 +119,39 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     from evomerge.merge.registry import available_methods, get_method
 
-    table = Table(title="merge methods")
-    for column in ("method", "base", "sources", "parameters", "mergekit"):
-        table.add_column(column)
-    for name in available_methods():
-        method = get_method(name)
-        params = ", ".join(
-            f"{p.name}{'' if p.required else '=' + repr(p.default)}"
-            + (" (per source)" if p.scope == "per_source" else "")
-            for p in method.params
-        )
+    names = args.names or available_methods()
+    methods = [get_method(name) for name in names]  # an unknown name lists what exists
+    if not args.names:
+        width = max(len(m.name) for m in methods)
+        for method in methods:
+            print(f"{method.name:<{width}}  {method.summary}")
+        print("\n`evomerge methods NAME` shows a method's parameters.")
+        return 0
+    for number, method in enumerate(methods):
+        if number:
+            print()
+        print(f"{method.name}: {method.summary}")
+        base = "optional" if method.base_optional else "yes" if method.uses_base else "no"
+        most = method.max_sources
         count = (
-            f"{method.min_sources}+"
-            if method.max_sources is None
-            else str(method.min_sources)
-            if method.max_sources == method.min_sources
-            else f"{method.min_sources}-{method.max_sources}"
+            f"{method.min_sources} or more"
+            if most is None
+            else str(most)
+            if most == method.min_sources
+            else f"{method.min_sources} to {most}"
         )
-        table.add_row(
-            name, "yes" if method.uses_base else "no", count, params, method.mergekit_name or "-"
-        )
-    Console().print(table)
+        print(f"  base model: {base}; sources besides the base: {count}")
+        print(f"  mergekit: {method.mergekit_name or 'no equivalent'}")
+        if method.aux:
+            print(f"  needs per source: {', '.join(method.aux)}")
+        if not method.params:
+            print("  parameters: none")
+        for spec in method.params:
+            default = "required" if spec.required else f"default {spec.default!r}"
+            scope = "per source" if spec.scope == "per_source" else "shared"
+            print(f"  {spec.name} ({scope}, {default}, {spec.range_text()}): {spec.doc}")
     return 0
 
 

@@ -333,7 +333,14 @@ def _mk_job(
             base_ref = TensorRef(index, in_tensor(source))
             continue
         source_entries.append((index, source))
-    if method.uses_base and base_ref is None:
+    if method.uses_base and base_ref is None and slice_base is not None:
+        # mergekit refuses this too ("Base input is not present in merge inputs"); a method
+        # whose base is optional would otherwise quietly merge without it.
+        raise ConfigError(
+            f"mergekit method '{config.merge_method}': the base_model is not among the sources "
+            f"of the slice that makes {out_name}; list it there with the same layer_range"
+        )
+    if method.needs_base and base_ref is None:
         raise ConfigError(f"mergekit method '{config.merge_method}' needs a base_model")
     per_source = []
     for _index, source in source_entries:

@@ -143,6 +143,7 @@ class MergeMethod:
     fn: MethodFn
     params: tuple[ParamSpec, ...]
     uses_base: bool
+    """Whether the method reads the base model's tensor (task vectors, interpolation from it)."""
     min_sources: int = 1
     max_sources: int | None = None
     aux: tuple[str, ...] = ()
@@ -152,6 +153,18 @@ class MergeMethod:
     """Cross-parameter checks, run when parameters are bound (before any tensor is read)."""
     random_masks: bool = False
     """Whether it drops entries at random (DARE, DELLA) when a source's ``density`` is below 1."""
+    base_optional: bool = False
+    """With ``uses_base``: the base may be left out, and ``fn`` then gets ``None`` (NuSLERP and
+    Multi-SLERP work on task vectors with a base, on the weights themselves without one)."""
+
+    @property
+    def needs_base(self) -> bool:
+        return self.uses_base and not self.base_optional
+
+    @property
+    def summary(self) -> str:
+        """The first line of the method's description."""
+        return self.doc.strip().splitlines()[0] if self.doc.strip() else ""
 
     def param(self, name: str, tensor: str = "") -> ParamSpec:
         for spec in self.params:
@@ -286,7 +299,7 @@ def merge_tensor(
             f"method '{spec.name}': {len(sources)} source tensors "
             f"but {len(per_source)} parameter sets"
         )
-    if spec.uses_base and base is None:
+    if spec.needs_base and base is None:
         raise MethodError(f"method '{spec.name}' needs a base model{_at(ctx)}")
     bound_shared, bound_sources = spec.bind(shared or {}, per_source, ctx.name)
     for aux_name in spec.aux:
@@ -313,4 +326,10 @@ def _load_builtin_methods() -> None:
     global _loaded
     if not _loaded:
         _loaded = True
-        import evomerge.merge.methods  # noqa: F401  (modules register themselves)
+        import importlib
+        import pkgutil
+
+        import evomerge.merge.methods as package
+
+        for module in pkgutil.iter_modules(package.__path__):  # each registers its methods
+            importlib.import_module(f"{package.__name__}.{module.name}")

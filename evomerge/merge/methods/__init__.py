@@ -1,10 +1,2 @@
-"""Built-in merge methods. Each module registers its methods on import."""
-
-from evomerge.merge.methods import (  # noqa: F401
-    fisher,
-    linear,
-    model_stock,
-    passthrough,
-    slerp,
-    task_arithmetic,
-)
+"""Built-in merge methods, one module per method or family; each module registers its methods
+on import, and every module in this package is imported when the registry is first used."""
