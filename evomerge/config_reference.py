@@ -35,7 +35,7 @@ def sections() -> list[tuple[str, str, list[type[BaseModel]]]]:
     from evomerge.merge.recipe import Condition, Recipe, SourceModel
     from evomerge.optimize import Objective
     from evomerge.optimize.registry import available_proposers, proposer_class
-    from evomerge.space import LayerGroups, SearchedParameter, SearchSpace
+    from evomerge.space import LayerGroups, MethodChoice, SearchedParameter, SearchSpace
     from evomerge.study.config import (
         BudgetConfig,
         ClusterConfig,
@@ -63,7 +63,7 @@ def sections() -> list[tuple[str, str, list[type[BaseModel]]]]:
         (
             "Search spaces (`space:`, `search_spaces/*.yaml`)",
             "A ready space's name, a YAML file, or the mapping itself.",
-            [SearchSpace, SearchedParameter, LayerGroups],
+            [SearchSpace, SearchedParameter, LayerGroups, MethodChoice],
         ),
         (
             "Recipes (`evomerge merge RECIPE.yaml`, `evomerge_recipe.yaml` in exports)",

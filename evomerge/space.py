@@ -18,6 +18,11 @@ In a recipe, a group-scoped value is a per-layer list (one entry per layer, so e
 group's value exactly), or with ``smoothing: true`` the group genes are the anchors of a gradient
 interpolated across the layers. Tensors outside the layers take a layer list's first entry, as in
 any recipe (the final norm therefore shares the first group's ``norm`` or ``rest`` gene).
+
+Method choice. With ``method_choice``, each layer group of ``method_choice.layers`` also gets a
+one-of-k block of genes, one per method (``method/L0-1=ties``); the highest wins (ties to the
+first listed) and the recipe gets ``layer_methods``. :meth:`BoundSpace.categorical_groups` lists
+the blocks, which Optuna proposers suggest as categorical parameters.
 """
 
 from __future__ import annotations
@@ -118,6 +123,34 @@ class LayerGroups(BaseModel):
         return self
 
 
+class MethodChoice(BaseModel):
+    """A categorical gene per layer group: which merge method that group's layers use."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    methods: list[str] = Field(min_length=2)
+    """The methods to choose among (at least two, no repeats; none that needs Fisher
+    diagonals). Each must take every ``fixed`` parameter and, for each searched parameter it
+    takes, take it with the same scope (per source or shared); every searched parameter must be
+    taken by at least one of them. A group's genes form a one-of-k block, one coordinate per
+    method (gene ``method/L0-1=ties``): the highest coordinate wins, a tie going to the method
+    listed first. Uniform baselines are made once per method."""
+    layers: Literal["per_layer", "global"] | LayerGroups = "global"
+    """Which layers share a choice: ``per_layer``, ``global``, ``{groups: N}`` or
+    ``{group_size: N}`` (independent of the space's ``layers``)."""
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers(cls, value: Any) -> Any:
+        return _parse_layers(value)
+
+    @field_validator("methods")
+    @classmethod
+    def _unique(cls, methods: list[str]) -> list[str]:
+        if len(set(methods)) != len(methods):
+            raise ValueError("a method is listed twice")
+        return methods
+
+
 class SearchSpace(BaseModel):
     """A search space file (``search_spaces/*.yaml``), before it is bound to models."""
 
@@ -127,7 +160,8 @@ class SearchSpace(BaseModel):
     description: str = ""
     """Free text shown beside the name by ``evomerge space show``."""
     method: str
-    """The merge method every decoded recipe uses (see ``evomerge methods``)."""
+    """The merge method every decoded recipe uses (see ``evomerge methods``); with
+    ``method_choice``, the method of the tensors outside the layers (one of its ``methods``)."""
     layers: Literal["per_layer", "global"] | LayerGroups = "per_layer"
     """``per_layer``, ``global``, ``{groups: N}`` (N contiguous groups) or ``{group_size: N}``."""
     kinds: list[GeneKind] = Field(default_factory=list)
@@ -142,17 +176,15 @@ class SearchSpace(BaseModel):
     are evenly spaced anchors of a gradient, interpolated linearly across the layers."""
     seed: int = 0
     """Seed of random masks (DARE, DELLA) in every recipe of the space."""
+    method_choice: MethodChoice | None = None
+    """Search the merge method too: ``{methods: [ties, dare_ties, ...], layers: {groups:
+    2}}`` adds a one-of-k categorical gene per layer group of ``method_choice.layers``, and
+    decoded recipes carry ``layer_methods``. None: ``method`` everywhere."""
 
     @field_validator("layers", mode="before")
     @classmethod
     def _layers(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            return LayerGroups.model_validate(value)
-        if value not in ("per_layer", "global"):
-            raise ValueError(
-                f"must be per_layer, global, {{groups: N}} or {{group_size: N}}; got {value!r}"
-            )
-        return value
+        return _parse_layers(value)
 
     @field_validator("kinds")
     @classmethod
@@ -161,11 +193,71 @@ class SearchSpace(BaseModel):
             raise ValueError("a kind is listed twice")
         return kinds
 
+    def methods(self) -> list[MergeMethod]:
+        """The methods decoded recipes may use: ``method``, then the other choices."""
+        names = [self.method]
+        if self.method_choice is not None:
+            names += [m for m in self.method_choice.methods if m != self.method]
+        return [get_method(name) for name in names]
+
     def check_method(self) -> MergeMethod:
-        """The method, after checking every parameter against it (names, scopes, ranges)."""
-        method = get_method(self.method)
+        """The method, after checking every parameter against it (names, scopes, ranges);
+        with ``method_choice``, against each method that takes it."""
+        if self.method_choice is not None:
+            return self._check_choice()
+        return self._check_parameters(get_method(self.method), self.parameters, self.fixed)
+
+    def _check_choice(self) -> MergeMethod:
+        assert self.method_choice is not None
         where = f"search space '{self.name}'"
-        for name, searched in self.parameters.items():
+        choices = self.method_choice.methods
+        if self.method not in choices:
+            raise ConfigError(
+                f"{where}: method '{self.method}' (used outside the layers) must be one of "
+                f"method_choice.methods ({', '.join(choices)})"
+            )
+        methods = self.methods()
+        for method in methods:
+            if method.aux:
+                raise ConfigError(
+                    f"{where}: method_choice: '{method.name}' needs {', '.join(method.aux)} "
+                    "for every source and cannot be chosen per layer group"
+                )
+            taken = {n: p for n, p in self.parameters.items() if _takes(method, n)}
+            self._check_parameters(method, taken, self.fixed)
+            missing = [
+                spec.name
+                for spec in method.params
+                if spec.required
+                and spec.name not in self.parameters
+                and spec.name not in self.fixed
+            ]
+            if missing:
+                raise ConfigError(
+                    f"{where}: method_choice: '{method.name}' needs {', '.join(missing)}; "
+                    "search or fix it"
+                )
+        for name in self.parameters:
+            if not any(_takes(method, name) for method in methods):
+                raise ConfigError(
+                    f"{where}: no method of method_choice ({', '.join(choices)}) takes '{name}'"
+                )
+            scopes = {method.param(name).scope for method in methods if _takes(method, name)}
+            if len(scopes) > 1:
+                raise ConfigError(
+                    f"{where}: method_choice: '{name}' is per source in some methods and "
+                    "shared in others"
+                )
+        return methods[0]
+
+    def _check_parameters(
+        self,
+        method: MergeMethod,
+        parameters: Mapping[str, SearchedParameter],
+        fixed: Mapping[str, Any],
+    ) -> MergeMethod:
+        where = f"search space '{self.name}'"
+        for name, searched in parameters.items():
             spec = _param(method, name, where)
             if spec.kind not in (int, float):
                 raise ConfigError(
@@ -184,7 +276,7 @@ class SearchSpace(BaseModel):
                     f"{where}: '{name}' is one value for all sources in {method.name}; "
                     "remove 'source' from its scope"
                 )
-        for name, value in self.fixed.items():
+        for name, value in fixed.items():
             spec = _param(method, name, where)
             if name in self.parameters:
                 raise ConfigError(f"{where}: '{name}' is both searched and fixed")
@@ -198,13 +290,14 @@ class SearchSpace(BaseModel):
         """The genes of this space for ``base``'s architecture and these source labels."""
         method = self.check_method()
         where = f"search space '{self.name}'"
-        if method.max_sources is not None and len(sources) > method.max_sources:
-            raise ConfigError(
-                f"{where}: {method.name} merges at most {method.max_sources} source(s) "
-                f"besides the base; got {len(sources)}"
-            )
-        if len(sources) < method.min_sources:
-            raise ConfigError(f"{where}: {method.name} needs at least {method.min_sources} sources")
+        for used in self.methods():
+            if used.max_sources is not None and len(sources) > used.max_sources:
+                raise ConfigError(
+                    f"{where}: {used.name} merges at most {used.max_sources} source(s) "
+                    f"besides the base; got {len(sources)}"
+                )
+            if len(sources) < used.min_sources:
+                raise ConfigError(f"{where}: {used.name} needs at least {used.min_sources} sources")
         num_layers = base.num_layers or 0
         layer_kinds, outer_kinds = _kinds_present(base)
         present = layer_kinds | outer_kinds
@@ -217,7 +310,7 @@ class SearchSpace(BaseModel):
         groups = _layer_groups(self.layers, num_layers, where)
         genes: list[Gene] = []
         for name, searched in self.parameters.items():
-            spec = method.param(name)
+            spec = _spec(self.methods(), name)
             owners = list(sources) if "source" in searched.scope else [None]
             for owner in owners:
                 for bucket in self._buckets(searched, layer_kinds | outer_kinds):
@@ -240,7 +333,32 @@ class SearchSpace(BaseModel):
                                 per_source=spec.scope == "per_source",
                             )
                         )
+        genes += self._choice_genes(num_layers, where)
         return BoundSpace(self, method, base, list(sources), groups, num_layers, genes)
+
+    def _choice_genes(self, num_layers: int, where: str) -> list[Gene]:
+        """The one-of-k genes of ``method_choice``, group by group."""
+        if self.method_choice is None:
+            return []
+        if num_layers == 0:
+            raise ConfigError(f"{where}: method_choice needs a model with layers")
+        genes = []
+        groups = _layer_groups(self.method_choice.layers, num_layers, f"{where}: method_choice")
+        for group, layers in enumerate(groups):
+            for choice in self.method_choice.methods:
+                genes.append(
+                    Gene(
+                        parameter="method",
+                        source=None,
+                        kind=None,
+                        group=group,
+                        layers=layers,
+                        searched=_UNIT,
+                        per_source=False,
+                        choice=choice,
+                    )
+                )
+        return genes
 
     def _buckets(self, searched: SearchedParameter, present: set[str]) -> list[str | None]:
         if "kind" not in searched.scope or not self.kinds:
@@ -260,6 +378,9 @@ class Gene:
     layers: tuple[int, ...] | None
     searched: SearchedParameter
     per_source: bool
+    choice: str | None = None
+    """For a ``method_choice`` gene: the method this coordinate votes for (the group's highest
+    coordinate wins); None for a numeric parameter."""
 
     @property
     def name(self) -> str:
@@ -269,6 +390,8 @@ class Gene:
         if self.layers is not None:
             first, last = self.layers[0], self.layers[-1]
             text += f"/L{first}" if first == last else f"/L{first}-{last}"
+        if self.choice is not None:
+            text += f"={self.choice}"
         return text
 
     @property
@@ -329,6 +452,7 @@ class BoundSpace:
         values = {
             gene: gene.searched.to_value(float(min(1.0, max(0.0, u))))
             for gene, u in zip(self.genes, unit, strict=True)
+            if gene.choice is None
         }
         shared: dict[str, Any] = {}
         per_source: list[dict[str, Any]] = [{} for _ in self.sources]
@@ -355,9 +479,29 @@ class BoundSpace:
                 ],
                 "parameters": shared,
                 "seed": self.space.seed,
-            },
+            }
+            | ({"layer_methods": self._layer_methods(unit)} if self.space.method_choice else {}),
             where=f"recipe decoded from space '{self.space.name}'",
         )
+
+    def categorical_groups(self) -> list[tuple[list[int], list[str]]]:
+        """(coordinate indices, method names) of each ``method_choice`` group, in order."""
+        groups: dict[int, tuple[list[int], list[str]]] = {}
+        for index, gene in enumerate(self.genes):
+            if gene.choice is not None:
+                indices, names = groups.setdefault(gene.group or 0, ([], []))
+                indices.append(index)
+                names.append(gene.choice)
+        return [groups[g] for g in sorted(groups)]
+
+    def _layer_methods(self, unit: np.ndarray) -> list[str]:
+        """The method of each layer: per group, the highest coordinate's (ties: the first)."""
+        chosen = [self.space.method] * self.num_layers
+        for indices, names in self.categorical_groups():
+            winner = names[int(np.argmax(unit[indices]))]
+            for layer in self.genes[indices[0]].layers or ():
+                chosen[layer] = winner
+        return chosen
 
     def _setting(self, name: str, owner: str | None, values: dict[Gene, float]) -> Any:
         genes = [g for g in self.genes if g.parameter == name and g.source == owner]
@@ -398,8 +542,11 @@ class BoundSpace:
         labels = [s.label or d for s, d in zip(recipe.sources, defaults, strict=True)]
         unit = np.empty(self.dimension, dtype=np.float64)
         for index, gene in enumerate(self.genes):
+            if gene.choice is not None:
+                unit[index] = float(self._chosen(recipe, gene) == gene.choice)
+                continue
             tensor, t = self._probe(gene)
-            spec = self.method.param(gene.parameter)
+            spec = _spec(self.space.methods(), gene.parameter)
             value = None
             if gene.source is not None:
                 if gene.source not in labels:
@@ -418,6 +565,26 @@ class BoundSpace:
                 raise ConfigError(f"the recipe sets no value for gene {gene.name}")
             unit[index] = gene.searched.to_unit(float(value))
         return unit
+
+    def _chosen(self, recipe: Recipe, gene: Gene) -> str:
+        """The method a recipe uses in the first layer of a choice gene's group."""
+        layer = (gene.layers or (0,))[0]
+        if recipe.layer_methods is None:
+            chosen = recipe.method
+        elif layer < len(recipe.layer_methods):
+            chosen = recipe.layer_methods[layer]
+        else:
+            raise ConfigError(
+                f"the recipe's layer_methods has {len(recipe.layer_methods)} entries; "
+                f"gene {gene.name} needs layer {layer}"
+            )
+        assert self.space.method_choice is not None
+        if chosen not in self.space.method_choice.methods:
+            raise ConfigError(
+                f"the recipe uses '{chosen}' in layer {layer}, not one of the space's methods "
+                f"({', '.join(self.space.method_choice.methods)})"
+            )
+        return chosen
 
     def _probe(self, gene: Gene) -> tuple[str, float]:
         """A tensor name and layer position at which ``gene`` alone decides the value."""
@@ -448,18 +615,28 @@ class BoundSpace:
         """(label, genome) of each uniform baseline: every gene of a parameter at one value.
 
         A parameter with several ``uniform`` values gives several baselines; parameters with
-        fewer values repeat their last one.
+        fewer values repeat their last one. With ``method_choice``, each of these once per
+        method (every layer group choosing it).
         """
         values = {name: p.uniform_values() for name, p in self.space.parameters.items()}
         count = max(len(v) for v in values.values())
+        choice = self.space.method_choice
         baselines = []
-        for index in range(count):
-            chosen = {name: v[min(index, len(v) - 1)] for name, v in values.items()}
-            genome = np.array(
-                [gene.searched.to_unit(chosen[gene.parameter]) for gene in self.genes]
-            )
-            label = "uniform " + ", ".join(f"{name}={value:g}" for name, value in chosen.items())
-            baselines.append((label, genome))
+        for method in choice.methods if choice is not None else [None]:
+            for index in range(count):
+                chosen = {name: v[min(index, len(v) - 1)] for name, v in values.items()}
+                genome = np.array(
+                    [
+                        float(gene.choice == method)
+                        if gene.choice is not None
+                        else gene.searched.to_unit(chosen[gene.parameter])
+                        for gene in self.genes
+                    ]
+                )
+                settings = [f"{name}={value:g}" for name, value in chosen.items()]
+                if method is not None:
+                    settings.insert(0, f"method={method}")
+                baselines.append(("uniform " + ", ".join(settings), genome))
         return baselines
 
     def uniform_genomes(self) -> list[np.ndarray]:
@@ -468,15 +645,16 @@ class BoundSpace:
 
     def table(self) -> list[tuple[str, str, str, str]]:
         """(name, scope, bounds, scale) per gene, for ``evomerge space show``."""
-        return [
-            (
-                gene.name,
-                gene.scope_text,
-                f"[{gene.searched.bounds[0]:g}, {gene.searched.bounds[1]:g}]",
-                gene.searched.scale,
-            )
-            for gene in self.genes
-        ]
+        rows = []
+        for gene in self.genes:
+            if gene.choice is not None:
+                count = len(self.space.method_choice.methods) if self.space.method_choice else 0
+                first, last = (gene.layers or (0,))[0], (gene.layers or (0,))[-1]
+                rows.append((gene.name, f"layers {first}-{last}", f"one of {count}", "categorical"))
+                continue
+            bounds = f"[{gene.searched.bounds[0]:g}, {gene.searched.bounds[1]:g}]"
+            rows.append((gene.name, gene.scope_text, bounds, gene.searched.scale))
+        return rows
 
 
 def load_space(path_or_name: str | Path) -> SearchSpace:
@@ -517,6 +695,32 @@ def parse_space(data: dict[str, Any], where: str = "search space") -> SearchSpac
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     return space
+
+
+_UNIT = SearchedParameter(bounds=(0.0, 1.0), scope=[])
+"""The stand-in bounds of a ``method_choice`` gene (its coordinate is a vote in [0, 1])."""
+
+
+def _parse_layers(value: Any) -> Any:
+    if isinstance(value, dict):
+        return LayerGroups.model_validate(value)
+    if value not in ("per_layer", "global"):
+        raise ValueError(
+            f"must be per_layer, global, {{groups: N}} or {{group_size: N}}; got {value!r}"
+        )
+    return value
+
+
+def _takes(method: MergeMethod, name: str) -> bool:
+    return any(spec.name == name for spec in method.params)
+
+
+def _spec(methods: Sequence[MergeMethod], name: str) -> ParamSpec:
+    """Parameter ``name`` of the first method that takes it (the space's ``method`` first)."""
+    for method in methods:
+        if _takes(method, name):
+            return method.param(name)
+    return methods[0].param(name)
 
 
 def _param(method: MergeMethod, name: str, where: str) -> ParamSpec:
@@ -580,13 +784,18 @@ def build_space_proposer(
     state: bytes | None = None,
 ) -> Proposer:
     """The proposer a search config asks for (restored from ``state`` if given); CMA-ES
-    starts from the mean of the space's uniform baselines unless ``x0`` is given."""
+    starts from the mean of the space's uniform baselines unless ``x0`` is given. The
+    ``method_choice`` groups are passed as ``categorical`` (Optuna kinds suggest them natively;
+    CMA-ES searches the one-of-k coordinates as numbers, decoded by argmax)."""
     from evomerge.optimize import build_proposer, parse_proposer_config, restore_proposer
 
     settings = dict(settings)
     if settings.get("kind", "cma") == "cma" and settings.get("x0") is None:
         settings["x0"] = np.mean(space.uniform_genomes(), axis=0).tolist()
     config = parse_proposer_config(settings)
+    categorical = [indices for indices, _ in space.categorical_groups()]
     if state is not None:
-        return restore_proposer(config, space.dimension, list(objectives), state)
-    return build_proposer(config, space.dimension, list(objectives))
+        return restore_proposer(
+            config, space.dimension, list(objectives), state, categorical=categorical
+        )
+    return build_proposer(config, space.dimension, list(objectives), categorical=categorical)

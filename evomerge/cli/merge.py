@@ -165,13 +165,16 @@ def cmd_recipe_show(args: argparse.Namespace) -> int:
         f"{kind} config: method {plan.method}, {len(plan.jobs)} tensors, "
         f"fingerprint {plan.fingerprint()}"
     )
+    if len(plan.methods_used()) > 1:
+        print(f"  methods: {plan.describe_methods()}")
     for index, label in enumerate(plan.labels):
         print(f"  model {index}: {label}  ({plan.models[index]})")
     if args.tensors:
         for job in plan.jobs:
-            print(f"  {job.name}: {job.shared_dict()} {job.per_source_dicts()}")
+            own = f"[{job.method}] " if job.method else ""
+            print(f"  {job.name}: {own}{job.shared_dict()} {job.per_source_dicts()}")
     else:
-        distinct = Counter(repr((job.shared, job.per_source)) for job in plan.jobs)
+        distinct = Counter(repr((job.method, job.shared, job.per_source)) for job in plan.jobs)
         print(f"  {len(distinct)} distinct parameter settings (--tensors lists them)")
     return 0
 

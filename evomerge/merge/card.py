@@ -29,7 +29,7 @@ def model_card(
         "",
         "# Merged model",
         "",
-        f"Merged with evomerge {__version__} using **{plan.method}** "
+        f"Merged with evomerge {__version__} using **{plan.describe_methods()}** "
         f"(plan fingerprint `{plan.fingerprint()}`, seed {plan.seed}).",
         "",
         "## Models",
@@ -99,7 +99,7 @@ def trial_card(plan: MergePlan, trial: TrialCard) -> str:
         f"# {trial.study}: trial {trial.number}",
         "",
         f"Trial {trial.number} (`{trial.label}`, {trial.role}) of the evomerge study "
-        f"`{trial.study}`, merged with evomerge {__version__} using **{plan.method}** "
+        f"`{trial.study}`, merged with evomerge {__version__} using **{plan.describe_methods()}** "
         f"(plan fingerprint `{plan.fingerprint()}`, seed {plan.seed}).",
         "",
         "## Models",

@@ -65,6 +65,11 @@ def merge_job(
     return method.fn(base, sources, job.shared_dict(), job.per_source_dicts(), ctx)
 
 
+def plan_methods(plan: MergePlan) -> dict[str, MergeMethod]:
+    """The registered method of each name the plan merges with (see :meth:`MergePlan.method_of`)."""
+    return {name: get_method(name) for name in plan.methods_used()}
+
+
 def check_finite_tensor(tensor: torch.Tensor, ref: TensorRef, labels: Sequence[str] = ()) -> None:
     """Raise if a float tensor holds NaN or Inf. A finite sum proves it cheaply (one fused
     reduction); only a non-finite sum, which may be mere overflow, costs a full check."""
@@ -107,7 +112,7 @@ def merge_to_folder(
 ) -> Path:
     """Stream the merge into a Hugging Face folder; nothing appears at ``out_dir`` on failure."""
     models = list(models) if models is not None else open_plan_models(plan, allow_pickle)
-    method = get_method(plan.method)
+    methods = plan_methods(plan)
     input_dtype = parse_dtype(plan.input_dtype)
     dev = torch.device(device)
 
@@ -136,7 +141,7 @@ def merge_to_folder(
             pending = pool.submit(read_job, jobs[index + 1]) if index + 1 < len(jobs) else None
             merged = merge_job(
                 job,
-                method,
+                methods[plan.method_of(job)],
                 tensors.__getitem__,
                 seed=plan.seed,
                 input_dtype=input_dtype,
@@ -395,7 +400,7 @@ class InPlaceMerger:
                 "this plan merges other models than the ones held in memory: "
                 f"{list(plan.models)} vs {list(self.paths)}"
             )
-        method = get_method(plan.method)
+        methods = plan_methods(plan)
         input_dtype = parse_dtype(plan.input_dtype)
         streams = self._streams()
         for job in plan.jobs:
@@ -406,6 +411,7 @@ class InPlaceMerger:
                 read: Reader = inputs.__getitem__
             else:
                 read = self.read
+            method = methods[plan.method_of(job)]
             merged = merge_job(job, method, read, seed=plan.seed, input_dtype=input_dtype)
             del read
             if streams:

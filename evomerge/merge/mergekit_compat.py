@@ -425,6 +425,13 @@ def recipe_to_mergekit(recipe: Recipe, relative_to: Path | None = None) -> dict[
     Equivalence is checked, not assumed: both are resolved against the models and compared
     tensor by tensor.
     """
+    if recipe.layer_methods is not None:
+        from evomerge.merge.plan import layer_runs
+
+        raise ConfigError(
+            "mergekit merges with one method per config; this recipe uses "
+            f"{layer_runs(recipe.layer_methods)}"
+        )
     method = get_method(recipe.method)
     if method.mergekit_name is None:
         raise ConfigError(f"method '{method.name}' has no mergekit equivalent")

@@ -25,8 +25,8 @@ from evomerge.adapters import Source, open_source, plan_extra
 from evomerge.checkpoint import ModelFolder, check_compatible, path_labels
 from evomerge.errors import ConfigError
 from evomerge.merge.plan import MergePlan, TensorJob, TensorRef, freeze
-from evomerge.merge.registry import MergeMethod, get_method
-from evomerge.merge.tensors import layer_position, tensor_kind
+from evomerge.merge.registry import MergeMethod, ParamSpec, get_method
+from evomerge.merge.tensors import layer_index, layer_position, tensor_kind
 from evomerge.util import pydantic_message
 
 Scalar = bool | int | float | str
@@ -80,6 +80,12 @@ class Recipe(BaseModel):
         None, description="output dtype; default: each tensor keeps the base's dtype"
     )
     tokenizer_source: str = Field("base", description="'base' or a source label")
+    layer_methods: list[str] | None = None
+    """One merge method per layer (as many as the model has layers), for a merge that uses
+    different methods in different layers; tensors outside the layers (embeddings, head, final
+    norm) use ``method``. Each tensor takes only the parameters its own method takes; every
+    parameter must be taken by at least one method in use. Methods that need Fisher diagonals
+    are not allowed here. None: ``method`` everywhere."""
 
     @field_validator("parameters")
     @classmethod
@@ -200,12 +206,18 @@ def plan_recipe(
     """Resolve a recipe against opened models (base first if the recipe has one)."""
     method = get_method(recipe.method)
     has_base = recipe.base is not None
-    if method.uses_base and not has_base:
-        raise ConfigError(f"method '{method.name}' needs a base model: set 'base' in the recipe")
-    method.check_source_count(len(recipe.sources))
-    _check_parameter_names(method, recipe)
+    num_layers = models[0].num_layers or 0
+    layer_methods = _layer_methods(recipe, method, num_layers)
+    in_use = [method]
+    for used in layer_methods:
+        if all(used.name != m.name for m in in_use):
+            in_use.append(used)
+    for used in in_use:
+        if used.needs_base and not has_base:
+            raise ConfigError(f"method '{used.name}' needs a base model: set 'base' in the recipe")
+        used.check_source_count(len(recipe.sources))
+    _check_parameter_names(in_use, recipe)
     first_source = 1 if has_base else 0
-    num_layers = models[0].num_layers or 1
     all_models = list(models)
     aux_refs: dict[str, list[int]] = {}
     for name in method.aux:
@@ -221,22 +233,25 @@ def plan_recipe(
             aux_refs[name].append(len(all_models) - 1)
     jobs = []
     for tensor, info in models[0].tensors.items():
-        base_ref = TensorRef(0, tensor) if has_base and method.uses_base else None
         source_models = range(first_source, len(models))
         if not info.dtype.is_floating_point:
             jobs.append(TensorJob(tensor, TensorRef(0, tensor), (), (), ()))
             continue
-        t = layer_position(tensor, num_layers)
+        layer = layer_index(tensor) if layer_methods else None
+        method_here = layer_methods[layer] if layer is not None else method
+        own = method_here.name if method_here.name != method.name else None
+        base_ref = TensorRef(0, tensor) if has_base and method_here.uses_base else None
+        t = layer_position(tensor, num_layers or 1)
         shared = {
             spec.name: value
-            for spec in method.shared_params
+            for spec in method_here.shared_params
             if (value := evaluate_setting(recipe.parameters.get(spec.name), tensor, t, spec.coerce))
             is not None
         }
         per_source = []
         for source in recipe.sources:
             params = {}
-            for spec in method.per_source_params:
+            for spec in method_here.per_source_params:
                 value = evaluate_setting(source.parameters.get(spec.name), tensor, t, spec.coerce)
                 if value is None:
                     value = evaluate_setting(
@@ -246,7 +261,7 @@ def plan_recipe(
                     params[spec.name] = value
             per_source.append(params)
         sources = [TensorRef(i, tensor) for i in source_models]
-        bound_shared, bound_sources = method.bind(shared, per_source, tensor)
+        bound_shared, bound_sources = method_here.bind(shared, per_source, tensor)
         aux = tuple(
             (name, tuple(TensorRef(i, tensor) for i in refs)) for name, refs in aux_refs.items()
         )
@@ -258,6 +273,7 @@ def plan_recipe(
                 freeze(bound_shared),
                 tuple(freeze(p) for p in bound_sources),
                 aux,
+                own,
             )
         )
     labels = tuple(m.label for m in all_models)
@@ -275,16 +291,55 @@ def plan_recipe(
     )
 
 
-def _check_parameter_names(method: MergeMethod, recipe: Recipe) -> None:
+def _layer_methods(recipe: Recipe, method: MergeMethod, num_layers: int) -> list[MergeMethod]:
+    """The method of each layer (empty without ``layer_methods``), checked."""
+    if recipe.layer_methods is None:
+        return []
+    if len(recipe.layer_methods) != num_layers:
+        raise ConfigError(
+            f"layer_methods lists {len(recipe.layer_methods)} method(s) but the model has "
+            f"{num_layers} layers: give exactly {num_layers}, one per layer"
+        )
+    methods = [get_method(name) for name in recipe.layer_methods]
+    for used in [method, *methods]:
+        if used.aux:
+            raise ConfigError(
+                f"layer_methods: method '{used.name}' needs {', '.join(used.aux)} for every "
+                "source and cannot be mixed with other methods per layer"
+            )
+    return methods
+
+
+def _check_parameter_names(methods: Sequence[MergeMethod], recipe: Recipe) -> None:
+    """Every parameter is taken by some method in use (``methods``, the recipe's first), and
+    a source's own parameters are per-source ones."""
+    if len(methods) == 1:
+        (method,) = methods
+        for name in recipe.parameters:
+            method.param(name)
+    names = ", ".join(m.name for m in methods)
     for name in recipe.parameters:
-        method.param(name)
+        if not _taking(methods, name):
+            raise ConfigError(f"parameters.{name}: no method in use ({names}) takes '{name}'")
     for index, source in enumerate(recipe.sources):
         for name in source.parameters:
-            if method.param(name).scope == "shared":
+            specs = _taking(methods, name)
+            if not specs:
+                if len(methods) == 1:
+                    methods[0].param(name)  # the usual error for one method
+                raise ConfigError(
+                    f"sources[{index}].parameters.{name}: no method in use ({names}) takes '{name}'"
+                )
+            if any(spec.scope == "shared" for spec in specs):
                 raise ConfigError(
                     f"sources[{index}].parameters.{name}: '{name}' applies to the whole merge; "
                     "set it under the recipe's 'parameters'"
                 )
+
+
+def _taking(methods: Sequence[MergeMethod], name: str) -> list[ParamSpec]:
+    """The specs of parameter ``name`` in the methods that take it."""
+    return [spec for m in methods for spec in m.params if spec.name == name]
 
 
 def _tokenizer_model(recipe: Recipe, models: Sequence[Source]) -> int:

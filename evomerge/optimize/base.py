@@ -65,6 +65,8 @@ class Proposer(ABC):
         config: ProposerConfig,
         dimension: int,
         objectives: Sequence[Objective | Mapping[str, Any]],
+        *,
+        categorical: Sequence[Sequence[int]] = (),
     ) -> None:
         if not isinstance(config, self.config_class):
             raise ConfigError(
@@ -79,6 +81,10 @@ class Proposer(ABC):
             raise ConfigError(f"proposer ({self.kind}): dimension must be >= 1, got {dimension}")
         self.config = config
         self.dimension = int(dimension)
+        self.categorical = _check_categorical(self.kind, self.dimension, categorical)
+        """Groups of coordinates that are one-of-k choices (a search space's method choice):
+        Optuna kinds suggest each as a categorical parameter and return it one-hot; the other
+        kinds search them as numbers (the space decodes a group by its argmax)."""
         self.objectives = parse_objectives(objectives)
         self.n_told = 0
         self.n_failed = 0
@@ -172,6 +178,7 @@ class Proposer(ABC):
             "config": self.config.model_dump(),
             "dimension": self.dimension,
             "objectives": [o.model_dump() for o in self.objectives],
+            "categorical": self.categorical,
             "base": {
                 "next_id": self._next_id,
                 "pending": self._pending,
@@ -191,10 +198,13 @@ class Proposer(ABC):
         dimension: int,
         objectives: Sequence[Objective | Mapping[str, Any]],
         state: bytes,
+        *,
+        categorical: Sequence[Sequence[int]] = (),
     ) -> Proposer:
-        """A proposer continuing from ``state_dict()``; config, dimension and objectives must
-        be the ones it was saved with."""
-        proposer = cls(config, dimension, objectives)
+        """A proposer continuing from ``state_dict()``; config, dimension, objectives and
+        categorical groups must be the ones it was saved with (a state saved before groups
+        existed has none)."""
+        proposer = cls(config, dimension, objectives, categorical=categorical)
         where = f"proposer ({cls.kind}) state"
         try:
             data = pickle.loads(state)
@@ -207,12 +217,14 @@ class Proposer(ABC):
             "config": data.get("config"),
             "dimension": data.get("dimension"),
             "objectives": data.get("objectives"),
+            "categorical": data.get("categorical", ()),
         }
         now = {
             "kind": cls.kind,
             "config": proposer.config.model_dump(),
             "dimension": proposer.dimension,
             "objectives": [o.model_dump() for o in proposer.objectives],
+            "categorical": proposer.categorical,
         }
         if isinstance(saved["config"], dict):
             saved["config"] = cls._saved_config(saved["config"], now["config"])
@@ -268,6 +280,22 @@ class Proposer(ABC):
                 f"pending: {self.pending}"
             )
         return self._pending.pop(proposal_id)
+
+
+def _check_categorical(
+    kind: str, dimension: int, groups: Sequence[Sequence[int]]
+) -> tuple[tuple[int, ...], ...]:
+    """Disjoint groups of at least two coordinates in range, as tuples."""
+    checked = tuple(tuple(int(i) for i in group) for group in groups)
+    seen: set[int] = set()
+    for group in checked:
+        if len(group) < 2 or any(not 0 <= i < dimension for i in group) or seen & set(group):
+            raise ConfigError(
+                f"proposer ({kind}): categorical groups must be disjoint, of at least two "
+                f"coordinates in [0, {dimension}); got {[list(g) for g in checked]}"
+            )
+        seen |= set(group)
+    return checked
 
 
 class _StatePickler(pickle.Pickler):

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
 import numpy as np
@@ -149,8 +149,17 @@ class CMAProposer(Proposer):
     multi_objective = False
     config: CMAConfig
 
-    def __init__(self, config: CMAConfig, dimension: int, objectives: Any) -> None:
-        super().__init__(config, dimension, objectives)
+    def __init__(
+        self,
+        config: CMAConfig,
+        dimension: int,
+        objectives: Any,
+        *,
+        categorical: Sequence[Sequence[int]] = (),
+    ) -> None:
+        """``categorical`` groups are kept (and saved) but searched as ordinary coordinates:
+        a search space decodes each one-of-k group by its argmax."""
+        super().__init__(config, dimension, objectives, categorical=categorical)
         if isinstance(config.x0, list) and len(config.x0) != self.dimension:
             raise ConfigError(
                 f"proposer (cma): x0 has {len(config.x0)} values but genomes have "

@@ -2,10 +2,12 @@
 ``gp``, ``random`` and ``qmc``.
 
 Each proposer drives an in-memory study by ask/tell, with one float parameter per gene
-(``g0000``, ``g0001``, ...) in [0, 1]. Multi-objective samplers (all but ``optuna-cmaes``) get
-one study direction per objective and the raw values; ``optuna-cmaes`` gets one direction
-(maximize) and the scalarized value. Results may arrive in any order; ``ask()`` never
-returns None.
+(``g0000``, ``g0001``, ...) in [0, 1], except for the proposer's ``categorical`` groups: each
+is one categorical parameter (``c000``, ``c001``, ...) choosing an index in the group, and the
+genome holds 1.0 at the chosen coordinate and 0.0 at the others. Multi-objective samplers
+(all but ``optuna-cmaes``) get one study direction per objective and the raw values;
+``optuna-cmaes`` gets one direction (maximize) and the scalarized value. Results may arrive in
+any order; ``ask()`` never returns None.
 
 Failures: a failed proposal is told to the study as a FAIL trial. The samplers ignore failed
 trials (NSGA-II leaves them out of its populations; Optuna's CMA-ES samples more members for
@@ -24,7 +26,7 @@ import importlib.util
 import logging
 import warnings
 from abc import abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -51,8 +53,15 @@ class OptunaProposer(Proposer):
 
     multi_objective = True
 
-    def __init__(self, config: ProposerConfig, dimension: int, objectives: Any) -> None:
-        super().__init__(config, dimension, objectives)
+    def __init__(
+        self,
+        config: ProposerConfig,
+        dimension: int,
+        objectives: Any,
+        *,
+        categorical: Sequence[Sequence[int]] = (),
+    ) -> None:
+        super().__init__(config, dimension, objectives, categorical=categorical)
         if optuna.logging.get_verbosity() < logging.WARNING:
             optuna.logging.set_verbosity(logging.WARNING)
         self._names = [f"g{i:04d}" for i in range(self.dimension)]
@@ -81,8 +90,17 @@ class OptunaProposer(Proposer):
     def _propose(self) -> tuple[np.ndarray, Any]:
         with _quiet():
             trial = self._study.ask()
-            genome = [trial.suggest_float(name, 0.0, 1.0) for name in self._names]
-        return np.array(genome, dtype=np.float64), trial.number
+            genome = np.zeros(self.dimension, dtype=np.float64)
+            groups = {group[0]: (number, group) for number, group in enumerate(self.categorical)}
+            grouped = {i for group in self.categorical for i in group}
+            for index, name in enumerate(self._names):
+                if index in groups:
+                    number, group = groups[index]
+                    pick = trial.suggest_categorical(f"c{number:03d}", list(range(len(group))))
+                    genome[group[int(pick)]] = 1.0
+                elif index not in grouped:
+                    genome[index] = trial.suggest_float(name, 0.0, 1.0)
+        return genome, trial.number
 
     def _observe(self, token: Any, genome: np.ndarray, values: tuple[float, ...]) -> None:
         told = list(values) if self.multi_objective else [self.score(values)]

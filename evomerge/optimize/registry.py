@@ -28,10 +28,14 @@ def build_proposer(
     config: Mapping[str, Any] | ProposerConfig,
     dimension: int,
     objectives: Sequence[Objective | Mapping[str, Any]],
+    *,
+    categorical: Sequence[Sequence[int]] = (),
 ) -> Proposer:
-    """A fresh proposer of the kind ``config`` names, over genomes of ``dimension`` genes."""
+    """A fresh proposer of the kind ``config`` names, over genomes of ``dimension`` genes;
+    ``categorical``: groups of coordinates that are one-of-k choices (see
+    :attr:`Proposer.categorical`)."""
     parsed = parse_proposer_config(config)
-    return proposer_class(parsed.kind)(parsed, dimension, objectives)
+    return proposer_class(parsed.kind)(parsed, dimension, objectives, categorical=categorical)
 
 
 def restore_proposer(
@@ -39,10 +43,15 @@ def restore_proposer(
     dimension: int,
     objectives: Sequence[Objective | Mapping[str, Any]],
     state: bytes,
+    *,
+    categorical: Sequence[Sequence[int]] = (),
 ) -> Proposer:
-    """The proposer ``state`` (from ``state_dict()``) describes, continuing exactly."""
+    """The proposer ``state`` (from ``state_dict()``) describes, continuing exactly (with the
+    ``categorical`` groups it was built with)."""
     parsed = parse_proposer_config(config)
-    return proposer_class(parsed.kind).from_state(parsed, dimension, objectives, state)
+    return proposer_class(parsed.kind).from_state(
+        parsed, dimension, objectives, state, categorical=categorical
+    )
 
 
 def describe_state(state: bytes) -> dict[str, str]:
@@ -57,6 +66,9 @@ def describe_state(state: bytes) -> dict[str, str]:
         if cls.describe is Proposer.describe:
             return {}
         config = parse_proposer_config(data["config"])
-        return cls.from_state(config, data["dimension"], data["objectives"], state).describe()
+        groups = data.get("categorical", ())
+        return cls.from_state(
+            config, data["dimension"], data["objectives"], state, categorical=groups
+        ).describe()
     except (ConfigError, KeyError, TypeError, ValueError, pickle.UnpicklingError, AttributeError):
         return {}

@@ -196,11 +196,10 @@ def draws_random_masks(plan: MergePlan) -> bool:
     """Whether merging ``plan`` drops entries at random (a DARE/DELLA source below density 1)."""
     from evomerge.merge.registry import get_method
 
-    if not get_method(plan.method).random_masks:
-        return False
     return any(
         float(params.get("density", 1.0)) < 1.0
         for job in plan.jobs
+        if get_method(plan.method_of(job)).random_masks
         for params in job.per_source_dicts()
     )
 
