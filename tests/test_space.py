@@ -20,13 +20,16 @@ READY = sorted(p.stem for p in SEARCH_SPACES_DIR.glob("*.yaml"))
 
 
 def _sources(space_name: str) -> list[str]:
-    return ["ft_1"] if space_name.startswith("slerp") else ["ft_0", "ft_1"]
+    one = get_method(load_space(space_name).method).max_sources == 1  # slerp, nearswap
+    return ["ft_1"] if one else ["ft_0", "ft_1"]
 
 
 def test_every_kind_of_ready_space_exists():
     methods = ["task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della", "slerp"]
     expected = [f"{m}_{v}" for m in methods for v in ("global", "per_layer")]
-    assert READY == sorted([*expected, "fisher_per_layer"])
+    issue_19 = ["multislerp", "sce", "tsv", "iso_c", "iso_cts", "nearswap"]
+    expected += [f"{m}_per_layer" for m in issue_19]
+    assert READY == sorted([*expected, "fisher_per_layer", "ties_family_choice"])
 
 
 @pytest.mark.parametrize("name", READY)
@@ -42,6 +45,8 @@ def test_decode_encode_round_trip_and_the_recipe_merges(name, family, tmp_path):
             for i, s in enumerate(_sources(name))
         ]
     recipe = space.decode(genome, str(family["base"]), folders, fisher)
+    for indices, _ in space.categorical_groups():  # a method choice encodes one-hot
+        genome[indices] = np.eye(len(indices))[np.argmax(genome[indices])]
     np.testing.assert_allclose(space.encode(recipe), genome, atol=1e-12)
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe.model_dump(exclude_defaults=True)))

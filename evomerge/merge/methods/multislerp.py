@@ -23,6 +23,12 @@ def multislerp(
     weighted mean direction, average there, map back with the exponential map and scale by
     the weighted mean norm; the base is added back.
 
+    The tangent-space step is zero up to rounding: at the mean direction m = sum_i w_i u_i /
+    |sum_i w_i u_i| the weighted tangent vectors sum to sum_i w_i u_i - |sum_i w_i u_i| m = 0.
+    So the result is the renormalized weighted mean direction times the weighted mean norm (a
+    normalized lerp, not a slerp, for two sources); it is computed as mergekit does so that
+    mergekit configs merge the same.
+
     One source is returned as is. When the weighted mean of the unit vectors vanishes
     (|mean| < eps), two sources are averaged linearly and more are an error. Same operations
     in the same order as mergekit's ``multislerp``.
