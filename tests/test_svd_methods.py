@@ -11,7 +11,7 @@ import torch
 
 from evomerge.errors import MethodError
 from evomerge.merge.methods.tsv import tsv_factors
-from evomerge.merge.registry import get_method, merge_tensor
+from evomerge.merge.registry import TensorContext, get_method, merge_tensor
 from tests.helpers import load_folder, write_yaml
 
 SVD_METHODS = ["tsv", "iso_c", "iso_cts"]
@@ -350,8 +350,12 @@ def test_registration():
 # --- end to end ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["tsv", "iso_c"])
-def test_cli_merge_matches_the_oracle(method, family, tmp_path):
+@pytest.mark.parametrize(
+    ("method", "spectral_embeddings"), [("tsv", False), ("iso_c", False), ("iso_c", True)]
+)
+def test_cli_merge_matches_the_oracle(method, spectral_embeddings, family, tmp_path):
+    """Every 2-D tensor of `evomerge merge`'s output is the oracle's; the embedding and head
+    follow task arithmetic unless spectral_embeddings is set."""
     from evomerge.cli import main
     from evomerge.merge.config_file import plan_from_file
 
@@ -361,7 +365,7 @@ def test_cli_merge_matches_the_oracle(method, family, tmp_path):
             "method": method,
             "base": str(family["base"]),
             "sources": [{"model": str(family["ft_0"])}, {"model": str(family["ft_1"])}],
-            "parameters": {"alpha": [0.5, 1.0]},
+            "parameters": {"alpha": [0.5, 1.0], "spectral_embeddings": spectral_embeddings},
         },
     )
     out = tmp_path / "out"
@@ -377,7 +381,10 @@ def test_cli_merge_matches_the_oracle(method, family, tmp_path):
         alpha = plan.job(name).shared_dict()["alpha"]
         alphas[name] = alpha
         args = [t[name].double().numpy() for t in (base, ft0, ft1)]
-        expected = ORACLES[method](args[0], args[1:], alpha=alpha)
+        if name in ("model.embed_tokens.weight", "lm_head.weight") and not spectral_embeddings:
+            expected = args[0] + alpha * ((args[1] - args[0]) + (args[2] - args[0]))
+        else:
+            expected = ORACLES[method](args[0], args[1:], alpha=alpha)
         np.testing.assert_allclose(
             tensor.double().numpy(), expected, atol=2e-5, rtol=0, err_msg=name
         )
@@ -395,5 +402,23 @@ def test_thin_matrices_match_the_oracle(method, shape, count):
     base, sources = _random(shape, count, seed=count)
     out = _merge(method, base, sources, alpha=0.9)
     assert out.shape == shape and torch.isfinite(out).all()
+    expected = ORACLES[method](base.numpy(), [s.numpy() for s in sources], alpha=0.9)
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", SVD_METHODS)
+def test_vocabulary_matrices_follow_task_arithmetic_unless_asked(method):
+    base, sources = _random((6, 4), 2, seed=3)
+    task_arithmetic = base + 0.9 * sum(s - base for s in sources)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        ctx = TensorContext(name=name)
+        out = merge_tensor(method, base, sources, {"alpha": 0.9}, None, ctx)
+        torch.testing.assert_close(out, task_arithmetic, atol=1e-12, rtol=0)
+        asked = {"alpha": 0.9, "spectral_embeddings": True}
+        out = merge_tensor(method, base, sources, asked, None, ctx)
+        expected = ORACLES[method](base.numpy(), [s.numpy() for s in sources], alpha=0.9)
+        np.testing.assert_allclose(out.numpy(), expected, atol=1e-10)
+    ctx = TensorContext(name="model.layers.0.mlp.up_proj.weight")  # other matrices: by SVD
+    out = merge_tensor(method, base, sources, {"alpha": 0.9}, None, ctx)
     expected = ORACLES[method](base.numpy(), [s.numpy() for s in sources], alpha=0.9)
     np.testing.assert_allclose(out.numpy(), expected, atol=1e-10)

@@ -35,11 +35,13 @@ import torch
 
 from evomerge.merge.methods.svd_common import (
     ALPHA,
+    SPECTRAL_EMBEDDINGS,
     WEIGHT,
     all_zero,
     need_base,
     polar,
     round_half_up,
+    spectral,
     task_arithmetic,
     weighted_delta,
 )
@@ -71,7 +73,7 @@ def iso_c(
     alpha = shared["alpha"]
     if all_zero(base, sources, per_source):
         return base.to(dtype).clone()
-    if base.dim() != 2:
+    if not spectral(base, shared, ctx):
         return task_arithmetic(base, sources, per_source, alpha)
     u, s, vh = torch.linalg.svd(
         _summed_delta(base, sources, per_source, dtype), full_matrices=False
@@ -100,7 +102,7 @@ def iso_cts(
     alpha = shared["alpha"]
     if all_zero(base, sources, per_source):
         return base.to(dtype).clone()
-    if base.dim() != 2:
+    if not spectral(base, shared, ctx):
         return task_arithmetic(base, sources, per_source, alpha)
     common, specific = iso_cts_ranks(*base.shape, len(sources), shared["common_fraction"])
     u, s, vh = torch.linalg.svd(
@@ -130,26 +132,29 @@ def iso_cts(
 register(
     MergeMethod(
         name="iso_c",
+        temporaries=(4.5, 0.0),  # peak copies: fixed + per source x n
         fn=iso_c,
-        params=(WEIGHT, ALPHA),
+        params=(WEIGHT, ALPHA, SPECTRAL_EMBEDDINGS),
         uses_base=True,
         min_sources=1,
         mergekit_name=None,
         doc="Iso-C: the summed task matrix with its singular values flattened to their mean.\n"
         "Isotropic merging (arXiv 2502.04959): per 2-D matrix, delta = sum_i w_i delta_i =\n"
         "U diag(s) V^T and result = base + alpha * mean(s) U V^T (mean over all min(m, n)\n"
-        "singular values). Tensors that are not 2-D use task arithmetic. Embedding/LM-head\n"
-        "matrices are merged by SVD too (the costliest SVDs of the merge).",
+        "singular values). Tensors that are not 2-D, and the embedding/LM-head matrices unless\n"
+        "spectral_embeddings is set, use task arithmetic.",
     )
 )
 
 register(
     MergeMethod(
         name="iso_cts",
+        temporaries=(7.5, 0.0),  # peak copies: fixed + per source x n
         fn=iso_cts,
         params=(
             WEIGHT,
             ALPHA,
+            SPECTRAL_EMBEDDINGS,
             ParamSpec(
                 "common_fraction",
                 "shared",
@@ -170,6 +175,7 @@ register(
         "matrix plus each task's top (r - k) // T directions outside that subspace, the\n"
         "concatenations orthogonalized (polar factor), the spectrum flattened to its mean;\n"
         "result = base + alpha * merged. common_fraction = 1 is Iso-C. Tensors that are not\n"
-        "2-D use task arithmetic. Embedding/LM-head matrices are merged by SVD too.",
+        "2-D, and the embedding/LM-head matrices unless spectral_embeddings is set, use task\n"
+        "arithmetic.",
     )
 )

@@ -35,11 +35,13 @@ import torch
 
 from evomerge.merge.methods.svd_common import (
     ALPHA,
+    SPECTRAL_EMBEDDINGS,
     WEIGHT,
     all_zero,
     need_base,
     polar,
     round_half_up,
+    spectral,
     task_arithmetic,
     weighted_delta,
 )
@@ -92,7 +94,9 @@ def tsv(
     alpha = shared["alpha"]
     if all_zero(base, sources, per_source):
         return base.to(dtype).clone()
-    k = tsv_rank(*base.shape, len(sources), shared["rank_fraction"]) if base.dim() == 2 else 0
+    k = 0
+    if spectral(base, shared, ctx):
+        k = tsv_rank(*base.shape, len(sources), shared["rank_fraction"])
     if k == 0:
         return task_arithmetic(base, sources, per_source, alpha)
     deltas = (
@@ -107,10 +111,12 @@ def tsv(
 register(
     MergeMethod(
         name="tsv",
+        temporaries=(6.5, 0.0),  # peak copies: fixed + per source x n
         fn=tsv,
         params=(
             WEIGHT,
             ALPHA,
+            SPECTRAL_EMBEDDINGS,
             ParamSpec(
                 "rank_fraction",
                 "shared",
@@ -131,7 +137,7 @@ register(
         "k = rank_fraction * min(m, n) triplets (default 1/T), concatenate the left and right\n"
         "singular vectors of all tasks, replace each concatenation by its orthogonal polar\n"
         "factor and rebuild with the kept singular values; result = base + alpha * merged.\n"
-        "Tensors that are not 2-D (and matrices with min(m, n) < T) use task arithmetic.\n"
-        "Embedding/LM-head matrices are merged by SVD too (the costliest SVDs of the merge).",
+        "Tensors that are not 2-D, matrices with min(m, n) < T, and the embedding/LM-head\n"
+        "matrices unless spectral_embeddings is set use task arithmetic.",
     )
 )
