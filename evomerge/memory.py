@@ -15,7 +15,7 @@ GPU (``device: cuda``), per worker::
 
     resident tensors   sum of the base's and the sources' stored bytes    (residency device)
     working model      P x w
-    merge              MERGE_TEMPORARY_TENSORS x T x 4                     (float32 temporaries)
+    merge              (M + 1) x T x 4                                     (float32 temporaries)
                        + (1 + sources) x T x stored bytes                  (residency host: the
                                                                             inputs streamed in)
     evaluation         KV + max(activations, logits + log-probs)           (the largest evaluator)
@@ -28,6 +28,11 @@ GPU (``device: cuda``), per worker::
                        B x S x V x 4, twice unless w is 4, for perplexity (a float32 copy of
                        the logits and cross-entropy's float32 log-softmax)
     CUDA overhead      CUDA_OVERHEAD_BYTES
+
+M is the merge method's declared peak of float32 temporaries for the study's number of sources
+(``MergeMethod.peak_temporaries``; the largest of ``method_choice``'s methods), at least 3, so
+MERGE_TEMPORARY_TENSORS = 4 for the TIES/DARE family; the one more is the merged tensor cast to
+its output dtype.
 
     total = resident + working + max(merge, evaluation) + CUDA overhead
 
@@ -74,10 +79,12 @@ Residency = Literal["device", "host"]
 
 MERGE_TEMPORARY_TENSORS = 4
 """Float32 copies of the largest tensor a merge holds at once on its device: the budget for
-merge temporaries. TIES, DARE and DELLA work on pieces of each tensor; their measured peak is
-at most 2.2 copies whatever the number of sources, and ``tests/test_merge_memory.py`` holds
-them to 3 (``merge.methods.task_arithmetic.MERGE_TEMPORARY_TENSORS``); one more is the merged
-tensor cast to its output dtype while it is copied into the model."""
+merge temporaries of a method that declares at most 3 (``MergeMethod.temporaries``). TIES, DARE
+and DELLA work on pieces of each tensor; their measured peak is at most 2.2 copies whatever the
+number of sources, and ``tests/test_merge_memory.py`` holds them to 3
+(``merge.methods.task_arithmetic.MERGE_TEMPORARY_TENSORS``); one more is the merged tensor cast
+to its output dtype while it is copied into the model. A method that declares more (RAM,
+Multi-SLERP, ...) is planned at its declared peak + 1."""
 CUDA_OVERHEAD_BYTES = 2 * 10**9
 """Fixed GPU cost per worker: the CUDA context and loaded kernels (about 0.5 GB with torch on
 recent GPUs), cuBLAS workspaces, and the caching allocator's fragmentation."""
@@ -475,10 +482,14 @@ def plan_memory(
     working_dtype: str = "bfloat16",
     residency: Residency = "device",
     fisher: Sequence[ModelSize] = (),
+    merge_tensors: float = MERGE_TEMPORARY_TENSORS - 1,
+    merge_label: str = "",
 ) -> MemoryPlan:
     """One worker's memory for ``models`` (the base first, then the sources, and the sources'
     Fisher diagonals when the method weighs by them, held beside them), scored by
-    ``evaluations`` (one after another), on ``device`` (``cuda``/``cuda:N`` or ``cpu``)."""
+    ``evaluations`` (one after another), on ``device`` (``cuda``/``cuda:N`` or ``cpu``).
+    ``merge_tensors`` is the merge method's peak of float32 temporaries in copies of the largest
+    tensor (at least ``MERGE_TEMPORARY_TENSORS - 1`` is planned), ``merge_label`` names it."""
     if not models:
         raise ConfigError("a memory plan needs the base model's size")
     if working_dtype not in DTYPE_BYTES:
@@ -524,10 +535,7 @@ def plan_memory(
             "working model", compute, params * w, f"P x w = {_n(params)} x {w} ({working_dtype})"
         )
     )
-    merge = MERGE_TEMPORARY_TENSORS * largest * 4
-    merge_formula = (
-        f"{MERGE_TEMPORARY_TENSORS} x T x 4 = {MERGE_TEMPORARY_TENSORS} x {_n(largest)} x 4"
-    )
+    merge, merge_formula = _merge_temporaries(merge_tensors, merge_label, largest)
     if on_gpu and residency == "host":
         streamed = len(models) * largest_stored
         merge += streamed
@@ -629,6 +637,40 @@ def plan_memory(
     )
 
 
+def _merge_temporaries(tensors: float, label: str, largest: int) -> tuple[int, str]:
+    """The merge's float32 temporaries and the cast copy: bytes and formula."""
+    if tensors <= MERGE_TEMPORARY_TENSORS - 1:
+        copies = MERGE_TEMPORARY_TENSORS
+        return copies * largest * 4, f"{copies} x T x 4 = {copies} x {_n(largest)} x 4"
+    named = f" ({label})" if label else ""
+    return (
+        math.ceil((tensors + 1) * largest * 4),
+        f"({tensors:g} + 1) x T x 4{named} = {tensors + 1:g} x {_n(largest)} x 4",
+    )
+
+
+def method_temporaries(methods: Sequence[str], sources: int) -> tuple[float, str]:
+    """The largest declared merge temporaries of ``methods`` (registered names) merging
+    ``sources`` sources, and a label naming the method (``"ram, 4 sources"``)."""
+    from evomerge.merge.registry import get_method
+
+    if not methods:
+        return MERGE_TEMPORARY_TENSORS - 1, ""
+    peak, name = max((get_method(m).peak_temporaries(sources), m) for m in methods)
+    return peak, f"{name}, {sources} source{'s' if sources != 1 else ''}"
+
+
+def study_methods(config: StudyConfig) -> list[str]:
+    """The merge methods the study's space may use: its ``method`` and ``method_choice``'s."""
+    from evomerge.space import space_from_setting
+
+    space = space_from_setting(config.space)
+    names = [space.method]
+    if space.method_choice is not None:
+        names += [m for m in space.method_choice.methods if m not in names]
+    return names
+
+
 # -- a study's plan ------------------------------------------------------------------------------
 
 
@@ -643,6 +685,10 @@ class StudyMemoryInputs:
     notes: tuple[str, ...] = ()
     fisher: tuple[ModelSize, ...] = ()
     """The sources' Fisher diagonals (a study with ``fisher``), held beside the models."""
+    merge_tensors: float = MERGE_TEMPORARY_TENSORS - 1
+    """The study's methods' largest declared merge temporaries (:func:`method_temporaries`)."""
+    merge_label: str = ""
+    """Which method and how many sources gave ``merge_tensors``."""
 
 
 def default_working_dtype(device: str) -> str:
@@ -668,7 +714,12 @@ def study_memory_inputs(config: StudyConfig) -> StudyMemoryInputs:
     """Read the models' headers and config, and size each evaluator (building lm-eval requests
     from local task files when no ``max_length`` bounds them)."""
     return memory_inputs(
-        config.base, config.sources, config.evaluators, config.device, config.fisher
+        config.base,
+        config.sources,
+        config.evaluators,
+        config.device,
+        config.fisher,
+        methods=study_methods(config),
     )
 
 
@@ -678,8 +729,10 @@ def memory_inputs(
     evaluators: Sequence[Mapping[str, Any]],
     device: str,
     fisher: Sequence[str] | None = None,
+    methods: Sequence[str] = (),
 ) -> StudyMemoryInputs:
-    """:func:`study_memory_inputs` for a worker's models and evaluator mappings."""
+    """:func:`study_memory_inputs` for a worker's models and evaluator mappings, merged by one
+    of ``methods`` (none: the TIES/DARE family's budget)."""
     from evomerge.evaluate.registry import parse_evaluator_config
 
     models = tuple(read_model_size(p) for p in [base, *sources])
@@ -692,7 +745,8 @@ def memory_inputs(
         parsed = parse_evaluator_config(dict(data), f"evaluators[{index}]")
         shapes.append(evaluation_shape(parsed, arch, base, tokenizer_cache, notes, on_gpu=on_gpu))
     diagonals = tuple(read_model_size(p) for p in fisher or [])
-    return StudyMemoryInputs(models, arch, tuple(shapes), tuple(notes), diagonals)
+    tensors, label = method_temporaries(methods, len(sources))
+    return StudyMemoryInputs(models, arch, tuple(shapes), tuple(notes), diagonals, tensors, label)
 
 
 def evaluation_shape(
@@ -872,6 +926,8 @@ def plan_study_memory(
             working_dtype=dtype,
             residency=where,
             fisher=inputs.fisher,
+            merge_tensors=inputs.merge_tensors,
+            merge_label=inputs.merge_label,
         )
         return replace(plan, notes=plan.notes + inputs.notes)
 

@@ -482,7 +482,7 @@ def memory_estimate(
 
     paths = family["paths"]
     sources = [paths[name] for name in sorted(paths) if name != "base"]
-    inputs = memory_inputs(paths["base"], sources, evaluators, device)
+    inputs = memory_inputs(paths["base"], sources, evaluators, device, methods=["dare_ties"])
     plan = plan_memory(
         inputs.models,
         inputs.arch,
@@ -490,6 +490,8 @@ def memory_estimate(
         device=device,
         working_dtype=WORKING_DTYPE,
         residency=residency,  # type: ignore[arg-type]
+        merge_tensors=inputs.merge_tensors,
+        merge_label=inputs.merge_label,
     )
     where = "gpu" if device.startswith("cuda") else "host"
     return {

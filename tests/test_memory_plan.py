@@ -403,3 +403,40 @@ def test_a_worker_s_residency_follows_the_plan_and_refuses_what_cannot_shrink(fa
     assert choose_residency("auto", *fp32, 80 * GB) == ("host", None)
     with pytest.raises(ConfigError, match="residency 'disk' is not auto, device or host"):
         choose_residency("disk", device, host, 80 * GB)
+
+
+def test_a_method_with_more_merge_temporaries_plans_a_larger_merge(family_7b, tmp_path):
+    """RAM with 4 sources declares 6 + 4 x 4 = 22 copies of the largest tensor: its merge term
+    is (22 + 1) x T x 4, TIES's the documented 4 x T x 4."""
+    from evomerge.memory import plan_study_memory, study_memory_inputs
+    from evomerge.merge.registry import get_method
+    from evomerge.study.config import load_study_config
+
+    models = dict(family_7b)
+    for name in ("code", "chat"):
+        models[name] = _header_only_model(tmp_path / name)
+    spaces = {
+        "ties": {"weight": {"bounds": [0.0, 1.0], "scope": ["source"]}},
+        "ram": {"epsilon": {"bounds": [1e-6, 1e-3], "scope": []}},
+    }
+    merge = {}
+    for method, parameters in spaces.items():
+        folder = tmp_path / method
+        folder.mkdir()
+        data = yaml.safe_load(_tour_study(folder, models).read_text())
+        data["sources"] = [str(models[n]) for n in ("hermes", "math", "code", "chat")]
+        space = {"name": method, "method": method, "layers": "global", "parameters": parameters}
+        data["space"] = space
+        (folder / "study.yaml").write_text(yaml.safe_dump(data))
+        config = load_study_config(folder / "study.yaml")
+        inputs = study_memory_inputs(config)
+        merge[method] = plan_study_memory(config, 80 * GB, inputs=inputs).components
+    largest = 32_000 * 4_096
+    ties = next(c for c in merge["ties"] if c.name == "merge")
+    ram = next(c for c in merge["ram"] if c.name == "merge")
+    assert ties.bytes == MERGE == memory.MERGE_TEMPORARY_TENSORS * largest * 4
+    declared = get_method("ram").peak_temporaries(4)
+    assert declared == 22.0
+    assert ram.bytes == math.ceil((declared + 1) * largest * 4)
+    assert ram.bytes - ties.bytes == (declared + 1 - memory.MERGE_TEMPORARY_TENSORS) * largest * 4
+    assert "(22 + 1) x T x 4 (ram, 4 sources)" in ram.formula

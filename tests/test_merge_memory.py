@@ -27,7 +27,7 @@ from evomerge.merge.config_file import plan_from_file
 from evomerge.merge.engine import InPlaceMerger, MergeTimings
 from evomerge.merge.methods import task_arithmetic
 from evomerge.merge.methods.sparsify import kth_smallest, rank_cut
-from evomerge.merge.registry import TensorContext, merge_tensor
+from evomerge.merge.registry import TensorContext, available_methods, get_method, merge_tensor
 from tests.helpers import write_yaml
 
 NAME = "model.layers.1.mlp.down_proj.weight"
@@ -305,6 +305,60 @@ def test_merge_temporaries_stay_below_the_documented_bound(method: str, params: 
     one_tensor = base.numel() * 4
     assert peak >= one_tensor  # the measurement sees the result at least
     assert peak <= task_arithmetic.MERGE_TEMPORARY_TENSORS * one_tensor, peak / one_tensor
+
+
+SVD_METHODS = ("iso_c", "iso_cts", "tsv")
+"""Methods whose 2-D merge is an SVD (slow on 2 CPU cores): measured on small matrices, a tall
+and a square one (U and V^T are largest for a square matrix: about +0.75 copies at 4 : 1 -> 1 : 1;
+a wide one measures like the tall one). Elementwise methods' peaks do not depend on the shape."""
+FAMILY = tuple(v.name for v in task_arithmetic.VARIANTS)
+"""The TIES/DARE family: flat in the number of sources (about 2.2 copies), each case several
+seconds under the profiler; one source here, three in the test above."""
+
+
+def declared_cases() -> list[tuple[str, int, tuple[int, ...]]]:
+    """Every registered method, at 1 (or its minimum), 2 and 4 sources where it takes them, on
+    a tall and a wide matrix (and, for the SVD methods, a square one and the 1-D fallback)."""
+    cases = []
+    for name in available_methods():
+        method = get_method(name)
+        counts = [
+            n
+            for n in sorted({max(1, method.min_sources), 2, 4})
+            if n >= method.min_sources and (method.max_sources is None or n <= method.max_sources)
+        ]
+        shapes: list[tuple[int, ...]] = [(2048, 512), (512, 2048)]
+        if name in SVD_METHODS:
+            shapes = [(256, 64), (256, 256), (2048 * 512,)]
+        elif name in FAMILY:
+            counts, shapes = counts[:1], [(4096, 1024)]
+        cases += [(name, n, shape) for n in counts for shape in shapes]
+    return cases
+
+
+def declared_params(name: str, n: int) -> tuple[dict, list[dict]]:
+    """Valid parameters: weights and densities 0.5, ``t`` for SLERP and NearSwap."""
+    shared = {"slerp": {"t": 0.3}, "nearswap": {"t": 0.01}}.get(name, {})
+    names = {p.name for p in get_method(name).per_source_params}
+    per_source = {k: 0.5 for k in ("weight", "density") if k in names}
+    return shared, [dict(per_source) for _ in range(n)]
+
+
+@pytest.mark.parametrize(("method", "n", "shape"), declared_cases())
+def test_every_method_stays_below_its_declared_temporaries(method, n, shape) -> None:
+    """The peak torch allocates while one float32 tensor is merged (the result included) is at
+    most the method's declared ``peak_temporaries(n)`` copies of it: the memory plan's merge
+    term (``MergeMethod.temporaries``)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(shape, generator=g)
+    sources = [base + 0.05 * torch.randn(shape, generator=g) for _ in range(n)]
+    fisher = [torch.rand(shape, generator=g) for _ in range(n)]
+    shared, per_source = declared_params(method, n)
+    ctx = TensorContext(name=NAME, seed=SEED, aux={"fisher": fisher})
+    peak = peak_cpu_bytes(lambda: merge_tensor(method, base, sources, shared, per_source, ctx))
+    one_tensor = base.numel() * 4
+    declared = get_method(method).peak_temporaries(n)
+    assert peak <= declared * one_tensor, (method, n, shape, peak / one_tensor, declared)
 
 
 # --- host residency -------------------------------------------------------------------------

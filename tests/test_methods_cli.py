@@ -36,6 +36,7 @@ def test_a_named_method_shows_each_parameter(capsys: pytest.CaptureFixture[str])
             assert f"  {spec.name} (" in out
     assert "base model: optional" in out  # nuslerp works with or without a base
     assert "mergekit: no equivalent" in out  # tsv
+    assert "merge temporaries: 6.5 + 0 x sources copies of the largest tensor" in out  # tsv
 
 
 def test_an_unknown_method_is_one_line_naming_what_exists(

@@ -144,6 +144,11 @@ def cmd_methods(args: argparse.Namespace) -> int:
         )
         print(f"  base model: {base}; sources besides the base: {count}")
         print(f"  mergekit: {method.mergekit_name or 'no equivalent'}")
+        fixed, per_source = method.temporaries
+        print(
+            f"  merge temporaries: {fixed:g} + {per_source:g} x sources copies of the largest "
+            "tensor (float32, the memory plan's merge term)"
+        )
         if method.aux:
             print(f"  needs per source: {', '.join(method.aux)}")
         if not method.params:

@@ -63,6 +63,10 @@ class WorkerSpec(BaseModel):
     torch_threads: int | None = Field(
         None, ge=1, description="torch CPU threads; None: the CPUs Ray gave the actor, else 1"
     )
+    methods: list[str] = Field(
+        default_factory=list,
+        description="merge methods the study may use (their memory is planned); none: TIES's",
+    )
 
 
 @dataclass(frozen=True)
@@ -227,7 +231,9 @@ class MergeWorker:
             return "device" if spec.residency == "auto" else spec.residency
         from evomerge.memory import choose_residency, memory_inputs, plan_memory
 
-        inputs = memory_inputs(spec.base, spec.sources, spec.evaluators, spec.device, spec.fisher)
+        inputs = memory_inputs(
+            spec.base, spec.sources, spec.evaluators, spec.device, spec.fisher, spec.methods
+        )
         plans = {
             where: plan_memory(
                 inputs.models,
@@ -237,6 +243,8 @@ class MergeWorker:
                 working_dtype=str(self.dtype).removeprefix("torch."),
                 residency=where,
                 fisher=inputs.fisher,
+                merge_tensors=inputs.merge_tensors,
+                merge_label=inputs.merge_label,
             )
             for where in ("device", "host")
         }

@@ -156,6 +156,15 @@ class MergeMethod:
     base_optional: bool = False
     """With ``uses_base``: the base may be left out, and ``fn`` then gets ``None`` (NuSLERP and
     Multi-SLERP work on task vectors with a base, on the weights themselves without one)."""
+    temporaries: tuple[float, float] = (3.0, 0.0)
+    """Peak float32 temporaries of merging one tensor, in copies of its size (the result
+    included), as ``(fixed, per_source)``: ``fixed + per_source x n`` for n sources. Measured by
+    ``tests/test_merge_memory.py``; used by the memory plan (:mod:`evomerge.memory`)."""
+
+    def peak_temporaries(self, n: int) -> float:
+        """The declared peak of merging one tensor from ``n`` sources, in copies of it."""
+        fixed, per_source = self.temporaries
+        return fixed + per_source * n
 
     @property
     def needs_base(self) -> bool:

@@ -143,6 +143,7 @@ def _memory(
 ) -> Check:
     """One worker's memory plan against the GPU and host memory it gets."""
     from evomerge.memory import (
+        MERGE_TEMPORARY_TENSORS,
         WORKING_DTYPES,
         gpu_bytes_per_worker,
         plan_study_memory,
@@ -211,6 +212,10 @@ def _memory(
     else:
         text = f"per worker ({config.device}, {plan.working_dtype}): {host_text}"
     text += "".join(f"; {note}" for note in plan.notes if not note.startswith("residency"))
+    if inputs.merge_label:
+        copies = max(inputs.merge_tensors, MERGE_TEMPORARY_TENSORS - 1)
+        text += f"; merge temporaries {copies:g} + 1 copies of the largest tensor"
+        text += f" ({inputs.merge_label})"
     advice = _memory_advice(config, plan, gpu_fits is False, host_fits is False, sharing)
     if gpu_fits is False or host_fits is False:
         return Check("memory", "FAIL", f"does not fit: {text}; {advice}", data)

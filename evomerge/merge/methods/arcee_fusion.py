@@ -88,6 +88,7 @@ def arcee_fusion(
 register(
     MergeMethod(
         name="arcee_fusion",
+        temporaries=(6.5, 0.0),  # peak copies: fixed + per source x n
         fn=arcee_fusion,
         params=(),
         uses_base=True,

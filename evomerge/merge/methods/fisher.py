@@ -141,6 +141,7 @@ FLOOR = ParamSpec(
 register(
     MergeMethod(
         name="fisher",
+        temporaries=(4.5, 1.0),  # peak copies: fixed + per source x n
         fn=fisher,
         params=(
             ParamSpec("weight", "per_source", default=1.0, low=0.0, doc="weight of this source"),
@@ -157,6 +158,7 @@ register(
 register(
     MergeMethod(
         name="fisher_task_arithmetic",
+        temporaries=(4.5, 1.0),  # peak copies: fixed + per source x n
         fn=fisher_task_arithmetic,
         params=(
             ParamSpec(

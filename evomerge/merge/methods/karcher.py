@@ -90,6 +90,7 @@ def karcher(
 register(
     MergeMethod(
         name="karcher",
+        temporaries=(5.5, 1.0),  # peak copies: fixed + per source x n
         fn=karcher,
         params=(
             ParamSpec(

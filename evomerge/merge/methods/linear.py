@@ -32,6 +32,7 @@ def linear(
 register(
     MergeMethod(
         name="linear",
+        temporaries=(1.5, 0.0),  # peak copies: fixed + per source x n
         fn=linear,
         params=(
             ParamSpec("weight", "per_source", doc="weight of this source"),

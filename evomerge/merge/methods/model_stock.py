@@ -56,6 +56,7 @@ def model_stock(
 register(
     MergeMethod(
         name="model_stock",
+        temporaries=(4.5, 1.0),  # peak copies: fixed + per source x n
         fn=model_stock,
         params=(
             ParamSpec(

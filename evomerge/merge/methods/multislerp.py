@@ -97,6 +97,7 @@ def _check(shared: Mapping[str, Any], per_source: Sequence[Mapping[str, Any]], t
 register(
     MergeMethod(
         name="multislerp",
+        temporaries=(4.5, 3.5),  # peak copies: fixed + per source x n
         fn=multislerp,
         params=(
             ParamSpec("weight", "per_source", doc="weight of this source"),

@@ -37,6 +37,7 @@ def nearswap(
 register(
     MergeMethod(
         name="nearswap",
+        temporaries=(5.5, 0.0),  # peak copies: fixed + per source x n
         fn=nearswap,
         params=(
             ParamSpec(

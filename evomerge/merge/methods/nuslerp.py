@@ -94,6 +94,7 @@ def nuslerp(
 register(
     MergeMethod(
         name="nuslerp",
+        temporaries=(8.5, 0.0),  # peak copies: fixed + per source x n
         fn=nuslerp,
         params=(
             ParamSpec(

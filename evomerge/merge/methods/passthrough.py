@@ -29,6 +29,7 @@ def passthrough(
 register(
     MergeMethod(
         name="passthrough",
+        temporaries=(1.5, 0.0),  # peak copies: fixed + per source x n
         fn=passthrough,
         params=(
             ParamSpec(

@@ -96,6 +96,7 @@ def _epsilon(open_low: bool) -> ParamSpec:
 register(
     MergeMethod(
         name="ram",
+        temporaries=(6.0, 4.0),  # peak copies: fixed + per source x n
         fn=ram,
         params=(_epsilon(open_low=False),),
         uses_base=True,
@@ -108,6 +109,7 @@ register(
 register(
     MergeMethod(
         name="ramplus_tl",
+        temporaries=(6.0, 4.0),  # peak copies: fixed + per source x n
         fn=ramplus_tl,
         params=(
             ParamSpec(

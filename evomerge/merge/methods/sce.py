@@ -111,6 +111,7 @@ def sce(
 register(
     MergeMethod(
         name="sce",
+        temporaries=(4.0, 2.5),  # peak copies: fixed + per source x n
         fn=sce,
         params=(
             ParamSpec(

@@ -76,6 +76,7 @@ def slerp(
 register(
     MergeMethod(
         name="slerp",
+        temporaries=(3.5, 0.0),  # peak copies: fixed + per source x n
         fn=slerp,
         params=(
             ParamSpec("t", "shared", doc="interpolation factor: 0 = base, 1 = source"),

@@ -442,6 +442,7 @@ for _variant in VARIANTS:
     register(
         MergeMethod(
             name=_variant.name,
+            temporaries=(float(MERGE_TEMPORARY_TENSORS), 0.0),
             fn=_bind(_variant),
             params=_params(_variant),
             uses_base=True,
