@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from evomerge.errors import MethodError
+from evomerge.merge.methods.sparsify import rank_range_mask
 from evomerge.merge.registry import MergeMethod, ParamSpec, TensorContext, compute_dtype, register
 
 WEIGHT_SUM_EPS = 1e-6
@@ -64,8 +65,11 @@ def select_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
     mask = torch.zeros_like(var)
     if k == 0:
         return mask
-    order = torch.sort(var.abs().reshape(-1), descending=True, stable=True).indices
-    mask.view(-1)[order[:k]] = 1
+    # The k largest by a linear-time selection rather than a full sort. Reversed, so that of
+    # the entries tied at the cut-off the ones of lower index are kept.
+    flat = var.abs().reshape(-1).flip(0)
+    keep = rank_range_mask(flat, flat.numel() - k, flat.numel()).flip(0)
+    mask.view(-1)[keep] = 1
     return mask
 
 
