@@ -6,7 +6,7 @@ along the last dimension (``p``, ``q``: softmax + 1e-8; a vector's KL is shared 
 entries). The source's value is taken where the importance reaches ``median + 1.5 * (q3 - q1)``
 of the tensor's importances; elsewhere the base is kept.
 
-The quartiles are read off the sorted importances at index ``int(q * (n - 1))`` (``q`` in
+The quartiles are the importances of sorted rank ``int(q * (n - 1))`` (``q`` in
 float32, as mergekit computes it), exactly, for every tensor size. mergekit estimates them from
 1,000,000 entries drawn at random when a tensor has more: evomerge stays deterministic there
 (and may differ from a given mergekit run on such tensors), and is bit-compatible with mergekit
@@ -42,10 +42,11 @@ def importance(source: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 
 def quartiles(values: torch.Tensor) -> torch.Tensor:
-    """q1, median, q3: the sorted values at ``int(q * (n - 1))``, exactly (no sampling)."""
-    ordered = torch.sort(values.reshape(-1)).values
-    q = torch.tensor(QUARTILES, device=ordered.device)
-    return ordered[(q * (ordered.numel() - 1)).long()]
+    """q1, median, q3: the sorted values at ``int(q * (n - 1))``, exactly (no sampling), each
+    found by a linear-time selection rather than a full sort."""
+    flat = values.reshape(-1)
+    ranks = (torch.tensor(QUARTILES) * (flat.numel() - 1)).long().tolist()  # float32, as mergekit
+    return torch.stack([torch.kthvalue(flat, rank + 1).values for rank in ranks])
 
 
 def threshold(scores: torch.Tensor) -> torch.Tensor:
