@@ -95,8 +95,47 @@ METHODS: dict[str, dict] = {
         "parameters": None,
     },
 }
-DETERMINISTIC = {"linear", "slerp", "task_arithmetic", "ties"}
-SLOW = {"ties", "dare_ties"}  # dominated by sorting/masking; see --slow-repeats
+TWO_SOURCES = [("base", None), ("ft_0", None), ("ft_1", None)]
+METHODS.update(
+    {
+        "nuslerp": {
+            "models": [("base", None), ("ft_0", {"weight": 0.4}), ("ft_1", {"weight": 0.6})],
+            "base": "base",
+            "parameters": None,
+        },
+        "multislerp": {
+            "models": [("base", None), ("ft_0", {"weight": 0.5}), ("ft_1", {"weight": 0.5})],
+            "base": "base",
+            "parameters": None,
+        },
+        "karcher": {"models": [("ft_0", None), ("ft_1", None)], "base": None, "parameters": None},
+        "nearswap": {
+            "models": [("base", None), ("ft_0", None)],
+            "base": "base",
+            "parameters": {"t": 0.001},
+        },
+        "sce": {"models": TWO_SOURCES, "base": "base", "parameters": {"select_topk": 0.5}},
+        "ram": {"models": TWO_SOURCES, "base": "base", "parameters": None},
+        "ramplus_tl": {"models": TWO_SOURCES, "base": "base", "parameters": None},
+        "arcee_fusion": {
+            "models": [("base", None), ("ft_0", None)],
+            "base": "base",
+            "parameters": None,
+        },
+        # evomerge only (no mergekit form): run with --tools evomerge
+        "tsv": {"models": TWO_SOURCES, "base": "base", "parameters": None},
+        "iso_c": {"models": TWO_SOURCES, "base": "base", "parameters": None},
+        "iso_cts": {"models": TWO_SOURCES, "base": "base", "parameters": None},
+    }
+)
+EVOMERGE_ONLY = {"tsv", "iso_c", "iso_cts"}
+# Outputs compared with mergekit's. arcee_fusion is left out: mergekit estimates its quantiles
+# from a random sample on tensors over 1M entries, evomerge computes them exactly.
+DETERMINISTIC = {
+    "linear", "slerp", "task_arithmetic", "ties",
+    "nuslerp", "multislerp", "karcher", "nearswap", "sce", "ram", "ramplus_tl",
+}  # fmt: skip
+SLOW = {"ties", "dare_ties", "sce"}  # dominated by sorting/masking; see --slow-repeats
 
 
 # -- the model family ----------------------------------------------------------------------
@@ -288,6 +327,13 @@ def write_config(method: str, paths: dict[str, Path], where: Path) -> tuple[Path
         if params:
             item["parameters"] = dict(params)
         models.append(item)
+    if method in EVOMERGE_ONLY:  # a native recipe: mergekit has no such method
+        recipe: dict = {"method": method, "base": str(paths[entry["base"]].resolve())}
+        recipe["sources"] = [m for m in models if m["model"] != recipe["base"]]
+        recipe["dtype"] = "float32"
+        file = where / f"{method}.yaml"
+        file.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        return file, [name for name, _ in entry["models"]]
     config: dict = {"merge_method": method}
     if entry["base"]:
         config["base_model"] = str(paths[entry["base"]].resolve())
@@ -773,6 +819,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         repeats = args.slow_repeats if method in SLOW else args.repeats
+        method_tools = [t for t in tools if t == "evomerge" or method not in EVOMERGE_ONLY]
         warm = method in SLOW and not args.always_warm_up and set(read_models) <= cached
         row["repeats"], row["warmed_up"] = repeats, not warm
         if warm:
@@ -781,7 +828,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         for rep in range(0 if warm else -1, repeats):
-            for tool in tools:
+            for tool in method_tools:
                 seconds, rss, anon = timed_run(
                     commands[tool], outs[tool], scratch / f"{tool}-{method}.log"
                 )
@@ -795,7 +842,7 @@ def main(argv: list[str] | None = None) -> int:
                     row[tool].seconds.append(seconds)
                     row[tool].rss.append(rss)
                     row[tool].anon.append(anon)
-        if len(tools) == 2:
+        if len(method_tools) == 2:
             cached |= set(read_models)
         if "evomerge" in tools and not args.no_inprocess:
             out = scratch / f"out-inprocess-{method}"
@@ -823,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
                 + f" s (plan_from_file {data['plan_s']:.2f} s)",
                 flush=True,
             )
-        if set(tools) == {"evomerge", "mergekit"}:
+        if set(method_tools) == {"evomerge", "mergekit"}:
             if method in DETERMINISTIC:
                 names = [
                     "model.embed_tokens.weight",
