@@ -4,9 +4,10 @@ merge at one budget, on the toy zoo.
 
 For each method: its default merge (the recipe below: mergekit's defaults, weights 1 where a
 method takes them, ``ft_b`` alone for methods of one source), and, for each ready space of that
-method (``search_spaces/*_per_layer.yaml`` and the other spaces named in ``SPACES``), the best of
-the space's uniform baselines and the best of ``--budget`` CMA-ES proposals (seed ``--seed``,
-sigma0 0.2, from the mean of the uniform genomes, as a study starts), all in one process (no
+method (``search_spaces/*_per_layer.yaml`` and the other spaces named in ``SPACES_EXTRA``), the best of
+the space's uniform baselines and the best of ``--budget`` proposals (CMA-ES, seed ``--seed``,
+sigma0 0.2, from the mean of the uniform genomes, as a study starts; or ``--proposer tpe``,
+with a method choice as native categorical parameters), all in one process (no
 Ray, no database).
 
 Scores: the mean of ``toy_facts_a/acc`` and ``toy_facts_b/acc``. Each task holds out
@@ -33,7 +34,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 TASKS = ["toy_facts_a", "toy_facts_b"]
@@ -85,8 +85,15 @@ def spaces_by_method() -> dict[str, list[str]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=int, default=60, help="CMA-ES proposals per space")
-    parser.add_argument("--seed", type=int, default=0, help="CMA-ES seed")
+    parser.add_argument("--budget", type=int, default=60, help="proposals per space")
+    parser.add_argument("--seed", type=int, default=0, help="proposer seed")
+    parser.add_argument(
+        "--proposer",
+        choices=["cma", "tpe"],
+        default="cma",
+        help="cma: CMA-ES, sigma0 0.2, from the mean of the uniform genomes; tpe: Optuna TPE "
+        "(method choices as native categorical parameters)",
+    )
     parser.add_argument("--holdout", type=float, default=0.25, help="held-out share per task")
     parser.add_argument("--only", default="", help="comma-separated methods or space names")
     parser.add_argument("--zoo", type=Path, default=ROOT / ".bench" / "toy_zoo")
@@ -100,8 +107,8 @@ def main() -> int:
     from evomerge.inprocess import InProcessSearch
     from evomerge.merge.recipe import parse_recipe, plan_recipe
     from evomerge.merge.registry import available_methods, get_method
-    from evomerge.optimize import Objective, build_proposer, parse_proposer_config, scalarize
-    from evomerge.space import load_space
+    from evomerge.optimize import Objective, scalarize
+    from evomerge.space import build_space_proposer, load_space
     from evomerge.toy_zoo import build_toy_zoo
 
     torch.set_num_threads(max(1, args.threads))
@@ -179,11 +186,10 @@ def main() -> int:
             uniform = [t for t in search.baselines() if t.role == "uniform"]
             uniform = [t for t in uniform if t.status == "complete"]
             best_uniform = max(uniform, key=lambda t: scalarize(objectives, t.values or []))
-            x0 = np.mean(bound.uniform_genomes(), axis=0).tolist()
-            config = parse_proposer_config(
-                {"kind": "cma", "seed": args.seed, "sigma0": 0.2, "x0": x0}
-            )
-            proposer = build_proposer(config, bound.dimension, objectives)
+            settings: dict[str, Any] = {"kind": args.proposer, "seed": args.seed}
+            if args.proposer == "cma":  # x0: the mean of the uniform genomes, as a study
+                settings["sigma0"] = 0.2
+            proposer = build_space_proposer(settings, bound, objectives)
             result = search.run(proposer, args.budget, baselines=False)
             best = result.best("proposal")
             for label, trial in (("best uniform", best_uniform), ("searched best", best)):
@@ -209,7 +215,7 @@ def main() -> int:
     for row in rows:
         print("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
     print(
-        f"\nCMA-ES seed {args.seed}, sigma0 0.2, budget {args.budget}; scores: mean accuracy on "
+        f"\n{args.proposer} seed {args.seed}, budget {args.budget}; scores: mean accuracy on "
         f"toy_facts_a and toy_facts_b, full fidelity, on the searched-on documents "
         f"({1 - args.holdout:.0%} of each task) and on the held-out ones ({args.holdout:.0%})."
     )
