@@ -4,11 +4,11 @@ merge at one budget, on the toy zoo.
 
 For each method: its default merge (the recipe below: mergekit's defaults, weights 1 where a
 method takes them, ``ft_b`` alone for methods of one source), and, for each ready space of that
-method (``search_spaces/*_per_layer.yaml`` and the other spaces named in ``SPACES_EXTRA``), the best of
-the space's uniform baselines and the best of ``--budget`` proposals (CMA-ES, seed ``--seed``,
+method (``search_spaces/*_per_layer.yaml`` and the spaces in ``SPACES_EXTRA``), the best of the
+space's uniform baselines and the best of ``--budget`` proposals (CMA-ES, seed ``--seed``,
 sigma0 0.2, from the mean of the uniform genomes, as a study starts; or ``--proposer tpe``,
-with a method choice as native categorical parameters), all in one process (no
-Ray, no database).
+with a method choice as native categorical parameters), all in one process (no Ray, no
+database).
 
 Scores: the mean of ``toy_facts_a/acc`` and ``toy_facts_b/acc``. Each task holds out
 ``--holdout`` of its documents (the study's ``holdout`` split): the search and the choice of
