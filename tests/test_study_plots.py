@@ -339,6 +339,32 @@ def test_task_arithmetic_heatmap_by_hand_and_as_the_engine_plans_it(toy_zoo):
         np.testing.assert_allclose(mine.values, theirs.values, atol=1e-12)
 
 
+def test_a_recipe_with_layer_methods_shows_every_methods_parameters_by_hand():
+    """ties in layers 0-1, breadcrumbs_ties in 2-3 (task arithmetic's weights outside): gamma,
+    which only breadcrumbs takes, has values in layers 2-3 and empty cells in 0-1 and outside;
+    density, which both take, has them in every layer; the title names the methods per layer."""
+    recipe = parse_recipe(
+        {
+            "method": "ties",
+            "layer_methods": ["ties", "ties", "breadcrumbs_ties", "breadcrumbs_ties"],
+            "base": "base",
+            "sources": [
+                {"model": "a", "parameters": {"weight": 1.0, "density": 0.5, "gamma": 0.02}}
+            ],
+        }
+    )
+    grid = recipe_matrix(recipe, TENSORS, 4)
+    assert grid.method == "ties outside the layers; ties in layers 0-1 and breadcrumbs_ties in " + (
+        "layers 2-3"
+    )
+    names = [p.parameter for p in grid.panels]
+    assert names == ["weight", "density", "gamma"]
+    gamma = grid.panel("gamma", "a").values
+    assert np.isnan(gamma[:2]).all() and np.isnan(gamma[4]).all()
+    np.testing.assert_allclose(gamma[2:4, :3], 0.02)
+    np.testing.assert_allclose(grid.panel("density", "a").values[:4, :3], 0.5)
+
+
 def test_best_so_far_by_hand(study):
     assert best_so_far([0.2, 0.5, 0.3, 0.7, 0.1], 1.0) == [0.2, 0.5, 0.5, 0.7, 0.7]
     assert best_so_far([0.2, 0.5, 0.1, 0.7, 0.05], -1.0) == [0.2, 0.2, 0.1, 0.1, 0.05]

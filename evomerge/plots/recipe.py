@@ -72,15 +72,22 @@ def recipe_grid(plan: MergePlan, recipe: Recipe) -> RecipeGrid:
     """The per-tensor parameters of a resolved plan, averaged per layer and tensor kind.
 
     One panel per numeric parameter the recipe sets (per source for a per-source parameter);
-    a recipe that sets none shows every numeric parameter with its default.
+    a recipe that sets none shows every numeric parameter with its default. With per-layer
+    methods (``layer_methods``) the parameters of all of them are shown; a cell whose method
+    does not take a parameter is empty (NaN).
     """
     import numpy as np
 
     from evomerge.merge.registry import get_method
     from evomerge.merge.tensors import layer_index, tensor_kind
 
-    method = get_method(plan.method)
-    numeric = [p for p in method.params if p.kind in (int, float)]
+    numeric = []  # of every method the plan uses (layer_methods), each name once
+    for name in plan.methods_used():
+        numeric += [
+            p
+            for p in get_method(name).params
+            if p.kind in (int, float) and p.name not in {q.name for q in numeric}
+        ]
     mentioned = set(recipe.parameters)
     for source in recipe.sources:
         mentioned |= set(source.parameters)
@@ -122,7 +129,7 @@ def recipe_grid(plan: MergePlan, recipe: Recipe) -> RecipeGrid:
                 values[r, c] = math.fsum(numbers) / len(numbers)
                 varies[r, c] = max(numbers) - min(numbers) > 1e-12
             panels.append(RecipePanel(spec.name, owner, values, varies))
-    return RecipeGrid(plan.method, tuple(rows), tuple(kinds), tuple(panels))
+    return RecipeGrid(plan.describe_methods(), tuple(rows), tuple(kinds), tuple(panels))
 
 
 @dataclass
