@@ -22,7 +22,7 @@ from typing import Any
 
 import optuna
 import pytest
-from optuna.distributions import FloatDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
 from evomerge.checkpoint import ModelFolder
@@ -101,6 +101,35 @@ def test_genes_are_parameters_in_their_own_units(toy_zoo, tmp_path):
         assert trial.params[gene.name] == pytest.approx(low + unit * (high - low))
     assert trial.values == [0.5, 0.25]
     assert source.params == {} and source.state == TrialState.RUNNING
+
+
+def test_a_method_choice_is_one_categorical_parameter_per_layer_group(toy_zoo, tmp_path):
+    """ties_family_choice: each group's one-of-4 coordinates are shown as one categorical
+    parameter whose value is the method the space decodes (the highest coordinate), and the
+    weights and densities as floats in their own units."""
+    storage = f"sqlite:///{tmp_path / 'choice.db'}"
+    config = study_config(toy_zoo, storage, space="ties_family_choice")
+    store = StudyStore(storage)
+    store.create_study("toy", config.model_dump(mode="json"), 1)
+    labels = [ModelFolder(s).label for s in config.sources]
+    space = space_from_setting(config.space).bind(ModelFolder(config.base), labels)
+    genome = [0.5] * space.dimension
+    (first, methods_first), (second, methods_second) = space.categorical_groups()
+    genome[first[2]] = 0.9  # group 1: its third method
+    genome[second[0]], genome[second[1]] = 0.7, 0.7  # group 2: a tie, the first listed wins
+    store.add_trial("toy", 0, role="proposal", label="proposal 0", genome=genome)
+    (trial,) = StudyStorageView(store).get_all_trials(1)
+    assert trial.params["method/L0-1"] == methods_first[2] == "breadcrumbs_ties"
+    assert trial.params["method/L2-3"] == methods_second[0] == "ties"
+    assert isinstance(trial.distributions["method/L0-1"], CategoricalDistribution)
+    assert tuple(trial.distributions["method/L0-1"].choices) == tuple(methods_first)
+    floats = [g for g in space.genes if g.choice is None]
+    assert len(trial.params) == len(floats) + 2
+    for gene in floats:
+        low, high = gene.searched.bounds
+        assert trial.params[gene.name] == pytest.approx(low + 0.5 * (high - low))
+    recipe = space.decode(genome, config.base, config.sources)
+    assert recipe.layer_methods == ["breadcrumbs_ties"] * 2 + ["ties"] * 2  # as decoded
 
 
 def test_a_space_that_cannot_be_bound_shows_unit_genes(tmp_path, caplog):

@@ -8,7 +8,9 @@ live, nothing is written twice, and ``optuna.load_study(storage=view)`` works fo
 
 How a trial maps: objectives are the study's values (their directions and metric names too);
 the genome's genes are the parameters, in their natural units (a SLERP ``t``, a source
-weight) when the space can be bound to the study's models, else as ``gene_i`` in [0, 1];
+weight) when the space can be bound to the study's models, a ``method_choice`` group as one
+categorical parameter (``method/L0-1``: the method the space decodes), else as ``gene_i`` in
+[0, 1];
 role, label, fidelity, worker, timings, the error and every metric are user attributes
 (``metric:`` at full fidelity, ``metric@limit=N:`` for a cheap score, ``holdout:`` on the
 held-out documents). QUEUED is WAITING and FAILED is FAIL; a COMPLETE trial scored only on a
@@ -25,7 +27,7 @@ from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from optuna.distributions import BaseDistribution, FloatDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 from optuna.storages import BaseStorage
 from optuna.study import StudyDirection
 from optuna.study._frozen import FrozenStudy
@@ -63,14 +65,23 @@ class ReadOnlyStorageError(RuntimeError):
 
 @dataclass(frozen=True)
 class _Gene:
-    name: str
-    distribution: FloatDistribution
-    low: float
-    high: float
-    log: bool
+    """One parameter as the dashboard shows it: a searched value in its own units, read from
+    one coordinate of the genome, or a ``method_choice`` group's method, read from its
+    one-of-k coordinates (the highest wins, ties to the first, as the space decodes it)."""
 
-    def value(self, unit: float) -> float:
-        unit = min(1.0, max(0.0, unit))
+    name: str
+    distribution: BaseDistribution
+    coords: tuple[int, ...]
+    low: float = 0.0
+    high: float = 1.0
+    log: bool = False
+    choices: tuple[str, ...] = ()
+
+    def value(self, genome: Sequence[float]) -> float | str:
+        if self.choices:
+            units = [float(genome[i]) for i in self.coords]
+            return self.choices[units.index(max(units))]
+        unit = min(1.0, max(0.0, float(genome[self.coords[0]])))
         if self.log:
             return math.exp(math.log(self.low) + unit * (math.log(self.high) - math.log(self.low)))
         return self.low + unit * (self.high - self.low)
@@ -284,11 +295,11 @@ def _params(
 ) -> tuple[dict[str, float], dict[str, BaseDistribution]]:
     if not genome:
         return {}, {}
-    if len(genes) != len(genome):  # the space could not be bound: unit coordinates
+    if sum(len(g.coords) for g in genes) != len(genome):  # not bound here: unit coordinates
         unit = FloatDistribution(0.0, 1.0)
         names = [f"gene_{i}" for i in range(len(genome))]
         return dict(zip(names, genome)), dict.fromkeys(names, unit)
-    params = {g.name: g.value(float(u)) for g, u in zip(genes, genome)}
+    params = {g.name: g.value(genome) for g in genes}
     return params, {g.name: g.distribution for g in genes}
 
 
@@ -319,8 +330,15 @@ def _bind_genes(study: str, config: Mapping[str, Any]) -> list[_Gene]:
     if len({g.name for g in space.genes}) != len(space.genes):
         return []
     genes = []
-    for gene in space.genes:
+    for index, gene in enumerate(space.genes):
+        if gene.choice is not None:
+            continue  # shown per group, below
         low, high = gene.searched.bounds
         log = gene.searched.scale == "log"
-        genes.append(_Gene(gene.name, FloatDistribution(low, high, log=log), low, high, log))
+        distribution = FloatDistribution(low, high, log=log)
+        genes.append(_Gene(gene.name, distribution, (index,), low, high, log))
+    for indices, names in space.categorical_groups():  # a method choice: one categorical
+        name = space.genes[indices[0]].name.split("=", 1)[0]
+        distribution = CategoricalDistribution(names)
+        genes.append(_Gene(name, distribution, tuple(indices), choices=tuple(names)))
     return genes
