@@ -134,15 +134,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
             print()
         print(f"{method.name}: {method.summary}")
         base = "optional" if method.base_optional else "yes" if method.uses_base else "no"
-        most = method.max_sources
-        count = (
-            f"{method.min_sources} or more"
-            if most is None
-            else str(most)
-            if most == method.min_sources
-            else f"{method.min_sources} to {most}"
-        )
-        print(f"  base model: {base}; sources besides the base: {count}")
+        print(f"  base model: {base}; sources besides the base: {method.source_count_text}")
         print(f"  mergekit: {method.mergekit_name or 'no equivalent'}")
         fixed, per_source = method.temporaries
         print(

@@ -193,17 +193,20 @@ class MergeMethod:
     def per_source_params(self) -> tuple[ParamSpec, ...]:
         return tuple(p for p in self.params if p.scope == "per_source")
 
+    @property
+    def source_count_text(self) -> str:
+        """How many sources it takes: ``exactly 2``, ``at least 1``, ``2 to 4``."""
+        if self.max_sources == self.min_sources:
+            return f"exactly {self.min_sources}"
+        if self.max_sources is None:
+            return f"at least {self.min_sources}"
+        return f"{self.min_sources} to {self.max_sources}"
+
     def check_source_count(self, count: int, tensor: str = "") -> None:
         if count < self.min_sources or (self.max_sources is not None and count > self.max_sources):
-            if self.max_sources == self.min_sources:
-                want = f"exactly {self.min_sources}"
-            elif self.max_sources is None:
-                want = f"at least {self.min_sources}"
-            else:
-                want = f"{self.min_sources} to {self.max_sources}"
             raise MethodError(
-                f"method '{self.name}' takes {want} source model(s) besides the base, got {count}"
-                + (f" (tensor {tensor})" if tensor else "")
+                f"method '{self.name}' takes {self.source_count_text} source model(s) besides "
+                f"the base, got {count}" + (f" (tensor {tensor})" if tensor else "")
             )
 
     def bind(

@@ -37,27 +37,14 @@ from evomerge.merge.methods.svd_common import (
     ALPHA,
     SPECTRAL_EMBEDDINGS,
     WEIGHT,
-    all_zero,
     need_base,
     polar,
     round_half_up,
-    spectral,
-    task_arithmetic,
+    summed_delta,
     weighted_delta,
+    without_svd,
 )
 from evomerge.merge.registry import MergeMethod, ParamSpec, TensorContext, compute_dtype, register
-
-
-def _summed_delta(
-    base: torch.Tensor,
-    sources: Sequence[torch.Tensor],
-    per_source: Sequence[Mapping[str, Any]],
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    total = torch.zeros(base.shape, dtype=dtype, device=base.device)
-    for source, params in zip(sources, per_source):
-        total.add_(weighted_delta(base, source, params["weight"], dtype))
-    return total
 
 
 def iso_c(
@@ -69,15 +56,11 @@ def iso_c(
 ) -> torch.Tensor:
     """base + alpha * mean(s) U V^T with delta = sum_i w_i delta_i = U diag(s) V^T (2-D)."""
     base = need_base(base, "iso_c", ctx)
+    if (direct := without_svd(base, sources, shared, per_source, ctx)) is not None:
+        return direct
     dtype = compute_dtype(base)
     alpha = shared["alpha"]
-    if all_zero(base, sources, per_source):
-        return base.to(dtype).clone()
-    if not spectral(base, shared, ctx):
-        return task_arithmetic(base, sources, per_source, alpha)
-    u, s, vh = torch.linalg.svd(
-        _summed_delta(base, sources, per_source, dtype), full_matrices=False
-    )
+    u, s, vh = torch.linalg.svd(summed_delta(base, sources, per_source, dtype), full_matrices=False)
     return base.to(dtype) + (alpha * s.mean()) * (u @ vh)
 
 
@@ -98,16 +81,12 @@ def iso_cts(
 ) -> torch.Tensor:
     """base + alpha * s_bar U_perp V_perp^T over the common and task-specific subspaces (2-D)."""
     base = need_base(base, "iso_cts", ctx)
+    if (direct := without_svd(base, sources, shared, per_source, ctx)) is not None:
+        return direct
     dtype = compute_dtype(base)
     alpha = shared["alpha"]
-    if all_zero(base, sources, per_source):
-        return base.to(dtype).clone()
-    if not spectral(base, shared, ctx):
-        return task_arithmetic(base, sources, per_source, alpha)
     common, specific = iso_cts_ranks(*base.shape, len(sources), shared["common_fraction"])
-    u, s, vh = torch.linalg.svd(
-        _summed_delta(base, sources, per_source, dtype), full_matrices=False
-    )
+    u, s, vh = torch.linalg.svd(summed_delta(base, sources, per_source, dtype), full_matrices=False)
     u_parts = [u[:, :common].clone()]
     s_parts = [s[:common].clone()]
     v_parts = [vh[:common].mT.clone()]

@@ -76,18 +76,44 @@ def all_zero(
     )
 
 
+def summed_delta(
+    base: torch.Tensor,
+    sources: Sequence[torch.Tensor],
+    per_source: Sequence[Mapping[str, Any]],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """sum_i w_i (source_i - base) in ``dtype``."""
+    total = torch.zeros(base.shape, dtype=dtype, device=base.device)
+    for source, params in zip(sources, per_source):
+        total.add_(weighted_delta(base, source, params["weight"], dtype))
+    return total
+
+
 def task_arithmetic(
     base: torch.Tensor,
     sources: Sequence[torch.Tensor],
     per_source: Sequence[Mapping[str, Any]],
     alpha: float,
 ) -> torch.Tensor:
-    """base + alpha * sum_i w_i (source_i - base): the fallback for tensors that are not 2-D."""
+    """base + alpha * sum_i w_i (source_i - base): the fallback for tensors merged without SVD."""
     dtype = compute_dtype(base)
-    total = torch.zeros(base.shape, dtype=dtype, device=base.device)
-    for source, params in zip(sources, per_source):
-        total.add_(weighted_delta(base, source, params["weight"], dtype))
-    return base.to(dtype) + alpha * total
+    return base.to(dtype) + alpha * summed_delta(base, sources, per_source, dtype)
+
+
+def without_svd(
+    base: torch.Tensor,
+    sources: Sequence[torch.Tensor],
+    shared: Mapping[str, Any],
+    per_source: Sequence[Mapping[str, Any]],
+    ctx: TensorContext,
+) -> torch.Tensor | None:
+    """The merge of a tensor that takes no SVD (the base when every task vector is zero; task
+    arithmetic when :func:`spectral` says no), or None for a matrix to merge through its SVD."""
+    if all_zero(base, sources, per_source):
+        return base.to(compute_dtype(base)).clone()
+    if not spectral(base, shared, ctx):
+        return task_arithmetic(base, sources, per_source, shared["alpha"])
+    return None
 
 
 def polar(matrix: torch.Tensor) -> torch.Tensor:

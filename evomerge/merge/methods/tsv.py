@@ -37,13 +37,12 @@ from evomerge.merge.methods.svd_common import (
     ALPHA,
     SPECTRAL_EMBEDDINGS,
     WEIGHT,
-    all_zero,
     need_base,
     polar,
     round_half_up,
-    spectral,
     task_arithmetic,
     weighted_delta,
+    without_svd,
 )
 from evomerge.merge.registry import MergeMethod, ParamSpec, TensorContext, compute_dtype, register
 
@@ -90,14 +89,12 @@ def tsv(
 ) -> torch.Tensor:
     """base + alpha * U_perp diag(s) V_perp^T (2-D); task arithmetic otherwise."""
     base = need_base(base, "tsv", ctx)
+    if (direct := without_svd(base, sources, shared, per_source, ctx)) is not None:
+        return direct
     dtype = compute_dtype(base)
     alpha = shared["alpha"]
-    if all_zero(base, sources, per_source):
-        return base.to(dtype).clone()
-    k = 0
-    if spectral(base, shared, ctx):
-        k = tsv_rank(*base.shape, len(sources), shared["rank_fraction"])
-    if k == 0:
+    k = tsv_rank(*base.shape, len(sources), shared["rank_fraction"])
+    if k == 0:  # fewer directions than tasks
         return task_arithmetic(base, sources, per_source, alpha)
     deltas = (
         weighted_delta(base, source, params["weight"], dtype)
