@@ -62,7 +62,8 @@ def merge_job(
     sources = [load(ref) for ref in job.sources]
     aux = {name: [load(ref) for ref in refs] for name, refs in job.aux}
     ctx = TensorContext(name=job.name, seed=seed, aux=aux)
-    return method.fn(base, sources, job.shared_dict(), job.per_source_dicts(), ctx)
+    merged = method.fn(base, sources, job.shared_dict(), job.per_source_dicts(), ctx)
+    return merged if job.scale is None else merged * job.scale
 
 
 def plan_methods(plan: MergePlan) -> dict[str, MergeMethod]:
@@ -165,7 +166,12 @@ def _write_metadata(
         config["dtype"] = plan.out_dtype
         config.pop("torch_dtype", None)
     if plan.num_layers is not None and "num_hidden_layers" in config:
+        before = config["num_hidden_layers"]
         config["num_hidden_layers"] = plan.num_layers
+        for key, value in list(config.items()):  # per-layer entries (layer_types) follow
+            if isinstance(value, list) and len(value) == before and key.startswith("layer_"):
+                origins = plan.layer_origins or range(plan.num_layers)
+                config[key] = [value[min(i, before - 1)] for i in origins]
     writer.write_json("config.json", config)
     tokenizer_dir = models[plan.tokenizer_model].path
     for name in TOKENIZER_FILES:

@@ -43,6 +43,9 @@ class TensorJob:
     method: str | None = None
     """The merge method of this tensor when it is not :attr:`MergePlan.method` (a recipe's
     ``layer_methods``); None means the plan's. Left out of the canonical text when None."""
+    scale: float | None = None
+    """Multiply the merged tensor by this (a data-flow path folds a layer's input scaling into
+    its input norm's weight); None: unchanged, and left out of the canonical text."""
 
     def shared_dict(self) -> dict[str, Any]:
         return dict(self.shared)
@@ -66,6 +69,10 @@ class MergePlan:
     tokenizer_model: int = 0
     num_layers: int | None = None
     extra: tuple[tuple[str, Any], ...] = field(default=())
+    layer_origins: tuple[int, ...] | None = None
+    """For a plan that stacks layers (a data-flow path): the layer of its model each output
+    layer is, so per-layer config entries (``layer_types``) follow it. Left out of the
+    canonical text when None."""
 
     def canonical(self) -> str:
         """JSON with sorted keys: equal plans give equal text."""
@@ -124,8 +131,12 @@ def layer_runs(methods: Sequence[str], layers: Sequence[int] | None = None) -> s
 def _plain(value: Any) -> Any:
     if hasattr(value, "__dataclass_fields__"):
         plain = {k: _plain(getattr(value, k)) for k in value.__dataclass_fields__}
-        if isinstance(value, TensorJob) and value.method is None:
-            del plain["method"]  # plans without per-layer methods keep their fingerprints
+        if isinstance(value, TensorJob):  # fields added later are left out when unset, so
+            for name in ("method", "scale"):  # earlier plans keep their fingerprints
+                if plain[name] is None:
+                    del plain[name]
+        if isinstance(value, MergePlan) and value.layer_origins is None:
+            del plain["layer_origins"]
         return plain
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
