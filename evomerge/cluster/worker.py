@@ -29,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from evomerge.adapters import AdapterFolder, Source, open_source
 from evomerge.checkpoint import ModelFolder, check_compatible, path_labels
 from evomerge.cluster.failures import is_sticky_cuda_error
+from evomerge.dataflow.assemble import PathAssembler
+from evomerge.dataflow.recipe import is_dataflow_recipe, parse_dataflow_recipe
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.evaluate.model_loading import fast_matmuls
 from evomerge.memory import default_working_dtype
@@ -212,6 +214,7 @@ class MergeWorker:
         self.suite = EvaluatorSuite(
             [build_evaluator(config, self.model, self.tokenizer) for config in self.spec.evaluators]
         )
+        self._assembler: PathAssembler | None = None
         self.load_seconds = time.perf_counter() - start
 
     def resident_bytes(self) -> int:
@@ -342,6 +345,48 @@ class MergeWorker:
             found[number] = index
         return found
 
+    # -- data-flow candidates ----------------------------------------------------------------
+
+    def _paths(self) -> PathAssembler:
+        """The assembler of data-flow candidates (made on first use)."""
+        if self._assembler is None:
+            self._assembler = PathAssembler(self.model, self.dtype, self.spec.device)
+        return self._assembler
+
+    def _build_path(self, task: CandidateTask) -> None:
+        """Point the model's layer list at the held layers of the recipe's path: each model
+        the path names is held once (a folder over its resident tensors, a merge built once)."""
+        from transformers import AutoConfig
+
+        recipe = parse_dataflow_recipe(task.recipe, where=f"trial {task.key} recipe")
+        assembler = self._paths()
+        held = {}
+        for entry in recipe.models:
+            if entry.model is not None:
+                index = self._held_index(entry.model, f"models '{entry.label}'")
+                folder = self.folders[index]
+                if isinstance(folder, AdapterFolder):
+                    raise ConfigError(
+                        f"models '{entry.label}' is a LoRA adapter; a path takes layers of "
+                        "whole models"
+                    )
+                held[entry.label] = assembler.folder_model(
+                    ("folder", index),
+                    entry.label,
+                    self.merger.tensors[index],
+                    AutoConfig.from_pretrained(folder.path, trust_remote_code=False),
+                )
+                continue
+            inner = parse_recipe(entry.recipe or {}, where=f"models '{entry.label}' recipe")
+            merger, folders, fisher = self._resolve(inner)
+            plan = plan_recipe(inner, folders, fisher)
+            held[entry.label] = assembler.merged_model(
+                ("merge", plan.fingerprint()),
+                entry.label,
+                lambda model, plan=plan, merger=merger: merger.merge_into(plan, model),
+            )
+        assembler.apply(recipe, held)
+
     def run(self, task: CandidateTask) -> CandidateResult:
         """Merge ``task.recipe`` into the model and evaluate it; errors a candidate can cause
         (bad recipe, NaN/Inf, out of memory, a failing evaluator) give a failed result, and
@@ -350,16 +395,24 @@ class MergeWorker:
         merge_seconds: float | None = None
         timings: dict[str, Any] = {}
         try:
-            recipe = parse_recipe(task.recipe, where=f"trial {task.key} recipe")
-            merger, folders, fisher = self._resolve(recipe)
-            plan = plan_recipe(recipe, folders, fisher)
-            build = merger.merge_into(plan, self.model)
-            merge_seconds = time.perf_counter() - start
-            timings.update(
-                merge_math=build.math_seconds,
-                transfer=build.transfer_seconds,
-                copy=build.copy_seconds,
-            )
+            if is_dataflow_recipe(task.recipe):
+                held_before = self._paths().hold_seconds
+                self._build_path(task)
+                merge_seconds = time.perf_counter() - start
+                timings.update(hold=self._paths().hold_seconds - held_before)
+            else:
+                if self._assembler is not None:
+                    self._assembler.restore()
+                recipe = parse_recipe(task.recipe, where=f"trial {task.key} recipe")
+                merger, folders, fisher = self._resolve(recipe)
+                plan = plan_recipe(recipe, folders, fisher)
+                build = merger.merge_into(plan, self.model)
+                merge_seconds = time.perf_counter() - start
+                timings.update(
+                    merge_math=build.math_seconds,
+                    transfer=build.transfer_seconds,
+                    copy=build.copy_seconds,
+                )
             metrics, eval_seconds = self.suite.evaluate(task.limit, task.split)
             timings.update(
                 evaluation=eval_seconds,
