@@ -661,10 +661,21 @@ def method_temporaries(methods: Sequence[str], sources: int) -> tuple[float, str
 
 
 def study_methods(config: StudyConfig) -> list[str]:
-    """The merge methods the study's space may use: its ``method`` and ``method_choice``'s."""
+    """The merge methods the study's space may use: its ``method`` and ``method_choice``'s; for a
+    data-flow space, those of the merges on its paths (layers are otherwise only referenced)."""
+    from evomerge.dataflow.space import DataflowSpace, StudyModel
     from evomerge.space import space_from_setting
 
     space = space_from_setting(config.space)
+    if isinstance(space, DataflowSpace):
+        names = ["passthrough"]
+        for entry in space.models:
+            if isinstance(entry, StudyModel) and entry.recipe is not None:
+                recipe = entry.recipe
+                for name in [recipe.get("method"), *(recipe.get("layer_methods") or [])]:
+                    if isinstance(name, str) and name not in names:
+                        names.append(name)
+        return names
     names = [space.method]
     if space.method_choice is not None:
         names += [m for m in space.method_choice.methods if m not in names]

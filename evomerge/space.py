@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evomerge.bundled import bundled_folder
 from evomerge.checkpoint import ModelFolder, path_labels
+from evomerge.dataflow.space import BoundDataflowSpace, DataflowSpace
 from evomerge.errors import ConfigError
 from evomerge.merge.recipe import Recipe, evaluate_setting, parse_recipe
 from evomerge.merge.registry import MergeMethod, ParamSpec, get_method
@@ -46,6 +47,7 @@ from evomerge.util import load_yaml
 
 if TYPE_CHECKING:
     from evomerge.optimize import Objective, Proposer
+
 
 SEARCH_SPACES_DIR = bundled_folder("search_spaces")
 GeneKind = Literal["attention", "mlp", "norm", "embedding", "head"]
@@ -643,6 +645,10 @@ class BoundSpace:
         """Genomes of the uniform baselines (see :meth:`uniform_baselines`)."""
         return [genome for _, genome in self.uniform_baselines()]
 
+    def start_genome(self) -> np.ndarray:
+        """Where CMA-ES starts: the mean of the uniform baselines."""
+        return np.mean(self.uniform_genomes(), axis=0)
+
     def table(self) -> list[tuple[str, str, str, str]]:
         """(name, scope, bounds, scale) per gene, for ``evomerge space show``."""
         rows = []
@@ -657,7 +663,12 @@ class BoundSpace:
         return rows
 
 
-def load_space(path_or_name: str | Path) -> SearchSpace:
+AnySpace = SearchSpace | DataflowSpace
+"""A parameter space or a data-flow space (``kind: dataflow``)."""
+AnyBoundSpace = BoundSpace | BoundDataflowSpace
+
+
+def load_space(path_or_name: str | Path) -> AnySpace:
     """A space from a YAML file, or a ready one by name (``task_arithmetic_per_layer``)."""
     path = Path(path_or_name)
     if not path.exists() and not path.suffix:
@@ -672,7 +683,7 @@ def load_space(path_or_name: str | Path) -> SearchSpace:
     return parse_space(load_yaml(path), where=str(path))
 
 
-def space_from_setting(setting: str | dict[str, Any], folder: Path | None = None) -> SearchSpace:
+def space_from_setting(setting: str | dict[str, Any], folder: Path | None = None) -> AnySpace:
     """A config's ``space`` value: an inline mapping, a file (relative to ``folder``), or the
     name of a ready space."""
     if isinstance(setting, dict):
@@ -683,9 +694,15 @@ def space_from_setting(setting: str | dict[str, Any], folder: Path | None = None
     return load_space(candidate if candidate.exists() else setting)
 
 
-def parse_space(data: dict[str, Any], where: str = "search space") -> SearchSpace:
+def parse_space(data: dict[str, Any], where: str = "search space") -> AnySpace:
+    """A parameter space, or with ``kind: dataflow`` a data-flow space
+    (:mod:`evomerge.dataflow.space`)."""
     from evomerge.util import pydantic_message
 
+    if isinstance(data, dict) and data.get("kind") == "dataflow":
+        from evomerge.dataflow.space import parse_dataflow_space
+
+        return parse_dataflow_space(data, where)
     try:
         space = SearchSpace.model_validate(data)
     except ValidationError as exc:
@@ -779,7 +796,7 @@ def _layer_groups(layers: str | LayerGroups, num_layers: int, where: str) -> lis
 
 def build_space_proposer(
     settings: Mapping[str, Any],
-    space: BoundSpace,
+    space: AnyBoundSpace,
     objectives: Sequence[Objective],
     state: bytes | None = None,
 ) -> Proposer:
@@ -791,7 +808,7 @@ def build_space_proposer(
 
     settings = dict(settings)
     if settings.get("kind", "cma") == "cma" and settings.get("x0") is None:
-        settings["x0"] = np.mean(space.uniform_genomes(), axis=0).tolist()
+        settings["x0"] = space.start_genome().tolist()
     config = parse_proposer_config(settings)
     categorical = [indices for indices, _ in space.categorical_groups()]
     if state is not None:

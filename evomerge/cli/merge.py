@@ -194,6 +194,7 @@ def cmd_to_mergekit(args: argparse.Namespace) -> int:
 
 def cmd_space_show(args: argparse.Namespace) -> int:
     from evomerge.checkpoint import ModelFolder, source_labels
+    from evomerge.dataflow.space import DataflowSpace
     from evomerge.space import load_space
 
     space = load_space(args.space)
@@ -201,7 +202,8 @@ def cmd_space_show(args: argparse.Namespace) -> int:
     for source in args.source or []:
         ModelFolder(source)  # a missing or unreadable folder is named here
     labels = source_labels(args.source) if args.source else ["s0", "s1"]
-    if space.method == "slerp" and not args.source:
+    dataflow = isinstance(space, DataflowSpace)
+    if not dataflow and space.method == "slerp" and not args.source:
         labels = ["s0"]
     try:
         bound = space.bind(base, labels)
@@ -209,10 +211,16 @@ def cmd_space_show(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.space}: {exc}") from None
     rows = [("gene", "scope", "bounds", "scale"), *bound.table()]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    print(f"{space.name}: {space.method}, {space.description.strip()}".rstrip(", "))
+    kind = "data-flow (layer path)" if dataflow else space.method
+    print(f"{space.name}: {kind}, {space.description.strip()}".rstrip(", "))
     for row in rows:
         print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
-    fixed = ", ".join(f"{k}={v}" for k, v in space.fixed.items()) or "none"
     sources = ", ".join(labels) + ("" if args.source else " (placeholders; pass --source)")
+    if dataflow:
+        print(f"dimension {bound.dimension}: {bound.shape_text()}; sources {sources}")
+        for merge in space.unresolved():
+            print(f"merge '{merge.label}': study {merge.study}, resolved when a study is created")
+        return 0
+    fixed = ", ".join(f"{k}={v}" for k, v in space.fixed.items()) or "none"
     print(f"dimension {bound.dimension}; sources {sources}; fixed {fixed}; seed {space.seed}")
     return 0

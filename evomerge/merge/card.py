@@ -79,6 +79,9 @@ class TrialCard:
     """The merged delta as a LoRA adapter (``--as-lora``): its folder and errors."""
     inspection: Mapping[str, Any] | None = None
     """The latest ``evomerge inspect`` of the study's models (``path``, ``summary``)."""
+    how: str | None = None
+    """How the model is built, when not a merge method (a layer path: its layers); None: the
+    plan's methods."""
 
 
 def trial_card(plan: MergePlan, trial: TrialCard) -> str:
@@ -99,7 +102,8 @@ def trial_card(plan: MergePlan, trial: TrialCard) -> str:
         f"# {trial.study}: trial {trial.number}",
         "",
         f"Trial {trial.number} (`{trial.label}`, {trial.role}) of the evomerge study "
-        f"`{trial.study}`, merged with evomerge {__version__} using **{plan.describe_methods()}** "
+        f"`{trial.study}`, merged with evomerge {__version__} using "
+        f"**{trial.how or plan.describe_methods()}** "
         f"(plan fingerprint `{plan.fingerprint()}`, seed {plan.seed}).",
         "",
         "## Models",

@@ -82,9 +82,11 @@ class Proposer(ABC):
         self.config = config
         self.dimension = int(dimension)
         self.categorical = _check_categorical(self.kind, self.dimension, categorical)
-        """Groups of coordinates that are one-of-k choices (a search space's method choice):
-        Optuna kinds suggest each as a categorical parameter and return it one-hot; the other
-        kinds search them as numbers (the space decodes a group by its argmax)."""
+        """Groups of coordinates that are one-of-k choices (a search space's method choice), or
+        of one coordinate, a yes/no choice (a data-flow space's use genes): Optuna kinds suggest
+        each as a categorical parameter and return it one-hot (a yes/no one as 0 or 1); the
+        other kinds search them as numbers (the space decodes a group by its argmax, a yes/no
+        coordinate by a threshold)."""
         self.objectives = parse_objectives(objectives)
         self.n_told = 0
         self.n_failed = 0
@@ -285,13 +287,13 @@ class Proposer(ABC):
 def _check_categorical(
     kind: str, dimension: int, groups: Sequence[Sequence[int]]
 ) -> tuple[tuple[int, ...], ...]:
-    """Disjoint groups of at least two coordinates in range, as tuples."""
+    """Disjoint groups of coordinates in range, as tuples (a group of one is a yes/no choice)."""
     checked = tuple(tuple(int(i) for i in group) for group in groups)
     seen: set[int] = set()
     for group in checked:
-        if len(group) < 2 or any(not 0 <= i < dimension for i in group) or seen & set(group):
+        if not group or any(not 0 <= i < dimension for i in group) or seen & set(group):
             raise ConfigError(
-                f"proposer ({kind}): categorical groups must be disjoint, of at least two "
+                f"proposer ({kind}): categorical groups must be disjoint, non-empty, of "
                 f"coordinates in [0, {dimension}); got {[list(g) for g in checked]}"
             )
         seen |= set(group)

@@ -4,7 +4,8 @@
 Each proposer drives an in-memory study by ask/tell, with one float parameter per gene
 (``g0000``, ``g0001``, ...) in [0, 1], except for the proposer's ``categorical`` groups: each
 is one categorical parameter (``c000``, ``c001``, ...) choosing an index in the group, and the
-genome holds 1.0 at the chosen coordinate and 0.0 at the others. Multi-objective samplers
+genome holds 1.0 at the chosen coordinate and 0.0 at the others; a group of one coordinate is a
+yes/no parameter whose coordinate is 0.0 or 1.0. Multi-objective samplers
 (all but ``optuna-cmaes``) get one study direction per objective and the raw values;
 ``optuna-cmaes`` gets one direction (maximize) and the scalarized value. Results may arrive in
 any order; ``ask()`` never returns None.
@@ -96,6 +97,10 @@ class OptunaProposer(Proposer):
             for index, name in enumerate(self._names):
                 if index in groups:
                     number, group = groups[index]
+                    if len(group) == 1:  # a yes/no choice
+                        pick = trial.suggest_categorical(f"c{number:03d}", [0, 1])
+                        genome[index] = float(pick)
+                        continue
                     pick = trial.suggest_categorical(f"c{number:03d}", list(range(len(group))))
                     genome[group[int(pick)]] = 1.0
                 elif index not in grouped:

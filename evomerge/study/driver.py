@@ -44,6 +44,7 @@ import numpy as np
 from evomerge.checkpoint import ModelFolder, source_labels
 from evomerge.cluster.connect import ensure_ray
 from evomerge.cluster.worker import CandidateResult, CandidateTask
+from evomerge.dataflow.space import DataflowSpace
 from evomerge.errors import ConfigError
 from evomerge.failpoints import failpoint
 from evomerge.optimize import dominates, pareto_front, scalarize
@@ -52,6 +53,7 @@ from evomerge.space import build_space_proposer, space_from_setting
 from evomerge.stop_signals import on_stop_signals
 from evomerge.study.config import StudyConfig, worker_spec
 from evomerge.study.confirm import confirm_targets, holdout_evaluators
+from evomerge.study.path_merges import resolve_path_merges
 from evomerge.study.read import stored_study_config
 from evomerge.study.status import error_type
 from evomerge.study.store import (
@@ -150,7 +152,12 @@ class StudyDriver:
         self.resume = resume
         self.labels = source_labels(config.sources)
         """Each source's label (unique): genes, recipes and the baselines name sources by it."""
-        self.space = space_from_setting(config.space).bind(ModelFolder(config.base), self.labels)
+        space = space_from_setting(config.space)
+        if not resume and isinstance(space, DataflowSpace) and space.unresolved():
+            space = resolve_path_merges(space, store, config.base, config.sources)
+            config = config.model_copy(update={"space": space.model_dump(mode="json")})
+            self.config = config
+        self.space = space.bind(ModelFolder(config.base), self.labels)
         self.limit = config.fidelity.limit if config.fidelity else None
         self.budget = config.budget_trials
         self.next_number = 0

@@ -30,13 +30,15 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import ValidationError
 
+from evomerge.dataflow.mergekit import path_to_mergekit
+from evomerge.dataflow.recipe import is_dataflow_recipe, plan_dataflow
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.evaluate.suite import first_mismatch
 from evomerge.failpoints import failpoint
 from evomerge.merge.card import TrialCard, trial_card
 from evomerge.merge.plan import MergePlan
 from evomerge.staging import remove_abandoned, staging_folder
-from evomerge.study.read import select_trial, trial_recipe
+from evomerge.study.read import select_trial, trial_path_recipe, trial_recipe
 from evomerge.study.store import StudyStore, TrialView, mask_url
 from evomerge.util import parse_size
 
@@ -242,11 +244,26 @@ def _prepare(
 ) -> _Parts:
     from evomerge.merge.recipe import open_fisher_folders, open_recipe_models, plan_recipe
 
-    recipe = trial_recipe(trial, study, dtype)
-    models = open_recipe_models(recipe)
-    plan = plan_recipe(recipe, models, open_fisher_folders(recipe))
+    how = None
+    if is_dataflow_recipe(trial.recipe):
+        path = trial_path_recipe(trial, study, dtype)
+        if as_lora is not None:
+            raise ConfigError(
+                f"trial {trial.number} is a layer path ({len(path.path)} layers); --as-lora "
+                "writes a merge's delta over its base, which a path does not have"
+            )
+        plan = plan_dataflow(path)
+        mergekit, reason = path_to_mergekit(path)
+        recipe: Any = path
+        how = f"a layer path of {path.describe()}"
+        config_folder = _open_config_model(plan)
+    else:
+        recipe = trial_recipe(trial, study, dtype)
+        models = open_recipe_models(recipe)
+        plan = plan_recipe(recipe, models, open_fisher_folders(recipe))
+        mergekit, reason = mergekit_config(recipe)
+        config_folder = models[plan.config_model]
     _check_not_a_model(target, plan)
-    mergekit, reason = mergekit_config(recipe)
     recipe_yaml = yaml.safe_dump(
         recipe.model_dump(mode="json", exclude_defaults=True), sort_keys=False
     )
@@ -256,7 +273,7 @@ def _prepare(
         number=trial.number,
         label=trial.label,
         role=trial.role,
-        base_model=base_model_name(models[plan.config_model]),
+        base_model=base_model_name(config_folder),
         metrics=metrics,
         fidelity=fidelity,
         holdout=trial.holdout,
@@ -265,8 +282,15 @@ def _prepare(
         mergekit_reason=reason,
         export_command=export_command(store, study, trial.number, dtype, as_lora),
         inspection=store.inspection(study),
+        how=how,
     )
     return _Parts(plan, recipe, recipe_yaml, mergekit, card)
+
+
+def _open_config_model(plan: MergePlan) -> ModelFolder:
+    from evomerge.checkpoint import ModelFolder
+
+    return ModelFolder(plan.models[plan.config_model], label=plan.labels[plan.config_model])
 
 
 def _write(

@@ -28,6 +28,7 @@ from evomerge.study.store import (
 from evomerge.util import DTYPES, first_line, number_ranges
 
 if TYPE_CHECKING:  # torch-heavy; imported where used
+    from evomerge.dataflow.recipe import DataflowRecipe
     from evomerge.merge.recipe import Recipe
     from evomerge.study.config import StudyConfig
 
@@ -255,6 +256,39 @@ def trial_recipe(trial: TrialView, study: str, dtype: str | None = None) -> Reci
     if dtype is not None:
         data["dtype"] = dtype
     return parse_recipe(data, where)
+
+
+def trial_path_recipe(trial: TrialView, study: str, dtype: str | None = None) -> DataflowRecipe:
+    """A data-flow trial's stored path recipe with absolute model paths (its merges' too),
+    its ``dtype`` replaced if given."""
+    from evomerge.dataflow.recipe import parse_dataflow_recipe
+
+    if trial.recipe is None:
+        raise ConfigError(f"trial {trial.number} of study '{study}' has no stored recipe")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    where = f"trial {trial.number} recipe"
+    data = parse_dataflow_recipe(trial.recipe, where).model_dump(mode="json", exclude_none=True)
+    for entry in data["models"]:
+        if entry.get("model") is not None:
+            entry["model"] = _absolute(entry["model"])
+        if entry.get("recipe") is not None:
+            entry["recipe"] = _absolute_recipe(entry["recipe"])
+    if dtype is not None:
+        data["dtype"] = dtype
+    return parse_dataflow_recipe(data, where)
+
+
+def _absolute_recipe(data: dict[str, Any]) -> dict[str, Any]:
+    data = dict(data)
+    if data.get("base") is not None:
+        data["base"] = _absolute(data["base"])
+    data["sources"] = [dict(s) for s in data.get("sources", [])]
+    for source in data["sources"]:
+        source["model"] = _absolute(source["model"])
+        if source.get("fisher"):
+            source["fisher"] = _absolute(source["fisher"])
+    return data
 
 
 def _absolute(path: str) -> str:
