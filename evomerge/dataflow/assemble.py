@@ -75,13 +75,22 @@ class PathAssembler:
                 else tensor.to(self.device)
                 for name, tensor in tensors.items()
             }
+            unfit = (
+                f"model '{label}': its tensors do not fill its architecture's modules, so its "
+                "layers cannot be used on a path"
+            )
             try:
-                skeleton.load_state_dict(state, strict=True, assign=True)
-            except RuntimeError as exc:
+                missing, unexpected = skeleton.load_state_dict(state, strict=False, assign=True)
+            except RuntimeError as exc:  # a shape that does not fit
+                raise ConfigError(f"{unfit}: {exc}") from None
+            skeleton.tie_weights()  # a tied head is the embedding just assigned (not in files)
+            filled = skeleton.state_dict(keep_vars=True)
+            missing = [name for name in missing if filled[name].is_meta]
+            if missing or unexpected:
                 raise ConfigError(
-                    f"model '{label}': its tensors do not fill its architecture's modules, so "
-                    f"its layers cannot be used on a path: {exc}"
-                ) from None
+                    f"{unfit} (missing: {', '.join(missing) or '-'}; "
+                    f"not used: {', '.join(unexpected) or '-'})"
+                )
             self.held[key] = self._held(label, skeleton)
             self.hold_seconds += time.perf_counter() - start
         return self.held[key]
@@ -133,6 +142,7 @@ class PathAssembler:
             views.append(position_view(model.layers[step.layer], position, step.scale))
         with torch.no_grad():
             self.model.load_state_dict(held[recipe.outer].outer, strict=False, assign=True)
+        self.model.tie_weights()  # a tied head follows the embedding just assigned
         self.decoder.layers = torch.nn.ModuleList(views)
         self._set_config(len(views), [step.layer for step in recipe.path])
         self.applied = True
@@ -143,6 +153,7 @@ class PathAssembler:
             return
         with torch.no_grad():
             self.model.load_state_dict(self.original_outer, strict=False, assign=True)
+        self.model.tie_weights()
         self.decoder.layers = self.original_layers
         for key, value in self.original_config.items():
             if value is not None:

@@ -36,6 +36,7 @@ def path_to_mergekit(recipe: DataflowRecipe) -> tuple[dict[str, Any] | None, str
         if (
             last_run is not None
             and step.scale == 1.0
+            and last_run[3] == 1.0
             and last_run[0] == step.model
             and last_run[2] == step.layer
         ):
