@@ -31,6 +31,8 @@ END = "<!-- config-reference:end -->"
 
 def sections() -> list[tuple[str, str, list[type[BaseModel]]]]:
     """(title, introduction, models) for each part of the reference, in order."""
+    from evomerge.dataflow.recipe import DataflowRecipe, PathModel, PathStep
+    from evomerge.dataflow.space import DataflowSpace, ScaleRange, StudyModel
     from evomerge.evaluate.registry import available_evaluators, evaluator_class
     from evomerge.merge.recipe import Condition, Recipe, SourceModel
     from evomerge.optimize import Objective
@@ -66,9 +68,19 @@ def sections() -> list[tuple[str, str, list[type[BaseModel]]]]:
             [SearchSpace, SearchedParameter, LayerGroups, MethodChoice],
         ),
         (
+            "Data-flow spaces (`space:` with `kind: dataflow`, `search_spaces/dfs.yaml`)",
+            "Which layers of which models a token passes through, in which order.",
+            [DataflowSpace, StudyModel, ScaleRange],
+        ),
+        (
             "Recipes (`evomerge merge RECIPE.yaml`, `evomerge_recipe.yaml` in exports)",
             "",
             [Recipe, SourceModel, Condition],
+        ),
+        (
+            "Path recipes (a recipe with `path:`; a data-flow trial's `evomerge_recipe.yaml`)",
+            "",
+            [DataflowRecipe, PathModel, PathStep],
         ),
     ]
 

@@ -109,6 +109,11 @@ class InProcessSearch:
 
         from evomerge.memory import default_working_dtype
 
+        if not isinstance(space, BoundSpace):
+            raise ConfigError(
+                f"space '{space.space.name}' is a data-flow space; an in-process search merges "
+                "parameter spaces only (run a study, or MergeWorker in process, for paths)"
+            )
         self.space = space
         self.base = Path(base)
         self.sources = [Path(s) for s in sources]

@@ -484,12 +484,17 @@ def plan_memory(
     fisher: Sequence[ModelSize] = (),
     merge_tensors: float = MERGE_TEMPORARY_TENSORS - 1,
     merge_label: str = "",
+    path_sources: Sequence[int] = (),
+    path_merges: int = 0,
 ) -> MemoryPlan:
     """One worker's memory for ``models`` (the base first, then the sources, and the sources'
     Fisher diagonals when the method weighs by them, held beside them), scored by
     ``evaluations`` (one after another), on ``device`` (``cuda``/``cuda:N`` or ``cpu``).
     ``merge_tensors`` is the merge method's peak of float32 temporaries in copies of the largest
-    tensor (at least ``MERGE_TEMPORARY_TENSORS - 1`` is planned), ``merge_label`` names it."""
+    tensor (at least ``MERGE_TEMPORARY_TENSORS - 1`` is planned), ``merge_label`` names it.
+    A data-flow study's workers also hold, as modules in the working dtype, each model of
+    ``path_sources`` (indices into ``models``) whose resident tensors cannot be used as they are
+    (another dtype, or held on the host), and ``path_merges`` merges on its paths."""
     if not models:
         raise ConfigError("a memory plan needs the base model's size")
     if working_dtype not in DTYPE_BYTES:
@@ -535,6 +540,24 @@ def plan_memory(
             "working model", compute, params * w, f"P x w = {_n(params)} x {w} ({working_dtype})"
         )
     )
+    converted = [
+        models[i]
+        for i in path_sources
+        if models[i].stored_dtype != working_dtype or (on_gpu and residency == "host")
+    ]
+    if converted or path_merges:
+        held = sum(m.parameters for m in converted) + path_merges * params
+        parts = [f"{len(converted)} converted source(s)"] if converted else []
+        parts += [f"{path_merges} merge(s) x P"] if path_merges else []
+        components.append(
+            Component(
+                "path models",
+                compute,
+                held * w,
+                f"({' + '.join(parts)}) x w = {_n(held)} x {w} ({working_dtype}), held once "
+                "for data-flow paths",
+            )
+        )
     merge, merge_formula = _merge_temporaries(merge_tensors, merge_label, largest)
     if on_gpu and residency == "host":
         streamed = len(models) * largest_stored
@@ -682,6 +705,27 @@ def study_methods(config: StudyConfig) -> list[str]:
     return names
 
 
+def study_path_models(config: StudyConfig) -> dict[str, Any]:
+    """For a data-flow study: ``path_sources`` (indices of the models its paths use, the base
+    being 0) and ``path_merges`` (how many merges they use); empty for other studies."""
+    from evomerge.checkpoint import source_labels
+    from evomerge.dataflow.space import SOURCES, DataflowSpace, StudyModel
+    from evomerge.space import space_from_setting
+
+    space = space_from_setting(config.space)
+    if not isinstance(space, DataflowSpace):
+        return {}
+    labels = source_labels(config.sources)
+    used: list[int] = []
+    for entry in space.models:
+        if entry == SOURCES:
+            used += range(1, len(labels) + 1)
+        elif isinstance(entry, str) and entry in labels:
+            used.append(1 + labels.index(entry))
+    merges = sum(isinstance(entry, StudyModel) for entry in space.models)
+    return {"path_sources": sorted(set(used)), "path_merges": merges}
+
+
 # -- a study's plan ------------------------------------------------------------------------------
 
 
@@ -700,6 +744,10 @@ class StudyMemoryInputs:
     """The study's methods' largest declared merge temporaries (:func:`method_temporaries`)."""
     merge_label: str = ""
     """Which method and how many sources gave ``merge_tensors``."""
+    path_sources: tuple[int, ...] = ()
+    """A data-flow study: the models (indices into ``models``) its paths take layers of."""
+    path_merges: int = 0
+    """A data-flow study: the merges on its paths (each held as one more model)."""
 
 
 def default_working_dtype(device: str) -> str:
@@ -731,6 +779,7 @@ def study_memory_inputs(config: StudyConfig) -> StudyMemoryInputs:
         config.device,
         config.fisher,
         methods=study_methods(config),
+        **study_path_models(config),
     )
 
 
@@ -741,6 +790,8 @@ def memory_inputs(
     device: str,
     fisher: Sequence[str] | None = None,
     methods: Sequence[str] = (),
+    path_sources: Sequence[int] = (),
+    path_merges: int = 0,
 ) -> StudyMemoryInputs:
     """:func:`study_memory_inputs` for a worker's models and evaluator mappings, merged by one
     of ``methods`` (none: the TIES/DARE family's budget)."""
@@ -757,7 +808,17 @@ def memory_inputs(
         shapes.append(evaluation_shape(parsed, arch, base, tokenizer_cache, notes, on_gpu=on_gpu))
     diagonals = tuple(read_model_size(p) for p in fisher or [])
     tensors, label = method_temporaries(methods, len(sources))
-    return StudyMemoryInputs(models, arch, tuple(shapes), tuple(notes), diagonals, tensors, label)
+    return StudyMemoryInputs(
+        models,
+        arch,
+        tuple(shapes),
+        tuple(notes),
+        diagonals,
+        tensors,
+        label,
+        tuple(path_sources),
+        path_merges,
+    )
 
 
 def evaluation_shape(
@@ -939,6 +1000,8 @@ def plan_study_memory(
             fisher=inputs.fisher,
             merge_tensors=inputs.merge_tensors,
             merge_label=inputs.merge_label,
+            path_sources=inputs.path_sources,
+            path_merges=inputs.path_merges,
         )
         return replace(plan, notes=plan.notes + inputs.notes)
 
@@ -968,7 +1031,7 @@ def plans_by_working_dtype(
     }
 
 
-FIXED_GPU_COMPONENTS = ("resident tensors", "working model", "CUDA overhead")
+FIXED_GPU_COMPONENTS = ("resident tensors", "working model", "path models", "CUDA overhead")
 """What a worker holds on its GPU whatever it runs: an evaluation can shrink its batch (and does
 when it runs out of memory), these cannot."""
 

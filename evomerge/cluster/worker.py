@@ -69,6 +69,13 @@ class WorkerSpec(BaseModel):
         default_factory=list,
         description="merge methods the study may use (their memory is planned); none: TIES's",
     )
+    path_sources: list[int] = Field(
+        default_factory=list,
+        description="a data-flow study: models (0 the base) whose layers its paths use (planned)",
+    )
+    path_merges: int = Field(
+        0, ge=0, description="a data-flow study: merges on its paths (each one more model)"
+    )
 
 
 @dataclass(frozen=True)
@@ -235,7 +242,14 @@ class MergeWorker:
         from evomerge.memory import choose_residency, memory_inputs, plan_memory
 
         inputs = memory_inputs(
-            spec.base, spec.sources, spec.evaluators, spec.device, spec.fisher, spec.methods
+            spec.base,
+            spec.sources,
+            spec.evaluators,
+            spec.device,
+            spec.fisher,
+            spec.methods,
+            spec.path_sources,
+            spec.path_merges,
         )
         plans = {
             where: plan_memory(
@@ -248,6 +262,8 @@ class MergeWorker:
                 fisher=inputs.fisher,
                 merge_tensors=inputs.merge_tensors,
                 merge_label=inputs.merge_label,
+                path_sources=inputs.path_sources,
+                path_merges=inputs.path_merges,
             )
             for where in ("device", "host")
         }

@@ -66,10 +66,12 @@ class DataflowRecipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     models: list[PathModel] = Field(min_length=1)
+    """The models whose layers the path uses (and the outer model), each with a label."""
     outer: str = Field(
         min_length=1, description="label of the model whose embeddings, final norm, head are used"
     )
     path: list[PathStep] = Field(min_length=1)
+    """The layers of the resulting model, first to last."""
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
         None, description="dtype of the exported weights; default: the outer model's"
     )
@@ -94,7 +96,8 @@ class DataflowRecipe(BaseModel):
         return next(m for m in self.models if m.label == label)
 
     def describe(self) -> str:
-        """``12 layers: a 0-3, b 1-2 (x1.31), a 3``: runs of consecutive layers of one model."""
+        """``8 layers: a 0-3, b 1-2 (input x1.31), a 3``: runs of consecutive layers of one
+        model; a scaling applies to the input of the run's first layer."""
         runs: list[tuple[str, int, int, float]] = []
         for step in self.path:
             last = runs[-1] if runs else None
@@ -110,7 +113,7 @@ class DataflowRecipe(BaseModel):
         parts = [
             f"{model} {first}"
             + (f"-{last}" if last != first else "")
-            + (f" (x{scale:.3g})" if scale != 1.0 else "")
+            + (f" (input x{scale:.3g})" if scale != 1.0 else "")
             for model, first, last, scale in runs
         ]
         return f"{len(self.path)} layers: " + ", ".join(parts)

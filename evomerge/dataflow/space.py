@@ -6,10 +6,12 @@ repeated ``repeats`` times (Akiba et al., "Evolutionary Optimization of Model Me
 For each of these positions the genome holds a *use* gene (the layer is on the path when it is
 above 0.5) and, when the space has two models or more, a *scale* gene: the input scaling of the
 layer when the path reaches it from another model's layer (or, first on the path, from the
-outer model's embeddings); elsewhere the scale is 1. Constraints: a path has at least one layer
-(an empty genome uses its highest use gene) and at most ``max_depth`` (the highest use genes
-win, ties to the earlier position). CMA-ES searches the use genes as numbers and thresholds
-them; Optuna samplers suggest each as a yes/no categorical parameter.
+outer model's embeddings); elsewhere the scale is 1. The outer model's layers that open the
+layout have no scale gene: only its own embeddings and layers can precede them. Constraints: a
+path has at least one layer (an empty genome uses its highest use gene) and at most
+``max_depth`` (the highest use genes win, ties to the earlier position). CMA-ES searches the
+use genes as numbers and thresholds them; Optuna samplers suggest each as a yes/no categorical
+parameter.
 """
 
 from __future__ import annotations
@@ -120,12 +122,22 @@ class DataflowSpace(BaseModel):
     def _models(cls, value: Any) -> Any:
         if not isinstance(value, list):
             return value
-        out = []
-        for entry in value:
+        out: list[str | StudyModel] = []
+        for index, entry in enumerate(value):
             if isinstance(entry, str) and entry.startswith("study:"):
                 entry = {"study": entry.removeprefix("study:")}
+            if isinstance(entry, dict):
+                try:
+                    entry = StudyModel.model_validate(entry)
+                except ValidationError as exc:
+                    raise ValueError(f"models[{index}]: {pydantic_message(exc)}") from None
+            elif not isinstance(entry, str | StudyModel):
+                raise ValueError(
+                    f"models[{index}]: expected 'sources', a source label, study:NAME:SELECTOR "
+                    f"or a mapping, got {entry!r}"
+                )
             out.append(entry)
-        labels = [e.get("label", "merge") for e in out if isinstance(e, dict)]
+        labels = [e.label for e in out if isinstance(e, StudyModel)]
         if len(labels) != len(set(labels)):
             raise ValueError("two merges have one label; give each a 'label'")
         return out
@@ -205,12 +217,18 @@ class DataflowGene:
         return f"{self.role}/r{self.repeat}/{self.model}/L{self.layer}"
 
     @property
-    def searched(self) -> Any:
-        from evomerge.space import SearchedParameter
-
+    def searched(self) -> GeneRange:
+        """The gene's range (as a parameter space's genes give it): a use gene's coordinate
+        in [0, 1], a scale gene's scaling."""
         if self.role == "use":
-            return SearchedParameter(bounds=(0.0, 1.0), scope=[])
-        return SearchedParameter(bounds=self.scaling.bounds, scale=self.scaling.scale, scope=[])
+            return GeneRange((0.0, 1.0), "linear")
+        return GeneRange(self.scaling.bounds, self.scaling.scale)
+
+
+@dataclass(frozen=True)
+class GeneRange:
+    bounds: tuple[float, float]
+    scale: Literal["linear", "log"]
 
 
 class BoundDataflowSpace:
@@ -243,11 +261,16 @@ class BoundDataflowSpace:
             DataflowGene("use", p, r, m, layer, space.scaling)
             for p, (r, m, layer) in enumerate(positions)
         ]
+        self.scale_genes: dict[int, int] = {}
+        """Position -> index of its scale gene, for the positions a path can reach from
+        another model's layer (not the outer model's first layers: only its own embeddings
+        and layers come before them)."""
         if self.scaled:
-            self.genes += [
-                DataflowGene("scale", p, r, m, layer, space.scaling)
-                for p, (r, m, layer) in enumerate(positions)
-            ]
+            for p, (r, m, layer) in enumerate(positions):
+                if m == outer and all(q[1] == m for q in positions[:p]):
+                    continue
+                self.scale_genes[p] = len(self.genes)
+                self.genes.append(DataflowGene("scale", p, r, m, layer, space.scaling))
 
     @property
     def dimension(self) -> int:
@@ -259,8 +282,9 @@ class BoundDataflowSpace:
 
     def shape_text(self) -> str:
         """The size and shape of the space, for ``evomerge space show``."""
+        scales = len(self.scale_genes)
         genes = f"{self.use_count} use genes" + (
-            f" + {self.use_count} scale genes" if self.scaled else " (one model: no scalings)"
+            f" + {scales} scale genes" if self.scaled else " (one model: no scalings)"
         )
         return (
             f"{self.space.repeats} repeats x {len(self.labels)} models "
@@ -305,8 +329,8 @@ class BoundDataflowSpace:
         for p in self.chosen(unit):
             _, model, layer = self.positions[p]
             scale = 1.0
-            if self.scaled and model != previous:
-                scale = self.space.scaling.to_value(unit[self.use_count + p])
+            if model != previous and p in self.scale_genes:
+                scale = self.space.scaling.to_value(unit[self.scale_genes[p]])
             steps.append({"model": model, "layer": layer, "scale": scale})
             previous = model
         used = {step["model"] for step in steps} | {self.outer}
@@ -340,9 +364,7 @@ class BoundDataflowSpace:
         """A genome that decodes to ``recipe``'s path: each step takes the first unused
         position of its layer after the previous step's; refused when the space cannot
         express the path."""
-        unit = np.zeros(self.dimension, dtype=np.float64)
-        if self.scaled:
-            unit[self.use_count :] = self.space.scaling.to_unit(1.0)
+        unit = self._unscaled()
         if recipe.outer != self.outer:
             raise ConfigError(
                 f"the recipe's outer model is '{recipe.outer}', the space's '{self.outer}'"
@@ -365,8 +387,8 @@ class BoundDataflowSpace:
                     "in this space's layout"
                 )
             unit[position] = 1.0
-            if step.model != previous and self.scaled:
-                unit[self.use_count + position] = self.space.scaling.to_unit(step.scale)
+            if step.model != previous and position in self.scale_genes:
+                unit[self.scale_genes[position]] = self.space.scaling.to_unit(step.scale)
             elif step.scale != 1.0:
                 raise ConfigError(
                     f"path[{index}] scales a layer that does not cross between models; this "
@@ -379,13 +401,17 @@ class BoundDataflowSpace:
     def uniform_baselines(self) -> list[tuple[str, np.ndarray]]:
         """The outer model alone, as a path (its layers in order): the reference a path must
         beat, and a check that a path builds the same model."""
-        unit = np.zeros(self.dimension, dtype=np.float64)
-        if self.scaled:
-            unit[self.use_count :] = self.space.scaling.to_unit(1.0)
+        unit = self._unscaled()
         for p, (repeat, model, _) in enumerate(self.positions):
             if repeat == 0 and model == self.outer:
                 unit[p] = 1.0
         return [(f"path: {self.outer} alone", unit)]
+
+    def _unscaled(self) -> np.ndarray:
+        """No layer used, every scale gene at 1 (no scaling)."""
+        unit = np.zeros(self.dimension, dtype=np.float64)
+        unit[self.use_count :] = self.space.scaling.to_unit(1.0)
+        return unit
 
     def uniform_genomes(self) -> list[np.ndarray]:
         return [genome for _, genome in self.uniform_baselines()]

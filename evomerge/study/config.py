@@ -252,7 +252,7 @@ def worker_spec(config: StudyConfig, device: str | None = None) -> Any:
     """The :class:`~evomerge.cluster.worker.WorkerSpec` of the study's workers; ``device``
     overrides where (the working dtype stays the study's, so scores compare)."""
     from evomerge.cluster.worker import WorkerSpec
-    from evomerge.memory import study_methods, study_working_dtype
+    from evomerge.memory import study_methods, study_path_models, study_working_dtype
 
     return WorkerSpec(
         base=config.base,
@@ -263,6 +263,7 @@ def worker_spec(config: StudyConfig, device: str | None = None) -> Any:
         working_dtype=study_working_dtype(config),  # type: ignore[arg-type]
         residency=config.cluster.residency,
         methods=study_methods(config),
+        **study_path_models(config),
     )
 
 
