@@ -37,9 +37,10 @@ def add_commands(commands: Any) -> None:
     history.set_defaults(handler=cmd_plot_history)
     recipe = kinds.add_parser(
         "recipe",
-        help="a heatmap of one trial's merge coefficients",
+        help="a heatmap of one trial's merge coefficients (or its layer path)",
         description="A heatmap of one trial's recipe as the merge engine resolves it: layers "
-        "by tensor kind, one panel per method parameter and source.",
+        "by tensor kind, one panel per method parameter and source. For a data-flow trial, its "
+        "layer path: which layer of which model each depth takes, and the input scalings.",
     )
     _common(recipe)
     recipe.add_argument("--trial", required=True, help=TRIAL_HELP)
@@ -67,14 +68,20 @@ def cmd_plot_history(args: argparse.Namespace) -> int:
 
 
 def cmd_plot_recipe(args: argparse.Namespace) -> int:
+    from evomerge.dataflow.recipe import is_dataflow_recipe
+    from evomerge.plots.path import path_figure, path_grid
     from evomerge.plots.png import check_png_path, save_png
     from evomerge.plots.recipe import recipe_figure, recipe_title, trial_recipe_grid
-    from evomerge.study.read import open_store, select_trial
+    from evomerge.study.read import open_store, select_trial, trial_path_recipe
 
     out = check_png_path(args.out, "--out")
     store = open_store(args.storage)
     trial = select_trial(store, args.study, args.trial)
-    grid = trial_recipe_grid(trial, args.study)
-    save_png(recipe_figure(grid, recipe_title(args.study, trial)), out, "--out")
+    title = recipe_title(args.study, trial)
+    if is_dataflow_recipe(trial.recipe):  # a layer path: which layer of which model, in order
+        figure = path_figure(path_grid(trial_path_recipe(trial, args.study)), title)
+    else:
+        figure = recipe_figure(trial_recipe_grid(trial, args.study), title)
+    save_png(figure, out, "--out")
     print(f"plot written to {out}")
     return 0

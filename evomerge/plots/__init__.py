@@ -10,6 +10,8 @@ matplotlib Figure on the Agg canvas: no display, no pyplot state):
   (``history_series``, ``history_figure``, ``search_clock``).
 - :mod:`~evomerge.plots.recipe`: a trial's merge coefficients by layer and tensor kind
   (``recipe_grid``, ``recipe_matrix``, ``trial_recipe_grid``, ``recipe_figure``).
+- :mod:`~evomerge.plots.path`: a data-flow trial's layer path, model and layer per depth with
+  its input scalings (``path_grid``, ``path_figure``).
 - :mod:`~evomerge.plots.images`: the export's three PNGs (``study_images``).
 
 Shared by the figures: :mod:`~evomerge.plots.png` (checked paths, atomic PNG writing, a new

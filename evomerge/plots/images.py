@@ -1,5 +1,6 @@
 """The three images of an exported trial, shown in its model card: the Pareto plot with the
-model starred, the history, and the model's recipe heatmap."""
+model starred, the history, and the model's recipe heatmap (for a data-flow trial, its layer
+path: :mod:`evomerge.plots.path`)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ from typing import TYPE_CHECKING
 
 from evomerge.plots.history import history_figure
 from evomerge.plots.pareto import pareto_figure
+from evomerge.plots.path import path_figure, path_grid
 from evomerge.plots.png import write_png
 from evomerge.plots.recipe import recipe_figure, recipe_grid, recipe_title
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from evomerge.dataflow.recipe import DataflowRecipe
     from evomerge.merge.plan import MergePlan
     from evomerge.merge.recipe import Recipe
     from evomerge.study.store import StudyStore, TrialView
@@ -23,6 +26,10 @@ IMAGES = (
     ("history.png", "Best score so far against trials and hours of search."),
     ("recipe.png", "This model's merge coefficients by layer and tensor kind."),
 )
+PATH_CAPTION = (
+    "This model's layer path: which layer of which model each depth takes, and its input scaling."
+)
+"""The caption of ``recipe.png`` for a data-flow (layer path) trial."""
 
 
 def study_images(
@@ -30,7 +37,7 @@ def study_images(
     study: str,
     trial: TrialView,
     plan: MergePlan,
-    recipe: Recipe,
+    recipe: Recipe | DataflowRecipe,
     folder: Path,
 ) -> tuple[list[tuple[str, str]], list[str]]:
     """Draw the three images of an exported trial into ``folder`` (created).
@@ -38,8 +45,9 @@ def study_images(
     Returns ``(drawn, skipped)``: ``(path relative to the folder's parent, caption)`` per
     image written, and ``"name: why"`` per image that could not be drawn (a study without
     objectives, a plotting error): a picture is not worth failing an export. A failure to
-    write (a full disk) is raised.
+    write (a full disk) is raised. For a data-flow recipe, ``recipe.png`` is its layer path.
     """
+    from evomerge.dataflow.recipe import DataflowRecipe
     from evomerge.study.read import study_objectives
     from evomerge.util import first_line
 
@@ -53,7 +61,11 @@ def study_images(
     def history() -> Figure:
         return history_figure(study, trials, study_objectives(store, study), None, trial.number)
 
+    is_path = isinstance(recipe, DataflowRecipe)
+
     def heatmap() -> Figure:
+        if isinstance(recipe, DataflowRecipe):
+            return path_figure(path_grid(recipe), recipe_title(study, trial))
         return recipe_figure(recipe_grid(plan, recipe), recipe_title(study, trial))
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -66,6 +78,8 @@ def study_images(
             skipped.append(f"{name}: {first_line(exc)}")
             continue
         write_png(figure, folder / name)
+        if is_path and name == "recipe.png":
+            caption = PATH_CAPTION
         drawn.append((f"{folder.name}/{name}", caption))
     if not drawn:
         folder.rmdir()

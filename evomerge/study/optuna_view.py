@@ -9,8 +9,9 @@ live, nothing is written twice, and ``optuna.load_study(storage=view)`` works fo
 How a trial maps: objectives are the study's values (their directions and metric names too);
 the genome's genes are the parameters, in their natural units (a SLERP ``t``, a source
 weight) when the space can be bound to the study's models, a ``method_choice`` group as one
-categorical parameter (``method/L0-1``: the method the space decodes), else as ``gene_i`` in
-[0, 1];
+categorical parameter (``method/L0-1``: the method the space decodes); of a data-flow space,
+a use gene as a categorical ``unused``/``used`` (``use/r0/ft_a/L3``: above 0.5 is used) and a
+scale gene as a float in its bounds; else as ``gene_i`` in [0, 1];
 role, label, fidelity, worker, timings, the error and every metric are user attributes
 (``metric:`` at full fidelity, ``metric@limit=N:`` for a cheap score, ``holdout:`` on the
 held-out documents). QUEUED is WAITING and FAILED is FAIL; a COMPLETE trial scored only on a
@@ -67,7 +68,8 @@ class ReadOnlyStorageError(RuntimeError):
 class _Gene:
     """One parameter as the dashboard shows it: a searched value in its own units, read from
     one coordinate of the genome, or a ``method_choice`` group's method, read from its
-    one-of-k coordinates (the highest wins, ties to the first, as the space decodes it)."""
+    one-of-k coordinates (the highest wins, ties to the first, as the space decodes it), or a
+    yes/no choice read from one coordinate (the second choice above ``threshold``)."""
 
     name: str
     distribution: BaseDistribution
@@ -76,8 +78,11 @@ class _Gene:
     high: float = 1.0
     log: bool = False
     choices: tuple[str, ...] = ()
+    threshold: float | None = None
 
     def value(self, genome: Sequence[float]) -> float | str:
+        if self.threshold is not None:
+            return self.choices[1 if float(genome[self.coords[0]]) > self.threshold else 0]
         if self.choices:
             units = [float(genome[i]) for i in self.coords]
             return self.choices[units.index(max(units))]
@@ -329,15 +334,30 @@ def _bind_genes(study: str, config: Mapping[str, Any]) -> list[_Gene]:
         return []
     if len({g.name for g in space.genes}) != len(space.genes):
         return []
+    groups = space.categorical_groups()
+    yes_no = {  # one coordinate, two choices: a threshold, not a one-of-k group
+        indices[0]: names for indices, names in groups if len(indices) == 1 and len(names) == 2
+    }
     genes = []
     for index, gene in enumerate(space.genes):
+        if index in yes_no:  # a data-flow use gene: used above the threshold
+            from evomerge.dataflow.space import THRESHOLD
+
+            names = yes_no[index]
+            distribution: BaseDistribution = CategoricalDistribution(names)
+            genes.append(
+                _Gene(gene.name, distribution, (index,), choices=tuple(names), threshold=THRESHOLD)
+            )
+            continue
         if gene.choice is not None:
             continue  # shown per group, below
         low, high = gene.searched.bounds
         log = gene.searched.scale == "log"
         distribution = FloatDistribution(low, high, log=log)
         genes.append(_Gene(gene.name, distribution, (index,), low, high, log))
-    for indices, names in space.categorical_groups():  # a method choice: one categorical
+    for indices, names in groups:  # a method choice: one categorical
+        if len(indices) == 1 and indices[0] in yes_no:
+            continue
         name = space.genes[indices[0]].name.split("=", 1)[0]
         distribution = CategoricalDistribution(names)
         genes.append(_Gene(name, distribution, tuple(indices), choices=tuple(names)))

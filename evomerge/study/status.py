@@ -229,8 +229,23 @@ def _workers(trials: Iterable[TrialView]) -> list[dict[str, Any]]:
     ]
 
 
-PHASES = ("merge_math", "transfer", "copy", "evaluation")
-"""The phases of a candidate a trial records the seconds of (``TrialView.timings``)."""
+PHASES = ("merge_math", "transfer", "copy", "path_assembly", "held_models", "evaluation")
+"""The phases of a candidate a trial records the seconds of (``TrialView.timings``). A
+data-flow (layer path) candidate records ``hold``, the seconds spent building the models it
+holds on their first use, shown as ``held_models``; ``path_assembly`` is the rest of its build
+(its merge seconds less ``hold``)."""
+
+
+def _phase_seconds(trial: TrialView, phase: str) -> float | None:
+    timings = trial.timings
+    if phase == "held_models":
+        return timings.get("hold")
+    if phase == "path_assembly":
+        hold = timings.get("hold")
+        if hold is None or trial.merge_seconds is None:
+            return None
+        return max(0.0, trial.merge_seconds - hold)
+    return timings.get(phase)
 
 
 def mean_timings(trials: Iterable[TrialView]) -> dict[str, Any]:
@@ -240,7 +255,7 @@ def mean_timings(trials: Iterable[TrialView]) -> dict[str, Any]:
     scored = Counter(t.scored_with for t in trials if t.scored_with)
     return {
         "trials": len(timed),
-        "mean_seconds": {p: _mean(t.timings.get(p) for t in timed) for p in PHASES},
+        "mean_seconds": {p: _mean(_phase_seconds(t, p) for t in timed) for p in PHASES},
         "oom_retries": sum(int(t.timings.get("oom_retries") or 0) for t in timed),
         "scored_with": dict(scored),
     }
