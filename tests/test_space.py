@@ -8,11 +8,11 @@ import yaml
 
 from evomerge.checkpoint import ModelFolder, source_labels
 from evomerge.cli import main
+from evomerge.dataflow.space import DataflowSpace
 from evomerge.errors import ConfigError
 from evomerge.merge.config_file import plan_from_file
 from evomerge.merge.engine import merge_to_folder
 from evomerge.merge.recipe import open_recipe_models, plan_recipe
-from evomerge.dataflow.space import DataflowSpace
 from evomerge.merge.registry import get_method
 from evomerge.space import SEARCH_SPACES_DIR, load_space, parse_space
 from tests.helpers import copy_model, load_folder, write_random_fisher

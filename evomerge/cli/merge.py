@@ -162,16 +162,25 @@ def cmd_recipe_show(args: argparse.Namespace) -> int:
         f"{kind} config: method {plan.method}, {len(plan.jobs)} tensors, "
         f"fingerprint {plan.fingerprint()}"
     )
-    if len(plan.methods_used()) > 1:
+    if kind == "path":
+        from evomerge.dataflow.recipe import parse_dataflow_recipe
+        from evomerge.util import load_yaml
+
+        path = parse_dataflow_recipe(load_yaml(args.config), str(args.config))
+        print(f"  a layer path of {path.describe()}; outer model {path.outer}")
+    elif len(plan.methods_used()) > 1:
         print(f"  methods: {plan.describe_methods()}")
     for index, label in enumerate(plan.labels):
         print(f"  model {index}: {label}  ({plan.models[index]})")
     if args.tensors:
         for job in plan.jobs:
             own = f"[{job.method}] " if job.method else ""
-            print(f"  {job.name}: {own}{job.shared_dict()} {job.per_source_dicts()}")
+            scaled = f" x{job.scale:g}" if job.scale is not None else ""
+            print(f"  {job.name}: {own}{job.shared_dict()} {job.per_source_dicts()}{scaled}")
     else:
-        distinct = Counter(repr((job.method, job.shared, job.per_source)) for job in plan.jobs)
+        distinct = Counter(
+            repr((job.method, job.shared, job.per_source, job.scale)) for job in plan.jobs
+        )
         print(f"  {len(distinct)} distinct parameter settings (--tensors lists them)")
     return 0
 
@@ -179,17 +188,40 @@ def cmd_recipe_show(args: argparse.Namespace) -> int:
 def cmd_to_mergekit(args: argparse.Namespace) -> int:
     import yaml
 
+    from evomerge.dataflow.recipe import is_dataflow_recipe
     from evomerge.merge.mergekit_compat import recipe_to_mergekit
     from evomerge.merge.recipe import parse_recipe
     from evomerge.util import load_yaml
 
-    recipe = parse_recipe(load_yaml(args.config), str(args.config))
-    text = yaml.safe_dump(recipe_to_mergekit(recipe, args.config.parent), sort_keys=False)
+    data = load_yaml(args.config)
+    if is_dataflow_recipe(data):
+        config = _path_to_mergekit(data, args.config)
+    else:
+        config = recipe_to_mergekit(parse_recipe(data, str(args.config)), args.config.parent)
+    text = yaml.safe_dump(config, sort_keys=False)
     if args.output:
         args.output.write_text(text)
     else:
         print(text, end="")
     return 0
+
+
+def _path_to_mergekit(data: dict, file: Path) -> dict:
+    """A path recipe file as mergekit passthrough slices (folders resolved against the file),
+    or the reason mergekit cannot express it, as an error."""
+    from evomerge.dataflow.mergekit import path_to_mergekit
+    from evomerge.dataflow.recipe import parse_dataflow_recipe
+    from evomerge.merge.recipe import resolve_path
+
+    recipe = parse_dataflow_recipe(data, str(file))
+    models = [
+        m.model_copy(update={"model": resolve_path(m.model, file.parent)}) if m.model else m
+        for m in recipe.models
+    ]
+    config, reason = path_to_mergekit(recipe.model_copy(update={"models": models}))
+    if config is None:
+        raise ConfigError(f"{file}: mergekit cannot express this path: {reason}")
+    return config
 
 
 def cmd_space_show(args: argparse.Namespace) -> int:

@@ -362,6 +362,28 @@ def _sqlite_folder(file: Path, shown: str) -> Check:
     return Check("database", "ok", f"{shown} ({made}; its folder is writable)")
 
 
+def _path_merges(config: Any, store: Any) -> str:
+    """For a data-flow space that names merges by study: which trials they resolve to now
+    (``, merge = ps:12``), refused (raised) as the study's creation would refuse them."""
+    from evomerge.dataflow.space import DataflowSpace, StudyModel
+    from evomerge.errors import ConfigError
+    from evomerge.space import space_from_setting
+    from evomerge.study.path_merges import resolve_path_merges
+
+    space = space_from_setting(config.space)
+    if not isinstance(space, DataflowSpace) or not space.unresolved():
+        return ""
+    if store is None:
+        raise ConfigError(
+            f"space '{space.name}' names merges by study "
+            f"({', '.join(str(m.study) for m in space.unresolved())}), and this database holds "
+            "no studies yet"
+        )
+    resolved = resolve_path_merges(space, store, config.base, config.sources)
+    found = [f"{m.label} = {m.study}" for m in resolved.models if isinstance(m, StudyModel)]
+    return "; its paths use " + ", ".join(found)
+
+
 def _study_name(config: Any, resume: bool, reachable: bool, resume_command: str) -> Check:
     from sqlalchemy import create_engine, inspect
     from sqlalchemy.engine import make_url
@@ -388,7 +410,8 @@ def _study_name(config: Any, resume: bool, reachable: bool, resume_command: str)
         if store is None or not store.has_study(name):
             if resume:
                 return Check("study", "FAIL", f"no study '{name}' in {shown} to resume")
-            return Check("study", "ok", f"'{name}' is a new study in {shown}")
+            merges = _path_merges(config, store)
+            return Check("study", "ok", f"'{name}' is a new study in {shown}{merges}")
         row = next(s for s in store.studies() if s["name"] == name)
         done = row["trials"].get("COMPLETE", 0) + row["trials"].get("FAILED", 0)
         state = f"{row['status']}, {done}/{row['budget']} trials"
