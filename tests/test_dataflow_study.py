@@ -215,3 +215,63 @@ def test_the_memory_plan_counts_the_models_a_path_holds(toy_zoo, tmp_path):
     space = {"kind": "dataflow", "name": "d", "models": [merge, "ft_b"]}
     assert held(space, "float32") == params["base"] * 4
     assert held(space, "bfloat16") == (params["base"] + params["ft_b"]) * 2
+
+
+def test_check_names_the_trial_a_merge_resolves_to_or_why_not(toy_zoo, tmp_path, capsys):
+    storage = str(tmp_path / "s.db")
+    store = StudyStore(storage)
+    ps = parse_study_config(_study(toy_zoo, storage), "ps")
+    store.create_study("ps", ps.model_dump(mode="json"), 8)
+    recipe = {"method": "linear", "sources": [{"model": str(toy_zoo["ft_a"])}]}
+    store.add_trial("ps", 0, role="source", label="ft_a", recipe=recipe)
+    scores = {"toy_facts_a/acc": 1.0, "toy_facts_b/acc": 0.1}
+    store.finish_trial("ps", 0, state="COMPLETE", metrics=scores)
+
+    def study_line(models: list[Any]) -> tuple[int, str]:
+        space = dict(PS_THEN_DFS, models=models)
+        path = _write(tmp_path, _study(toy_zoo, storage, name="d", space=space))
+        code = main(["check", str(path)])
+        out = capsys.readouterr().out
+        return code, next(line for line in out.splitlines() if line.split()[1:2] == ["study"])
+
+    code, line = study_line(["study:ps:best", "sources"])
+    assert line.startswith("ok") and "its paths use merge = ps:0" in line
+    code, line = study_line(["study:nope:best", "sources"])
+    assert code == 1 and line.startswith("FAIL") and "there is no study 'nope'" in line
+
+
+def test_recipe_show_and_to_mergekit_read_a_path_recipe(toy_zoo, tmp_path, capsys):
+    recipe = {
+        "models": [{"label": "a", "model": str(toy_zoo["ft_a"])}, {"label": "b", "model": "b"}],
+        "outer": "a",
+        "path": [
+            {"model": "a", "layer": 0},
+            {"model": "b", "layer": 1, "scale": 1.5},
+            {"model": "b", "layer": 2},
+            {"model": "a", "layer": 3},
+        ],
+    }
+    (tmp_path / "b").symlink_to(toy_zoo["ft_b"])  # a folder relative to the recipe file
+    path = tmp_path / "path.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["recipe", "show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "a layer path of 4 layers: a 0, b 1-2 (input x1.5), a 3; outer model a" in out
+    assert "2 distinct parameter settings" in out  # the scaled norm is a setting of its own
+    assert main(["recipe", "to-mergekit", str(path)]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert [s["sources"][0]["layer_range"] for s in config["slices"]] == [
+        [0, 1],
+        [1, 2],
+        [2, 3],
+        [3, 4],
+    ]
+    assert config["slices"][1]["sources"][0]["model"] == str(tmp_path / "b")
+    assert config["slices"][1]["parameters"]["scale"][0] == {
+        "filter": "input_layernorm",
+        "value": 1.5,
+    }
+    recipe["path"] = recipe["path"][:3]  # ends in b: mergekit would take b's head
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["recipe", "to-mergekit", str(path)]) == 1
+    assert "mergekit cannot express this path" in capsys.readouterr().err
