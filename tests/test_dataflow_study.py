@@ -9,7 +9,6 @@ data-flow study is created: resuming uses the stored recipe whatever the other s
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -47,20 +46,6 @@ def _write(folder: Path, data: dict[str, Any]) -> Path:
     path = folder / f"{data['name']}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-def _wait_for_trials(store_path: Path, study: str, count: int, process: Any) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()
-        try:
-            done = [t for t in StudyStore(store_path).trials(study) if t.state == "COMPLETE"]
-        except Exception:  # not created yet
-            done = []
-        if len(done) >= count:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"no {count} complete trials of {study} within 180 s")
 
 
 def _export(storage: str, study: str, out: Path, capsys: pytest.CaptureFixture[str]) -> str:
@@ -119,13 +104,17 @@ def test_ps_then_dfs_study_survives_a_kill_and_its_export_verifies(toy_zoo, tmp_
     assert f"a layer path of {len(exported.recipe['path'])} layers" in card
 
 
-@pytest.mark.timeout(300)
-def test_a_dfs_study_over_the_sources_runs_with_tpe_and_exports(toy_zoo, tmp_path, capsys):
+@pytest.mark.timeout(400)
+def test_a_dfs_study_over_the_sources_survives_a_kill_and_exports(toy_zoo, tmp_path, capsys):
     storage = str(tmp_path / "s.db")
     data = _study(toy_zoo, storage, name="dfs", space="dfs", budget=10)
     data["proposer"] = {"kind": "tpe", "seed": 0, "n_startup_trials": 4}
-    assert main(["search", str(_write(tmp_path, data)), "--quiet"]) == 0
+    run = start_cli("search", str(_write(tmp_path, data)), EVOMERGE_FAILPOINTS="after_add_trial=6")
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == -signal.SIGKILL, err  # a trial written RUNNING, never submitted
+    assert main(["resume", "--storage", storage, "--study", "dfs", "--quiet"]) == 0
     trials = StudyStore(storage).trials("dfs")
+    assert [t.number for t in trials] == list(range(10))
     assert len(trials) == 10 and {t.state for t in trials} == {"COMPLETE"}
     by_label = {t.label: t for t in trials}
     # ft_a's layers in order, with ft_a's embeddings and head: ft_a itself, scored alike.
