@@ -61,9 +61,15 @@ def test_each_gene_alone_moves_the_path(path, toy_zoo):
             genome[index] = 0.8
         else:  # its layer on the path, reached from the other model's layer (or embeddings)
             genome[:n] = 0.0
-            other = next(
-                q for q in range(gene.position - 1, -1, -1) if bound.positions[q][1] != gene.model
-            ) if gene.model == bound.outer else None
+            other = (
+                next(
+                    q
+                    for q in range(gene.position - 1, -1, -1)
+                    if bound.positions[q][1] != gene.model
+                )
+                if gene.model == bound.outer
+                else None
+            )
             genome[gene.position] = 1.0
             if other is not None:
                 genome[other] = 1.0

@@ -165,7 +165,7 @@ def plan_dataflow(
         plan_recipe,
         resolve_path,
     )
-    from evomerge.merge.tensors import layer_index, with_layer_index
+    from evomerge.merge.tensors import layer_index, tensor_kind, with_layer_index
 
     folders: list[Any] = []
     paths: dict[Path, int] = {}
@@ -234,9 +234,9 @@ def plan_dataflow(
     outer = layers[recipe.outer]
     jobs: list[TensorJob] = []
     outside = [name for name in outer.jobs if layer_index(name) is None]
-    pre = [n for n in outside if "embed" in n or "wte" in n or "wpe" in n]
+    pre = [n for n in outside if tensor_kind(n) == "embedding"]  # before the layers, as read
     post = [n for n in outside if n not in pre]
-    jobs += [dataclasses.replace(outer.jobs[n]) for n in pre]
+    jobs += [outer.jobs[n] for n in pre]
     for position, step in enumerate(recipe.path):
         model = layers[step.model]
         if step.layer >= model.num_layers:
@@ -255,7 +255,7 @@ def plan_dataflow(
                     scale=step.scale if scaled else None,
                 )
             )
-    jobs += [dataclasses.replace(outer.jobs[n]) for n in post]
+    jobs += [outer.jobs[n] for n in post]
     outer_folder = next(
         r.model for job in outer.jobs.values() for r in (job.base, *job.sources) if r is not None
     )
