@@ -17,6 +17,7 @@ over the sources or a subset of them, all without reading anything again. The re
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -386,18 +387,23 @@ class MergeWorker:
                         f"models '{entry.label}' is a LoRA adapter; a path takes layers of "
                         "whole models"
                     )
-                held[entry.label] = assembler.folder_model(
-                    ("folder", index),
+                key = ("folder", index)
+                held[entry.label] = assembler.held.get(key) or assembler.folder_model(
+                    key,
                     entry.label,
                     self.merger.tensors[index],
                     AutoConfig.from_pretrained(folder.path, trust_remote_code=False),
                 )
                 continue
+            key = ("merge", json.dumps(entry.recipe, sort_keys=True))
+            if key in assembler.held:  # planned and built for an earlier candidate
+                held[entry.label] = assembler.held[key]
+                continue
             inner = parse_recipe(entry.recipe or {}, where=f"models '{entry.label}' recipe")
             merger, folders, fisher = self._resolve(inner)
             plan = plan_recipe(inner, folders, fisher)
             held[entry.label] = assembler.merged_model(
-                ("merge", plan.fingerprint()),
+                key,
                 entry.label,
                 lambda model, plan=plan, merger=merger: merger.merge_into(plan, model),
             )
