@@ -71,3 +71,24 @@ def write_random_fisher(model: Path, out: Path, seed: int) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_file(diagonals, str(out / "model.safetensors"))
     return out
+
+
+def run_mergekit(config: dict[str, Any], out: Path, **options: Any) -> Path:
+    """mergekit itself (the installed package) merging ``config`` into ``out`` on the CPU, as
+    the parity tests run it; ``options`` add to its MergeOptions (a LoRA cache folder)."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    settings: dict[str, Any] = {
+        "device": "cpu",
+        "copy_tokenizer": True,
+        "lazy_unpickle": False,
+        "low_cpu_memory": False,
+        "write_model_card": False,
+        "quiet": True,
+        "trust_remote_code": False,
+    }
+    merge_options = MergeOptions(**settings, **options)
+    run_merge(MergeConfiguration.model_validate(config), str(out), merge_options)
+    return out

@@ -40,7 +40,7 @@ from evomerge.dataflow.recipe import (
 from evomerge.errors import ConfigError
 from evomerge.merge.engine import merge_to_folder
 from evomerge.merge.recipe import parse_recipe, plan_recipe
-from tests.helpers import load_folder
+from tests.helpers import load_folder, run_mergekit
 
 Step = tuple[str, int, float]
 REPEATED: list[Step] = [("ft_a", layer, 1.0) for layer in (0, 1, 2, 3, 2, 3)]
@@ -257,10 +257,7 @@ def test_kv_cache_breaks_when_views_keep_their_layers_index(
 def test_mergekit_passthrough_of_a_path_equals_the_export(
     zoo: dict[str, Path], tmp_path: Path
 ) -> None:
-    mergekit_merge = pytest.importorskip("mergekit.merge")
-    from mergekit.config import MergeConfiguration
-    from mergekit.options import MergeOptions
-
+    pytest.importorskip("mergekit.merge")
     steps: list[Step] = [
         ("ft_a", 0, 1.0),
         ("ft_a", 1, 1.0),
@@ -274,21 +271,7 @@ def test_mergekit_passthrough_of_a_path_equals_the_export(
     assert reason is None and config is not None
     file = tmp_path / "mergekit.yaml"
     file.write_text(yaml.safe_dump(config, sort_keys=False))
-    options = MergeOptions(
-        device="cpu",
-        copy_tokenizer=True,
-        lazy_unpickle=False,
-        low_cpu_memory=False,
-        write_model_card=False,
-        quiet=True,
-        trust_remote_code=False,
-    )
-    theirs_dir = tmp_path / "mergekit"
-    mergekit_merge.run_merge(
-        MergeConfiguration.model_validate(yaml.safe_load(file.read_text())),
-        str(theirs_dir),
-        options,
-    )
+    theirs_dir = run_mergekit(yaml.safe_load(file.read_text()), tmp_path / "mergekit")
     ours_dir = merge_to_folder(plan_dataflow(recipe), tmp_path / "evomerge")
 
     ours, theirs = load_folder(ours_dir), load_folder(theirs_dir)

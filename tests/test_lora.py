@@ -21,7 +21,7 @@ from evomerge.cli import main
 from evomerge.merge.mergekit_compat import recipe_to_mergekit
 from evomerge.merge.recipe import parse_recipe
 from evomerge.random_family import build_random_family
-from tests.helpers import load_folder, write_yaml
+from tests.helpers import load_folder, run_mergekit, write_yaml
 
 peft = pytest.importorskip("peft")
 
@@ -174,9 +174,7 @@ def test_mergekit_base_plus_adapter_matches_mergekit(
     family: dict[str, Path], adapter, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """mergekit 0.1.5 itself (which applies the adapter with PEFT) is the second oracle."""
-    mergekit_merge = pytest.importorskip("mergekit.merge")
-    from mergekit.config import MergeConfiguration
-    from mergekit.options import MergeOptions
+    pytest.importorskip("mergekit.merge")
 
     path, _ = adapter
     base = str(family["base"].resolve())
@@ -190,18 +188,7 @@ def test_mergekit_base_plus_adapter_matches_mergekit(
         "parameters": {"density": 0.8},
         "dtype": "float32",
     }
-    options = MergeOptions(
-        device="cpu",
-        copy_tokenizer=True,
-        lazy_unpickle=False,
-        low_cpu_memory=False,
-        write_model_card=False,
-        quiet=True,
-        trust_remote_code=False,
-        lora_merge_cache=str(tmp_path / "cache"),
-    )
-    theirs = tmp_path / "mergekit"
-    mergekit_merge.run_merge(MergeConfiguration.model_validate(config), str(theirs), options)
+    theirs = run_mergekit(config, tmp_path / "mergekit", lora_merge_cache=str(tmp_path / "cache"))
     ours = load_folder(merge(config, tmp_path, capsys))
     reference = load_folder(theirs)
     assert sorted(ours) == sorted(reference)

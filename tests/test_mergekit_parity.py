@@ -30,10 +30,9 @@ from evomerge.merge.config_file import plan_from_file
 from evomerge.merge.mergekit_compat import recipe_to_mergekit
 from evomerge.merge.recipe import parse_recipe
 from evomerge.util import load_yaml
+from tests.helpers import run_mergekit
 
-mergekit_merge = pytest.importorskip("mergekit.merge")
-from mergekit.config import MergeConfiguration  # noqa: E402
-from mergekit.options import MergeOptions  # noqa: E402
+pytest.importorskip("mergekit.merge")
 
 ATOL = 1e-5
 REPO = Path(__file__).resolve().parents[1]
@@ -52,20 +51,6 @@ def paths_of(family: dict[str, Path]) -> Models:
 def write_yaml(path: Path, data: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
-
-
-def run_mergekit(config: dict[str, Any], out: Path) -> Path:
-    options = MergeOptions(
-        device="cpu",
-        copy_tokenizer=True,
-        lazy_unpickle=False,
-        low_cpu_memory=False,
-        write_model_card=False,
-        quiet=True,
-        trust_remote_code=False,
-    )
-    mergekit_merge.run_merge(MergeConfiguration.model_validate(config), str(out), options)
-    return out
 
 
 def run_evomerge(config_file: Path, out: Path) -> Path:

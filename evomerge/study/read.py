@@ -241,18 +241,9 @@ def trial_recipe(trial: TrialView, study: str, dtype: str | None = None) -> Reci
     """The trial's stored recipe with absolute model paths, its ``dtype`` replaced if given."""
     from evomerge.merge.recipe import parse_recipe
 
-    if trial.recipe is None:
-        raise ConfigError(f"trial {trial.number} of study '{study}' has no stored recipe")
-    if dtype is not None and dtype not in DTYPES:
-        raise ConfigError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
-    where = f"trial {trial.number} recipe"
+    where = _stored_recipe(trial, study, dtype)
     data = parse_recipe(trial.recipe, where).model_dump(mode="json", exclude_defaults=True)
-    if data.get("base") is not None:
-        data["base"] = _absolute(data["base"])
-    for source in data["sources"]:
-        source["model"] = _absolute(source["model"])
-        if source.get("fisher"):
-            source["fisher"] = _absolute(source["fisher"])
+    data = _absolute_recipe(data)
     if dtype is not None:
         data["dtype"] = dtype
     return parse_recipe(data, where)
@@ -263,11 +254,7 @@ def trial_path_recipe(trial: TrialView, study: str, dtype: str | None = None) ->
     its ``dtype`` replaced if given."""
     from evomerge.dataflow.recipe import parse_dataflow_recipe
 
-    if trial.recipe is None:
-        raise ConfigError(f"trial {trial.number} of study '{study}' has no stored recipe")
-    if dtype is not None and dtype not in DTYPES:
-        raise ConfigError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
-    where = f"trial {trial.number} recipe"
+    where = _stored_recipe(trial, study, dtype)
     data = parse_dataflow_recipe(trial.recipe, where).model_dump(mode="json", exclude_none=True)
     for entry in data["models"]:
         if entry.get("model") is not None:
@@ -279,7 +266,18 @@ def trial_path_recipe(trial: TrialView, study: str, dtype: str | None = None) ->
     return parse_dataflow_recipe(data, where)
 
 
+def _stored_recipe(trial: TrialView, study: str, dtype: str | None) -> str:
+    """Where a trial's recipe is read from, for messages; refuses a trial without one and an
+    unknown ``dtype``."""
+    if trial.recipe is None:
+        raise ConfigError(f"trial {trial.number} of study '{study}' has no stored recipe")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    return f"trial {trial.number} recipe"
+
+
 def _absolute_recipe(data: dict[str, Any]) -> dict[str, Any]:
+    """A recipe mapping with its base, source and Fisher folders absolute."""
     data = dict(data)
     if data.get("base") is not None:
         data["base"] = _absolute(data["base"])
