@@ -123,6 +123,13 @@ def test_encode_inverts_decode(toy_zoo):
     assert np.all(bound.start_genome()[: bound.use_count] != THRESHOLD)
 
 
+def test_one_model_once_has_paths_of_at_most_its_layers(toy_zoo):
+    space = {"kind": "dataflow", "name": "prune_a", "models": ["ft_a"], "repeats": 1}
+    bound = _bind(toy_zoo, space)  # the default depth (8) is capped at the 4 positions
+    assert bound.max_depth == 4 and bound.dimension == 4
+    assert _path(bound, np.array([1, 0, 1, 1.0]), toy_zoo) == [("ft_a", i, 1.0) for i in (0, 2, 3)]
+
+
 def test_one_model_repeats_its_layers_without_scale_genes(toy_zoo):
     space = {"kind": "dataflow", "name": "repeat_a", "models": ["ft_a"], "repeats": 2}
     bound = _bind(toy_zoo, space)

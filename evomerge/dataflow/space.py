@@ -110,7 +110,8 @@ class DataflowSpace(BaseModel):
     repeats: int = Field(2, ge=1, le=16)
     """How many times the layout of all the models' layers is repeated (the paper's r)."""
     max_depth: int | None = Field(None, ge=1)
-    """Most layers a path may have; default twice the models' layer count."""
+    """Most layers a path may have; default twice the models' layer count (at most every
+    position)."""
     scaling: ScaleRange = Field(default_factory=ScaleRange)
     """Range of the input scaling where the path crosses between models."""
     outer: str | None = None
@@ -184,7 +185,7 @@ class DataflowSpace(BaseModel):
             for label in labels
             for layer in range(num_layers)
         ]
-        max_depth = self.max_depth or 2 * num_layers
+        max_depth = self.max_depth or min(2 * num_layers, len(positions))
         if max_depth > len(positions):
             raise ConfigError(
                 f"{where}: max_depth {max_depth} exceeds the {len(positions)} positions "
