@@ -312,6 +312,7 @@ def _bind_genes(study: str, config: Mapping[str, Any]) -> list[_Gene]:
     """Bind the study's space to its base model (config files only; no weights are read)."""
     try:
         from evomerge.checkpoint import ModelFolder, source_labels
+        from evomerge.dataflow.space import THRESHOLD
         from evomerge.space import space_from_setting
 
         labels = source_labels(config["sources"])
@@ -341,8 +342,6 @@ def _bind_genes(study: str, config: Mapping[str, Any]) -> list[_Gene]:
     genes = []
     for index, gene in enumerate(space.genes):
         if index in yes_no:  # a data-flow use gene: used above the threshold
-            from evomerge.dataflow.space import THRESHOLD
-
             names = yes_no[index]
             distribution: BaseDistribution = CategoricalDistribution(names)
             genes.append(
