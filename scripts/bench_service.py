@@ -283,10 +283,18 @@ def postgres_reachable(url: str) -> bool:
         engine.dispose()
 
 
+ASK_AHEAD: str = "0"
+"""CMA-ES ``ask_ahead`` of the utilization runs: a number, or ``popsize`` (as many as the
+population): ``--ask-ahead``."""
+
+
 def proposer_config(kind: str, popsize: int | None = None) -> dict[str, Any]:
     config: dict[str, Any] = {"kind": kind, "seed": 0}
     if popsize is not None:
         config["popsize"] = popsize
+        ahead = popsize if ASK_AHEAD == "popsize" else int(ASK_AHEAD)
+        if ahead:
+            config["ask_ahead"] = ahead
     return config
 
 
@@ -749,6 +757,11 @@ def parse_args() -> argparse.Namespace:
         help="LOW,HIGH seconds of the utilization evaluator",
     )
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--ask-ahead",
+        default="0",
+        help="CMA-ES ask_ahead of the utilization runs: a number, or 'popsize'",
+    )
     parser.add_argument("--parts", default="overhead,utilization")
     parser.add_argument("--space", default="task_arithmetic_per_layer")
     parser.add_argument("--zoo", type=Path, default=ROOT / ".bench" / "toy_zoo")
@@ -761,7 +774,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> int:
+    global ASK_AHEAD
     args = parse_args()
+    ASK_AHEAD = args.ask_ahead
     import ray
 
     from evomerge.toy_zoo import build_toy_zoo

@@ -493,3 +493,60 @@ def test_pareto_front_equals_the_definition_on_random_points_with_ties(n_objecti
             if not any(dominates(q, p, objs) for q in points) and p not in points[:i]
         ]
         assert pareto_front(points, objs) == expected
+
+
+# -- asking ahead at a generation boundary --------------------------------------------------
+
+
+def test_cma_asks_ahead_and_updates_from_the_first_popsize_results() -> None:
+    """With ask_ahead 2 and popsize 4: six genomes go out, the seventh ask waits; the update
+    uses the first four results to arrive (one of them asked ahead), exactly as pycma told
+    those four by hand; the late results are dropped without error."""
+    import copy
+
+    proposer = build_proposer({"kind": "cma", "popsize": 4, "ask_ahead": 2, "seed": 5}, D, ONE)
+    out = [proposer.ask() for _ in range(6)]
+    assert all(p is not None for p in out) and proposer.ask() is None
+    assert len({p.genome.tobytes() for p in out}) == 6
+    before = copy.deepcopy(proposer._es)  # the distribution before the update
+    arrival = [out[4], out[1], out[0], out[3]]  # an extra first; out[2] and out[5] are late
+    for p in arrival:
+        proposer.tell(p.id, [sphere(p.genome)])
+    assert proposer.generation == 1
+    handed = sorted(arrival, key=lambda p: p.id)  # told in the order handed out
+    before.tell([p.genome for p in handed], [-sphere(p.genome) for p in handed])
+    np.testing.assert_array_equal(proposer._es.mean, before.mean)
+    for p in (out[2], out[5]):  # late: recorded by the study, not told to CMA-ES
+        proposer.tell(p.id, [sphere(p.genome)])
+    assert proposer.generation == 1 and proposer.pending == []
+    assert proposer.ask() is not None  # the next generation
+
+
+def test_cma_ask_ahead_resumes_exactly_and_zero_waits() -> None:
+    from evomerge.optimize import restore_proposer
+
+    settings = {"kind": "cma", "popsize": 4, "ask_ahead": 3, "seed": 2}
+    proposer = build_proposer(settings, D, ONE)
+    out = [proposer.ask() for _ in range(6)]
+    for p in out[:3]:
+        proposer.tell(p.id, [sphere(p.genome)])
+    restored = restore_proposer(settings, D, ONE, proposer.state_dict())
+    assert restored.pending == proposer.pending == [3, 4, 5]
+    for p in out[3:5]:  # completes the generation on both; out[5] arrives late
+        proposer.tell(p.id, [sphere(p.genome)])
+        restored.tell(p.id, [sphere(p.genome)])
+    for a, b in zip(run(proposer, 12), run(restored, 12), strict=True):
+        np.testing.assert_array_equal(a[0], b[0])
+    waiting = build_proposer({"kind": "cma", "popsize": 4, "seed": 2}, D, ONE)
+    assert [waiting.ask() is None for _ in range(5)] == [False] * 4 + [True]
+
+
+def test_cma_ask_ahead_drops_late_results_of_a_sampled_again_generation() -> None:
+    proposer = build_proposer({"kind": "cma", "popsize": 2, "ask_ahead": 1, "seed": 1}, D, ONE)
+    out = [proposer.ask() for _ in range(3)]
+    proposer.tell_failed(out[0].id)
+    proposer.tell_failed(out[1].id)  # the first two all failed: sampled again
+    again = proposer.ask()
+    assert again is not None and proposer.generation == 0
+    proposer.tell(out[2].id, [1.0])  # late, of the discarded sample: not counted
+    assert proposer.generation == 0 and proposer.pending == [again.id]

@@ -56,15 +56,20 @@ def _crash(driver: StudyDriver) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "snapshot_every"), [("cma", 3), ("tpe", 3), ("nsga2", 3), ("cma", 1000)]
+    ("kind", "snapshot_every", "ahead"),
+    [("cma", 3, 0), ("tpe", 3, 0), ("nsga2", 3, 0), ("cma", 1000, 0), ("cma", 3, 2)],
 )
 def test_resume_after_a_crash_finishes_exactly_the_budget(
-    toy_zoo, worker, tmp_path, kind, snapshot_every
+    toy_zoo, worker, tmp_path, kind, snapshot_every, ahead
 ):
     # Every 3 results: the crash comes after a snapshot and after results told since it.
     # Every 1000: no snapshot at all, everything is replayed from a fresh proposer.
+    # ahead: CMA-ES asks ahead at its generation boundaries (3 tasks in flight, popsize 4), so
+    # results arrive after their generation's update, and the replay must drop them alike.
     storage = str(tmp_path / "s.db")
     proposer = {"kind": kind, "seed": 3} | ({"popsize": 4} if kind == "cma" else {})
+    if ahead:
+        proposer["ask_ahead"] = ahead
     config = _config(toy_zoo, storage, proposer=proposer, snapshot_every=snapshot_every)
     store = StudyStore(storage)
     first = StudyDriver(store, config)

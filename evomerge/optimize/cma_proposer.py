@@ -3,8 +3,11 @@
 Generations: pycma samples a whole generation at once; ``ask()`` hands its solutions out one
 at a time. When all of them are out but some are not yet told, ``ask()`` returns None (a
 generation boundary); the last result of the generation completes it (``es.tell``), and the
-next ``ask()`` samples the next generation. Once the last run stops, ``finished`` is True and
-``ask()`` returns None for good.
+next ``ask()`` samples the next generation. With ``ask_ahead: K``, ``ask()`` at the boundary
+instead samples up to K more genomes from the same distribution (``es.ask(1)``), and the
+generation is updated from the first ``popsize`` results to arrive, told in the order they were
+handed out; results arriving after the update are dropped here (the study keeps them). Once the
+last run stops, ``finished`` is True and ``ask()`` returns None for good.
 
 Fitness: pycma minimizes ``-scalarize(objectives, values)``. A failed proposal gets the worst
 fitness told in its generation; a generation in which every proposal failed is discarded
@@ -83,6 +86,13 @@ class CMAConfig(ProposerConfig):
     max_generations_per_run: int | None = Field(default=None, ge=1)
     """Generations after which a run stops (and the next restart, if any, begins); None leaves
     stopping to pycma's own criteria and ``tie_restart``."""
+    ask_ahead: int = Field(default=0, ge=0)
+    """Extra genomes a generation may hand out, sampled from the same distribution, once its
+    ``popsize`` genomes are all out and results are pending: a free worker then scores one
+    instead of waiting at the generation boundary. The generation is updated from the first
+    ``popsize`` results to arrive (so candidates that score faster weigh in more often); a
+    result arriving after the update is recorded in the study but not told to CMA-ES. 0 waits
+    at every boundary."""
 
     @field_validator("x0")
     @classmethod
@@ -169,6 +179,9 @@ class CMAProposer(Proposer):
         self.runs: list[dict[str, Any]] = []
         """One record per finished run: popsize, sigma0, generations, stop reason."""
         self._finished = False
+        self._sample = 0
+        """Counts the populations asked (a generation sampled again after all of it failed is
+        a new one), so a result asked ahead of an earlier one is told apart."""
         self._start_run(0)
 
     # -- runs ------------------------------------------------------------------------------
@@ -289,14 +302,17 @@ class CMAProposer(Proposer):
         if self._finished:
             return None
         if not self._solutions:
-            self._solutions = self._call(self._es.ask)
+            self._solutions = list(self._call(self._es.ask))
             self._handed = 0
             self._fitness = {}
+            self._sample += 1
         if self._handed == len(self._solutions):
-            return None  # generation boundary: wait for the pending results
+            if len(self._solutions) >= self._run_popsize + self.config.ask_ahead:
+                return None  # generation boundary: wait for the pending results
+            self._solutions += self._call(self._es.ask, 1)  # ask ahead, same distribution
         index = self._handed
         self._handed += 1
-        return self._solutions[index], (self._run, self._generation, index)
+        return self._solutions[index], (self._run, self._generation, index, self._sample)
 
     def _observe(self, token: Any, genome: np.ndarray, values: tuple[float, ...]) -> None:
         self._record(token, -self.score(values))
@@ -304,23 +320,29 @@ class CMAProposer(Proposer):
     def _observe_failure(self, token: Any, genome: np.ndarray) -> None:
         self._record(token, None)
 
-    def _record(self, token: tuple[int, int, int], fitness: float | None) -> None:
-        run, generation, index = token
-        if (run, generation) != (self._run, self._generation):  # cannot happen: ask() waits
+    def _record(self, token: tuple[int, ...], fitness: float | None) -> None:
+        run, generation, index = token[:3]
+        sample = token[3] if len(token) > 3 else self._sample  # tokens saved before ask_ahead
+        if (run, generation, sample) != (self._run, self._generation, self._sample):
+            if self.config.ask_ahead:  # asked ahead, arrived after its generation's update
+                return
             raise RuntimeError(f"cma: result for generation {token} arrived too late")
         self._fitness[index] = fitness
-        if len(self._fitness) == len(self._solutions):
+        if len(self._fitness) >= self._run_popsize:
             self._complete_generation()
 
     def _complete_generation(self) -> None:
-        told = [self._fitness[i] for i in range(len(self._solutions))]
+        # The first popsize results to arrive, in the order they were handed out (without
+        # asking ahead: every genome of the generation, as pycma asked them).
+        chosen = sorted(list(self._fitness)[: self._run_popsize])
+        told = [self._fitness[i] for i in chosen]
         ok = [f for f in told if f is not None]
         if not ok:  # nothing to learn from: sample this generation again
             self._solutions = []
             return
         worst = max(ok)
         fitnesses = [worst if f is None else f for f in told]
-        self._call(self._es.tell, self._solutions, fitnesses)
+        self._call(self._es.tell, [self._solutions[i] for i in chosen], fitnesses)
         self._generation += 1
         self._solutions = []
         limit = self.config.max_generations_per_run
@@ -344,6 +366,7 @@ class CMAProposer(Proposer):
         "_solutions",
         "_handed",
         "_fitness",
+        "_sample",
         "_finished",
         "restarts_done",
         "runs",
@@ -353,6 +376,7 @@ class CMAProposer(Proposer):
         return {name: getattr(self, name) for name in self._STATE_FIELDS}
 
     def _set_state(self, state: dict[str, Any]) -> None:
+        state = {"_sample": 0, **state}  # saved before ask_ahead: one sample per generation
         for name in self._STATE_FIELDS:
             setattr(self, name, state[name])
         _rehash_solution_dicts(self._es)
