@@ -709,21 +709,16 @@ def study_path_models(config: StudyConfig) -> dict[str, Any]:
     """For a data-flow study: ``path_sources`` (indices of the models its paths use, the base
     being 0) and ``path_merges`` (how many merges they use); empty for other studies."""
     from evomerge.checkpoint import source_labels
-    from evomerge.dataflow.space import SOURCES, DataflowSpace, StudyModel
+    from evomerge.dataflow.space import DataflowSpace
     from evomerge.space import space_from_setting
 
     space = space_from_setting(config.space)
     if not isinstance(space, DataflowSpace):
         return {}
-    labels = source_labels(config.sources)
-    used: list[int] = []
-    for entry in space.models:
-        if entry == SOURCES:
-            used += range(1, len(labels) + 1)
-        elif isinstance(entry, str) and entry in labels:
-            used.append(1 + labels.index(entry))
-    merges = sum(isinstance(entry, StudyModel) for entry in space.models)
-    return {"path_sources": sorted(set(used)), "path_merges": merges}
+    sources = source_labels(config.sources)
+    labels, merges = space.model_labels(sources)
+    used = [1 + sources.index(label) for label in labels if label not in merges]
+    return {"path_sources": used, "path_merges": len(merges)}
 
 
 # -- a study's plan ------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch
 
 from evomerge.dataflow.recipe import INPUT_NORM, DataflowRecipe, decoder_layers
 from evomerge.errors import ConfigError
+from evomerge.merge.tensors import layer_index
 
 
 @dataclass
@@ -45,7 +46,7 @@ class PathAssembler:
         self.decoder = model.get_decoder()
         self.original_layers = self.decoder.layers
         self.outer_names = [
-            name for name, _ in model.named_parameters() if ".layers." not in f".{name}"
+            name for name, _ in model.named_parameters() if layer_index(name) is None
         ]
         params = dict(model.named_parameters())
         self.original_outer = {name: params[name] for name in self.outer_names}

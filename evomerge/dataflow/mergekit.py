@@ -30,23 +30,11 @@ def path_to_mergekit(recipe: DataflowRecipe) -> tuple[dict[str, Any] | None, str
             f"head from the last slice's; this path starts with '{first}' and ends with "
             f"'{last}', while its embeddings and head come from '{recipe.outer}'"
         )
-    runs: list[tuple[str, int, int, float]] = []
-    for step in recipe.path:
-        last_run = runs[-1] if runs else None
-        if (
-            last_run is not None
-            and step.scale == 1.0
-            and last_run[3] == 1.0
-            and last_run[0] == step.model
-            and last_run[2] == step.layer
-        ):
-            runs[-1] = (last_run[0], last_run[1], step.layer + 1, last_run[3])
-        else:
-            runs.append((step.model, step.layer, step.layer + 1, step.scale))
     slices = []
-    for label, start, end, scale in runs:
+    for label, first, last, scale in recipe.runs(scaled_alone=True):
         folder = recipe.model(label).model
-        entry: dict[str, Any] = {"sources": [{"model": folder, "layer_range": [start, end]}]}
+        span = [first, last + 1]
+        entry: dict[str, Any] = {"sources": [{"model": folder, "layer_range": span}]}
         if scale != 1.0:
             entry["parameters"] = {
                 "scale": [{"filter": INPUT_NORM, "value": scale}, {"value": 1.0}]

@@ -95,9 +95,10 @@ class DataflowRecipe(BaseModel):
     def model(self, label: str) -> PathModel:
         return next(m for m in self.models if m.label == label)
 
-    def describe(self) -> str:
-        """``8 layers: a 0-3, b 1-2 (input x1.31), a 3``: runs of consecutive layers of one
-        model; a scaling applies to the input of the run's first layer."""
+    def runs(self, scaled_alone: bool = False) -> list[tuple[str, int, int, float]]:
+        """``(model, first layer, last layer, scale)`` per run of consecutive layers of one
+        model; a scaled step starts a run (its scale is the run's input's), and with
+        ``scaled_alone`` it is a run of its own."""
         runs: list[tuple[str, int, int, float]] = []
         for step in self.path:
             last = runs[-1] if runs else None
@@ -106,15 +107,21 @@ class DataflowRecipe(BaseModel):
                 and last[0] == step.model
                 and last[2] == step.layer - 1
                 and step.scale == 1.0
+                and not (scaled_alone and last[3] != 1.0)
             ):
                 runs[-1] = (last[0], last[1], step.layer, last[3])
             else:
                 runs.append((step.model, step.layer, step.layer, step.scale))
+        return runs
+
+    def describe(self) -> str:
+        """``8 layers: a 0-3, b 1-2 (input x1.31), a 3``: runs of consecutive layers of one
+        model; a scaling applies to the input of the run's first layer."""
         parts = [
             f"{model} {first}"
             + (f"-{last}" if last != first else "")
             + (f" (input x{scale:.3g})" if scale != 1.0 else "")
-            for model, first, last, scale in runs
+            for model, first, last, scale in self.runs()
         ]
         return f"{len(self.path)} layers: " + ", ".join(parts)
 
@@ -140,7 +147,6 @@ def parse_dataflow_recipe(data: Any, where: str = "recipe") -> DataflowRecipe:
 class _Layers:
     """One model of a path: how to make each of its tensors, by name."""
 
-    label: str
     num_layers: int
     jobs: dict[str, Any]
     """Tensor name -> a TensorJob over the combined plan's models."""
@@ -196,7 +202,7 @@ def plan_dataflow(
                 )
                 for name, info in folder.tensors.items()
             }
-            layers[entry.label] = _Layers(entry.label, folder.num_layers or 0, jobs)
+            layers[entry.label] = _Layers(folder.num_layers or 0, jobs)
             continue
         where = f"models '{entry.label}' recipe"
         inner = parse_recipe(entry.recipe or {}, where)
@@ -220,7 +226,7 @@ def plan_dataflow(
             )
             for job in plan.jobs
         }
-        layers[entry.label] = _Layers(entry.label, models[0].num_layers or 0, jobs)
+        layers[entry.label] = _Layers(models[0].num_layers or 0, jobs)
     if len(seeds) > 1:
         raise ConfigError(
             f"the path's merges draw random masks with different seeds ({sorted(seeds)}); "

@@ -147,14 +147,10 @@ class DataflowSpace(BaseModel):
         """The merges still named by study (resolved when a study is created)."""
         return [m for m in self.models if isinstance(m, StudyModel) and m.recipe is None]
 
-    def bind(self, base: ModelFolder, sources: Sequence[str]) -> BoundDataflowSpace:
-        """The genes of this space for ``base``'s architecture and these source labels."""
-        from evomerge.dataflow.recipe import fold_problem
-
+    def model_labels(self, sources: Sequence[str]) -> tuple[list[str], dict[str, StudyModel]]:
+        """The labels of the models whose layers a path may use, in layout order (``sources``
+        expanded to these source labels), and the merges among them by label."""
         where = f"search space '{self.name}'"
-        num_layers = base.num_layers or 0
-        if num_layers == 0:
-            raise ConfigError(f"{where}: {base.path} has no layers to build a path of")
         labels: list[str] = []
         merges: dict[str, StudyModel] = {}
         for entry in self.models:
@@ -174,6 +170,17 @@ class DataflowSpace(BaseModel):
                 if label in labels:
                     raise ConfigError(f"{where}: models: '{label}' is listed twice")
                 labels.append(label)
+        return labels, merges
+
+    def bind(self, base: ModelFolder, sources: Sequence[str]) -> BoundDataflowSpace:
+        """The genes of this space for ``base``'s architecture and these source labels."""
+        from evomerge.dataflow.recipe import fold_problem
+
+        where = f"search space '{self.name}'"
+        num_layers = base.num_layers or 0
+        if num_layers == 0:
+            raise ConfigError(f"{where}: {base.path} has no layers to build a path of")
+        labels, merges = self.model_labels(sources)
         outer = self.outer or labels[0]
         if outer not in labels:
             raise ConfigError(
