@@ -124,6 +124,55 @@ def facts_jsonl(facts: list[Fact]) -> str:
     return "".join(json.dumps(asdict(f)) + "\n" for f in facts)
 
 
+CHOICES_PER_DOCUMENT = 4
+DOCUMENTS_PER_FACT = 17
+
+
+def choice_documents(
+    facts: list[Fact],
+    per_fact: int = DOCUMENTS_PER_FACT,
+    choices: int = CHOICES_PER_DOCUMENT,
+) -> list[dict]:
+    """Multiple-choice documents: each fact asked ``per_fact`` times, each time among
+    ``choices - 1`` different wrong values (drawn once, seeded by ``FACTS_SEED``).
+
+    A model that knows a fact answers all its documents; one that half-knows it (a merge that
+    kept some of a fine-tune's weights) ranks the right value above some wrong ones and not
+    others, so documents differ in difficulty, as in a real benchmark. With the defaults a fact
+    set of 60 gives 1,020 documents. The models were only trained on ``k = v`` lines, and that
+    is all a document asks; longer prompts (other facts before the key) put every model near
+    chance, so they would not make a meaningful task.
+    """
+    if not 2 <= choices <= NUM_VALUES:
+        raise ConfigError(f"choices must be between 2 and {NUM_VALUES}, got {choices}")
+    rng = random.Random(FACTS_SEED + 2)
+    documents = []
+    for fact in facts:
+        wrong = [value for value in value_tokens() if value != fact.value]
+        seen: set[tuple[str, ...]] = set()
+        while len(seen) < per_fact:
+            picked = tuple(sorted(rng.sample(wrong, choices - 1)))
+            if picked in seen:
+                continue
+            seen.add(picked)
+            options = [fact.value, *picked]
+            rng.shuffle(options)
+            documents.append(
+                {
+                    "key": fact.key,
+                    "value": fact.value,
+                    "choices": options,
+                    "gold": options.index(fact.value),
+                }
+            )
+    return documents
+
+
+def choices_jsonl(facts: list[Fact]) -> str:
+    """``choice_documents`` one JSON document per line: ``evaluators/toy_facts/data/mc_*.jsonl``."""
+    return "".join(json.dumps(doc) + "\n" for doc in choice_documents(facts))
+
+
 def heldout_text(facts_per_line: int = 8) -> str:
     """A held-out text for perplexity: every fact of sets c, a and b, shuffled, 8 to a line.
 

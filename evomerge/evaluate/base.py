@@ -126,6 +126,9 @@ class EvalResult:
     metrics: dict[str, float]
     seconds: float
     details: dict[str, Any] = field(default_factory=dict)
+    documents: dict[str, Any] | None = None
+    """Per task, its per-document results (``evomerge.evaluate.documents.TaskDocuments``), from
+    evaluators that keep them (``lm_eval``); None from the others."""
 
 
 class Evaluator(ABC):
@@ -138,6 +141,10 @@ class Evaluator(ABC):
 
     kind: ClassVar[str]
     config_class: ClassVar[type[EvaluatorConfig]]
+
+    takes_documents: ClassVar[bool] = False
+    """``evaluate`` takes ``documents`` (explicit per-task document indices) and returns
+    per-document results."""
 
     def __init__(self, config: EvaluatorConfig, model: Any, tokenizer: Any) -> None:
         self.config = config

@@ -35,7 +35,7 @@ import os
 import random
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,6 +53,7 @@ from evomerge.evaluate.base import (
     limit_count,
     split_indices,
 )
+from evomerge.evaluate.documents import TaskDocuments, margin_of, task_documents
 from evomerge.evaluate.registry import register_evaluator
 
 SUITES_ENV = "EVOMERGE_EVALUATORS"
@@ -348,6 +349,46 @@ def _reuse_documents(task: Any) -> None:
     task.dump_config = cached_dump_config
 
 
+def _record_results(task: Any) -> list[tuple[Any, list[Any], dict[str, Any]]]:
+    """Make ``task.process_results`` also append ``(doc, results, metrics)`` to the returned
+    list, which the caller clears before each evaluation: lm-eval's own per-document metrics,
+    kept without ``log_samples`` (whose JSON dumps and hashes cost more than scoring a toy
+    task)."""
+    rows: list[tuple[Any, list[Any], dict[str, Any]]] = []
+    process = task.process_results
+
+    def process_results(doc: Any, results: Any) -> Any:
+        metrics = process(doc, results)
+        rows.append((doc, list(results), metrics))
+        return metrics
+
+    task.process_results = process_results
+    return rows
+
+
+def _task_documents(
+    task: Any, rows: list[tuple[Any, list[Any], dict[str, Any]]], indices: list[int] | None
+) -> TaskDocuments:
+    """Per-document results of ``task``'s last evaluation from its recorded rows. lm-eval
+    scores a ``samples`` subset in dataset order (sorted ``indices``), once per filter: the
+    first filter's rows are kept."""
+    index = sorted(indices) if indices else list(range(len(task.eval_docs)))
+    rows = rows[: len(index)]
+    margins = []
+    for doc, results, _ in rows:
+        logliks = [
+            result[0]
+            for result in results
+            if isinstance(result, tuple) and isinstance(result[0], int | float)
+        ]
+        if len(logliks) != len(results) or not logliks:
+            margins.append(float("nan"))
+        else:
+            gold = task.doc_to_target(doc) if len(logliks) > 1 else None
+            margins.append(margin_of(logliks, gold))
+    return task_documents(index[: len(rows)], [metrics for _, _, metrics in rows], margins)
+
+
 def _metric_key(task: str, key: str) -> str:
     metric, _, filter_name = key.partition(",")
     return f"{task}/{metric}" if filter_name in ("", "none") else f"{task}/{metric},{filter_name}"
@@ -369,6 +410,7 @@ class LmEvalEvaluator(Evaluator):
     """lm-eval tasks in process; one HFLM and one task dict for the evaluator's lifetime."""
 
     config: LmEvalConfig
+    takes_documents = True
 
     def __init__(self, config: LmEvalConfig, model: Any, tokenizer: Any) -> None:
         super().__init__(config, model, tokenizer)
@@ -382,6 +424,7 @@ class LmEvalEvaluator(Evaluator):
                     task.set_config(key="num_fewshot", value=config.num_fewshot)
                 _reuse_requests(task, config.fewshot_seed)
                 _reuse_documents(task)
+            self._rows = {name: _record_results(task) for name, task in self.tasks.items()}
             hflm_kwargs: dict[str, Any] = {
                 "batch_size": config.batch_size,
                 "max_batch_size": AUTO_MAX_BATCH_SIZE,
@@ -451,21 +494,64 @@ class LmEvalEvaluator(Evaluator):
             count = limit_count(limit, len(indices))
             if count < len(indices):
                 picked = subset_indices(name, len(indices), count, self.config.subset_seed)
-                indices = [indices[position] for position in picked]
+                indices = sorted(indices[position] for position in picked)
             if len(indices) < total:
                 samples[name] = indices
         return samples or None
 
-    def evaluate(self, limit: int | float | None = None, split: Split = "search") -> EvalResult:
+    def chosen_documents(
+        self, documents: Mapping[str, Sequence[int]]
+    ) -> dict[str, list[int]] | None:
+        """lm-eval's ``samples`` for explicit per-task document indices (an estimated
+        fidelity's anchors). Each must be a searched-on document of a task of this evaluator:
+        EvaluationError naming the task and index otherwise. Tasks not named score all their
+        searched-on documents."""
+        split = self.split_documents("search")
+        samples = {}
+        for name, indices in documents.items():
+            if name not in split:
+                raise EvaluationError(
+                    f"lm_eval: documents given for {name!r}, which is not one of its tasks "
+                    f"({', '.join(sorted(split))})"
+                )
+            allowed = set(split[name])
+            chosen = sorted({int(index) for index in indices})
+            stray = [index for index in chosen if index not in allowed]
+            if stray:
+                raise EvaluationError(
+                    f"lm_eval task {name}: document {stray[0]} is not a searched-on document "
+                    f"(it is held out, or past the task's {len(self.tasks[name].eval_docs)})"
+                )
+            if not chosen:
+                raise EvaluationError(f"lm_eval task {name}: an empty list of documents")
+            samples[name] = chosen
+        for name, indices in split.items():
+            if name not in samples and len(indices) < len(self.tasks[name].eval_docs):
+                samples[name] = indices
+        return samples or None
+
+    def evaluate(
+        self,
+        limit: int | float | None = None,
+        split: Split = "search",
+        documents: Mapping[str, Sequence[int]] | None = None,
+    ) -> EvalResult:
+        """Scores at ``limit`` on ``split``, or (``documents``) on exactly those searched-on
+        documents per task; the result keeps every scored document's results."""
         from lm_eval.evaluator import evaluate as lm_evaluate
 
         if self.model is None:
             raise EvaluationError("lm_eval evaluator was closed")
         chosen = check_limit(limit, "lm_eval") if limit is not None else self.default_limit
         start = time.perf_counter()
-        samples = self._samples(chosen, split)
+        if documents is not None:
+            samples = self.chosen_documents(documents)
+        else:
+            samples = self._samples(chosen, split)
         was_training = self.model.training
         self.model.eval()
+        for rows in self._rows.values():
+            rows.clear()
         try:
             with _quiet_lm_eval():
                 output = lm_evaluate(
@@ -492,7 +578,16 @@ class LmEvalEvaluator(Evaluator):
         details: dict[str, Any] = {"docs": counted, "batch_size": self.batch_size}
         if self.detected_batch_size is not None:
             details["detected_batch_size"] = self.detected_batch_size
-        return EvalResult(metrics=metrics, seconds=time.perf_counter() - start, details=details)
+        per_document = {
+            name: _task_documents(task, self._rows[name], samples.get(name) if samples else None)
+            for name, task in self.tasks.items()
+        }
+        return EvalResult(
+            metrics=metrics,
+            seconds=time.perf_counter() - start,
+            details=details,
+            documents=per_document,
+        )
 
     def close(self) -> None:
         self.lm = None
