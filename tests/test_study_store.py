@@ -152,6 +152,7 @@ def test_no_collision_with_optuna_tables_in_one_database(url):
         "evomerge_snapshots",
         "evomerge_exports",
         "evomerge_inspections",
+        "evomerge_documents",
     }
     assert len(study.trials) == 1 and len(store.trials("shared")) == 1
 

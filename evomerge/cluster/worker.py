@@ -33,6 +33,7 @@ from evomerge.cluster.failures import is_sticky_cuda_error
 from evomerge.dataflow.assemble import PathAssembler
 from evomerge.dataflow.recipe import is_dataflow_recipe, parse_dataflow_recipe
 from evomerge.errors import ConfigError, EvomergeError
+from evomerge.evaluate.documents import encode
 from evomerge.evaluate.model_loading import fast_matmuls
 from evomerge.memory import default_working_dtype
 from evomerge.merge.engine import InPlaceMerger
@@ -90,6 +91,8 @@ class CandidateTask:
     attempt: int = 1
     split: str = "search"
     """The documents to score: ``search`` (the ones a study selects on) or ``holdout``."""
+    documents: dict[str, list[int]] | None = None
+    """Exactly these searched-on documents per task (an estimated fidelity's anchors)."""
 
 
 @dataclass
@@ -106,6 +109,9 @@ class CandidateResult:
     attempt: int = 1
     scored_with: str = ""
     """The working dtype and device kind the candidate was scored with (``float32 on cuda``)."""
+    documents: bytes | None = None
+    """Per-document results (``evomerge.evaluate.documents.encode``), from evaluators that
+    keep them."""
     worker_broken: bool = False
     """The error left the worker unusable (a sticky CUDA error): the pool replaces it and runs
     the candidate again on a fresh one, within ``max_attempts``."""
@@ -435,7 +441,8 @@ class MergeWorker:
                     transfer=build.transfer_seconds,
                     copy=build.copy_seconds,
                 )
-            metrics, eval_seconds = self.suite.evaluate(task.limit, task.split)
+            metrics, eval_seconds = self.suite.evaluate(task.limit, task.split, task.documents)
+            per_document = encode(self.suite.last_documents) if self.suite.last_documents else None
             timings.update(
                 evaluation=eval_seconds,
                 batch_sizes=dict(self.suite.last_batch_sizes),
@@ -467,4 +474,5 @@ class MergeWorker:
             attempt=task.attempt,
             scored_with=scored_with(self.dtype, self.spec.device),
             timings=timings,
+            documents=per_document,
         )

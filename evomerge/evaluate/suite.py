@@ -50,24 +50,38 @@ class EvaluatorSuite:
         ``evaluate`` scored with; evaluators without a batch are absent."""
         self.oom_retries = 0
         """How many times the last ``evaluate`` halved a batch after running out of memory."""
+        self.last_documents: dict[str, Any] = {}
+        """Per task, the last ``evaluate``'s per-document results (``TaskDocuments``)."""
 
     def evaluate(
-        self, limit: int | float | None = None, split: str = "search"
+        self,
+        limit: int | float | None = None,
+        split: str = "search",
+        documents: Mapping[str, Sequence[int]] | None = None,
     ) -> tuple[dict[str, float], float]:
         """``(metrics, seconds)``: every evaluator's metrics at ``limit`` on the searched-on
         documents, or with ``split="holdout"`` on the held-out ones, and the time taken
-        (failed out-of-memory attempts included)."""
+        (failed out-of-memory attempts included). ``documents``: exactly these searched-on
+        documents per task (an estimated fidelity's anchors), for the evaluators that take
+        them (``lm_eval``); each task is its evaluator's. Per-document results of the
+        evaluators that keep them are in ``last_documents`` afterwards."""
         metrics: dict[str, float] = {}
         seconds = 0.0
         self.last_batch_sizes = {}
+        self.last_documents = {}
         self.oom_retries = 0
         for name, evaluator in zip(self.names, self.evaluators, strict=True):
             start = time.perf_counter()
-            result = self._run(name, evaluator, limit, split)
+            mine = None
+            if documents is not None and evaluator.takes_documents:
+                tasks = evaluator.split_documents("search")  # type: ignore[attr-defined]
+                mine = {task: docs for task, docs in documents.items() if task in tasks}
+            result = self._run(name, evaluator, limit, split, mine or None)
             clash = set(result.metrics) & set(metrics)
             if clash:
                 raise MetricClashError(f"two evaluators both produce metric {sorted(clash)[0]}")
             metrics.update(result.metrics)
+            self.last_documents.update(result.documents or {})
             seconds += max(result.seconds, time.perf_counter() - start)
             if evaluator.batch_size is not None:
                 self.last_batch_sizes[name] = evaluator.batch_size
@@ -75,7 +89,12 @@ class EvaluatorSuite:
         return metrics, seconds
 
     def _run(
-        self, name: str, evaluator: Evaluator, limit: int | float | None, split: str
+        self,
+        name: str,
+        evaluator: Evaluator,
+        limit: int | float | None,
+        split: str,
+        documents: Mapping[str, Sequence[int]] | None = None,
     ) -> EvalResult:
         """``evaluator.evaluate``, run again at half the batch after each out-of-memory error."""
         first = evaluator.batch_size
@@ -84,6 +103,8 @@ class EvaluatorSuite:
             tried.append(evaluator.batch_size)
             failure = None
             try:
+                if documents is not None:
+                    return evaluator.evaluate(limit, split=split, documents=documents)  # type: ignore[arg-type, call-arg]
                 return evaluator.evaluate(limit, split=split)  # type: ignore[arg-type]
             except Exception as exc:
                 if not is_out_of_memory(exc):

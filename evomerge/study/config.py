@@ -47,11 +47,19 @@ class BudgetConfig(_Strict):
 
 
 class FidelityConfig(_Strict):
-    """Cheap fidelity first: every candidate scored on ``limit`` documents per task; the best
+    """Cheap fidelity first: every candidate scored on ``limit`` random documents per task, or
+    on ``anchors`` chosen documents per task with its full score estimated; the best
     ``promote`` fraction of every ``batch`` finished trials re-scored on all documents."""
 
-    limit: int | float = Field(gt=0)
-    """Documents per task for the cheap score: a count, or a fraction between 0 and 1."""
+    limit: int | float | None = Field(default=None, gt=0)
+    """Documents per task for the cheap score: a count, or a fraction between 0 and 1 (a
+    fixed, seeded random subset). Give this or ``anchors``."""
+    anchors: int | None = Field(default=None, ge=1)
+    """Estimated fidelity: score this many anchor documents per task and estimate each task's
+    full score from them (``lm_eval`` evaluators only). The anchors are chosen by clustering
+    the documents on the per-document results of the fully scored trials (baselines first,
+    then promotions) and re-chosen after every promotion; a proposal asked before there are
+    two fully scored trials is scored on all documents."""
     promote: float = Field(default=0.25, gt=0, le=1)
     """Fraction of each batch re-scored on all documents (more than 0). Only full scores enter
     the Pareto front and ``best``, so a proposal that is never promoted is never compared."""
@@ -70,9 +78,27 @@ class FidelityConfig(_Strict):
             )
         return value
 
+    @model_validator(mode="after")
+    def _one_kind(self) -> FidelityConfig:
+        if (self.limit is None) == (self.anchors is None):
+            raise ValueError(
+                "give 'limit' (a random subset of documents) or 'anchors' (chosen documents "
+                "and an estimated score), not both or neither"
+            )
+        return self
+
+    @property
+    def label(self) -> str:
+        """``limit=10`` or ``anchors=50``: how cheap scores are recorded."""
+        if self.anchors is not None:
+            return f"anchors={self.anchors}"
+        return f"limit={self.limit:.12g}"
+
     @field_validator("limit")
     @classmethod
-    def _limit(cls, value: int | float) -> int | float:
+    def _limit(cls, value: int | float | None) -> int | float | None:
+        if value is None:
+            return None
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, float) and not 0 < value < 1:
@@ -222,6 +248,12 @@ def parse_study_config(data: dict[str, Any], where: str, folder: Path | None = N
         config = _resolved(config, folder)
     for index, evaluator in enumerate(config.evaluators):
         parse_evaluator_config(evaluator, where=f"{where}: evaluators[{index}]")
+        if config.fidelity and config.fidelity.anchors and evaluator.get("kind") != "lm_eval":
+            raise ConfigError(
+                f"{where}: fidelity: anchors estimates lm_eval tasks' scores from per-document "
+                f"results; evaluators[{index}] is '{evaluator.get('kind')}' (use 'limit', or "
+                "lm_eval evaluators only)"
+            )
     parse_proposer_config(config.proposer, where=f"{where}: proposer")
     return config
 

@@ -13,7 +13,10 @@ The driver is the only writer of the study database.
   (baselines always on all of them) and the proposer learns from those cheap scores; of every
   ``batch`` completed proposals the best ``promote`` fraction is re-scored on all documents
   (by weighted sum, or by non-dominated rank and crowding for a Pareto proposer with several
-  objectives). Only full scores enter the front and ``best``. With an ``hours`` budget, new
+  objectives). With ``fidelity.anchors``, proposals are scored on each task's anchor documents
+  and the proposer learns from the estimated full scores (``evomerge.study.anchored``); the
+  anchors are re-chosen from the fully scored trials' per-document results as they arrive.
+  Only full scores enter the front and ``best``. With an ``hours`` budget, new
   proposals stop early enough to finish the promotions queued by then.
 - Resume (``StudyDriver(..., resume=True)``): the proposer is restored from its newest
   snapshot and told, in order, the results recorded after it, each after replaying the asks
@@ -46,17 +49,20 @@ from evomerge.cluster.connect import ensure_ray
 from evomerge.cluster.worker import CandidateResult, CandidateTask
 from evomerge.dataflow.space import DataflowSpace
 from evomerge.errors import ConfigError
+from evomerge.evaluate.documents import decode as decode_documents
 from evomerge.failpoints import failpoint
 from evomerge.optimize import dominates, pareto_front, scalarize
 from evomerge.optimize.objectives import nondominated_order
 from evomerge.space import build_space_proposer, space_from_setting
 from evomerge.stop_signals import on_stop_signals
+from evomerge.study.anchored import AnchorFidelity
 from evomerge.study.config import StudyConfig, worker_spec
 from evomerge.study.confirm import confirm_targets, holdout_evaluators
 from evomerge.study.path_merges import resolve_path_merges
 from evomerge.study.read import stored_study_config
 from evomerge.study.status import error_type
 from evomerge.study.store import (
+    FULL,
     HOLDOUT,
     LEASE_SECONDS,
     TERMINAL,
@@ -92,6 +98,8 @@ class _Job:
     promotion: bool = False
     confirmation: bool = False
     """A re-score on the held-out documents (when the study ends)."""
+    cheap: bool = False
+    """Scored at the cheap fidelity (``limit`` documents, or the anchors)."""
 
 
 @dataclass(frozen=True)
@@ -159,6 +167,12 @@ class StudyDriver:
             self.config = config
         self.space = space.bind(ModelFolder(config.base), self.labels)
         self.limit = config.fidelity.limit if config.fidelity else None
+        self.anchored = (
+            AnchorFidelity(config.fidelity.anchors)
+            if config.fidelity and config.fidelity.anchors
+            else None
+        )
+        """The estimated fidelity (``fidelity.anchors``), None otherwise."""
         self.budget = config.budget_trials
         self.next_number = 0
         self.finished = 0
@@ -210,12 +224,28 @@ class StudyDriver:
         if resume:
             store.acquire(self.name, self.owner)  # before touching anything of the study
             try:
+                self._restore_anchors()
                 self._restore()
             except BaseException:
                 store.release(self.name, self.owner)
                 raise
         else:
             self.proposer = build_space_proposer(config.proposer, self.space, config.objectives)
+
+    def _restore_anchors(self) -> None:
+        """Anchors again from the stored per-document results of the fully scored trials."""
+        if self.anchored is None:
+            return
+        for data in self.store.documents(self.name, FULL).values():
+            self.anchored.add_reference(decode_documents(data))
+        self.anchored.refresh()
+
+    def _add_reference(self, data: bytes | None) -> None:
+        """A fully scored trial's per-document results: anchors are re-chosen with them."""
+        if self.anchored is None or data is None:
+            return
+        self.anchored.add_reference(decode_documents(data))
+        self.anchored.refresh()
 
     @classmethod
     def for_stored(cls, store: StudyStore, name: str) -> StudyDriver:
@@ -266,9 +296,13 @@ class StudyDriver:
             failpoint("after_add_trial")
         else:
             self.store.set_state(self.name, trial.number, "RUNNING")
-        key = self._job(_Job(trial.number, trial.proposal_id))
-        limit = self.limit if trial.role == "proposal" else None
-        return CandidateTask(key=key, recipe=trial.recipe, limit=limit)
+        proposal = trial.role == "proposal"
+        if self.anchored is not None and proposal and self.anchored.ready:
+            key = self._job(_Job(trial.number, trial.proposal_id, cheap=True))
+            return CandidateTask(key=key, recipe=trial.recipe, documents=self.anchored.documents())
+        cheap = proposal and self.limit is not None
+        key = self._job(_Job(trial.number, trial.proposal_id, cheap=cheap))
+        return CandidateTask(key=key, recipe=trial.recipe, limit=self.limit if cheap else None)
 
     def _trials_in_flight(self) -> int:
         return sum(not (job.promotion or job.confirmation) for job in self.jobs.values())
@@ -315,9 +349,15 @@ class StudyDriver:
             return
         values = None
         state, error = result.status.upper(), result.error
+        metrics, fidelity = result.metrics, None
+        if job.cheap and self.anchored is not None:
+            fidelity = (self.anchored.name, self.anchored.rank)
+            if state == "COMPLETE":
+                metrics, error = self._estimated(result)
+                state = "FAILED" if error else state
         if state == "COMPLETE":
             try:
-                values = [float(result.metrics[o.metric]) for o in self.config.objectives]
+                values = [float(metrics[o.metric]) for o in self.config.objectives]
             except KeyError as exc:
                 state, error = "FAILED", f"EvaluationError: no metric {exc.args[0]}"
             if values is not None and not all(np.isfinite(values)):
@@ -337,8 +377,10 @@ class StudyDriver:
             self.name,
             job.number,
             state=state,
-            metrics=result.metrics,
-            limit=self.limit if job.proposal_id is not None else None,
+            metrics=metrics,
+            limit=self.limit if job.cheap else None,
+            fidelity=fidelity,
+            documents=result.documents,
             worker=result.worker,
             attempts=result.attempt,
             error=error,
@@ -353,9 +395,10 @@ class StudyDriver:
         )
         self.finished += 1
         self.ran += 1
-        cheap = job.proposal_id is not None and self.limit is not None
+        cheap = job.cheap
         if not cheap and state == "COMPLETE":
             self.full_seconds.append(result.merge_seconds + result.eval_seconds)
+            self._add_reference(result.documents)
         if values is None:
             self.failed += 1
             self._count_failure(error or "")
@@ -363,12 +406,29 @@ class StudyDriver:
         self.failure_streak.clear()
         if not cheap:
             self._observe(job.number, values)
-        if job.proposal_id is not None and self._promoting():
+        if job.cheap and self._promoting():
             self.batch.append((values, job.number))
             if len(self.batch) >= self.config.fidelity.batch:  # type: ignore[union-attr]
                 self._promote_batch()
         if self.budget is not None and self.finished >= self.budget and self.batch:
             self._promote_batch()  # the last, partial batch
+
+    def _estimated(self, result: CandidateResult) -> tuple[dict[str, float], str | None]:
+        """The metrics of an anchored result with each task's estimates in place of its
+        anchors' plain means; an error when an objective is not estimated."""
+        assert self.anchored is not None
+        if result.documents is None:
+            return result.metrics, "EvaluationError: the anchored score came without documents"
+        estimates = self.anchored.estimate(decode_documents(result.documents))
+        missing = [o.metric for o in self.config.objectives if o.metric not in estimates]
+        if missing:
+            return result.metrics, (
+                f"EvaluationError: fidelity 'anchors' estimates per-task metrics (such as "
+                f"{sorted(estimates)[0] if estimates else 'task/acc'}); objective {missing[0]} "
+                "is not one (a group's mean?): make each task's metric an objective, or use "
+                "'limit'"
+            )
+        return {**result.metrics, **estimates}, None
 
     def _count_failure(self, error: str) -> None:
         """Track failures by cause; :data:`REPEATED_FAILURES` in a row with one cause stop
@@ -426,7 +486,8 @@ class StudyDriver:
         if result.status != "complete":
             return  # the trial keeps its cheap-fidelity metrics; a later export re-scores
         self.full_seconds.append(result.merge_seconds + result.eval_seconds)
-        self.store.add_metrics(self.name, number, result.metrics, None)
+        self.store.add_metrics(self.name, number, result.metrics, None, documents=result.documents)
+        self._add_reference(result.documents)
         try:
             values = [float(result.metrics[o.metric]) for o in self.config.objectives]
         except KeyError:
@@ -604,8 +665,14 @@ class StudyDriver:
         """Promotions decided before the stop but not done; the current, partial batch."""
         if not self._promoting():
             return
-        done = sorted(
-            (t for t in trials if t.role == "proposal" and t.state == "COMPLETE"),
+        done = sorted(  # the cheaply scored proposals (under anchors, the first may be full)
+            (
+                t
+                for t in trials
+                if t.role == "proposal"
+                and t.state == "COMPLETE"
+                and any(name not in (FULL, HOLDOUT) for name in t.scores)
+            ),
             key=lambda t: (t.finished_at or t.created_at, t.number),
         )
         size = self.config.fidelity.batch  # type: ignore[union-attr]

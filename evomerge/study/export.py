@@ -448,6 +448,12 @@ def fidelity_limit(fidelity: str | None) -> int | float | None:
     """``"full"`` -> None, ``"limit=20"`` -> 20, ``"limit=0.5"`` -> 0.5."""
     if fidelity is None or fidelity == "full":
         return None
+    if fidelity.startswith("anchors="):
+        raise ConfigError(
+            f"this trial has only an estimated score ({fidelity}: its full score estimated from "
+            "anchor documents), which a re-score cannot reproduce; export it without --verify, "
+            "or export a promoted trial (scored on all documents)"
+        )
     try:
         if not fidelity.startswith("limit="):
             raise ValueError(fidelity)

@@ -125,6 +125,19 @@ class MetricRow(Base):
     trial: Mapped[TrialRow] = relationship(back_populates="metrics")
 
 
+class DocumentsRow(Base):
+    """A trial's per-document results at one fidelity (``evomerge.evaluate.documents`` bytes:
+    per task, the scored documents, each one's metric values and log-likelihood margin), what
+    an estimated fidelity learns from. A table added beside schema 4, created on open."""
+
+    __tablename__ = "evomerge_documents"
+    __table_args__ = (UniqueConstraint("trial_id", "fidelity"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trial_id: Mapped[int] = mapped_column(ForeignKey("evomerge_trials.id"), index=True)
+    fidelity: Mapped[str] = mapped_column(String(32))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class SnapshotRow(Base):
     """A proposer state after ``told`` results (successes and failures), written by the
     driver now and then; results told later are replayed from the trials on resume."""

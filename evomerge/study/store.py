@@ -43,6 +43,7 @@ from evomerge.optimize import Objective, pareto_front, scalarize
 from evomerge.study.schema import (
     SCHEMA_VERSION,
     Base,
+    DocumentsRow,
     ExportRow,
     InspectionRow,
     Meta,
@@ -564,13 +565,17 @@ class StudyStore:
         elapsed_seconds: float | None = None,
         scored_with: str | None = None,
         timings: Mapping[str, Any] | None = None,
+        fidelity: tuple[str, float] | None = None,
+        documents: bytes | None = None,
     ) -> None:
         """Record a result and its metrics in one transaction, with what the proposer was told
         (``told``), optionally its state afterwards (``snapshot``: state, results told) and the
-        study's wall time so far: a killed driver leaves the trials and the proposer consistent."""
+        study's wall time so far: a killed driver leaves the trials and the proposer consistent.
+        ``fidelity`` (name, rank) names an estimated fidelity instead of ``limit``'s;
+        ``documents`` are the per-document results (``evomerge.evaluate.documents`` bytes)."""
         if state not in TERMINAL:
             raise ValueError(f"a finished trial is COMPLETE or FAILED, not {state}")
-        fidelity, rank = fidelity_name(limit)
+        fidelity, rank = fidelity or fidelity_name(limit)
         values: dict[str, Any] = {
             "state": state,
             "worker": worker,
@@ -593,6 +598,7 @@ class StudyStore:
             study_id = self._study_id(session, study)
             trial_id = self._update_trial(session, study, study_id, number, values)
             self._insert_metrics(session, trial_id, fidelity, rank, metrics or {})
+            self._insert_documents(session, trial_id, fidelity, documents)
             if elapsed_seconds is not None:
                 session.execute(
                     update(StudyRow)
@@ -615,6 +621,36 @@ class StudyStore:
         if trial_id is None:
             raise ConfigError(f"study '{study}' has no trial {number}")
         return trial_id
+
+    @staticmethod
+    def _insert_documents(
+        session: Session, trial_id: int, fidelity: str, documents: bytes | None
+    ) -> None:
+        """A trial's per-document results at one fidelity; a re-score replaces them."""
+        if documents is None:
+            return
+        session.execute(
+            delete(DocumentsRow).where(
+                DocumentsRow.trial_id == trial_id, DocumentsRow.fidelity == fidelity
+            )
+        )
+        session.execute(
+            insert(DocumentsRow),
+            [{"trial_id": trial_id, "fidelity": fidelity, "data": documents}],
+        )
+
+    @_retried
+    def documents(self, study: str, fidelity: str = FULL) -> dict[int, bytes]:
+        """Per trial number, its per-document results at ``fidelity`` (those that have them)."""
+        with self.session() as session:
+            row = self._study(session, study)
+            rows = session.execute(
+                select(TrialRow.number, DocumentsRow.data)
+                .join(DocumentsRow, DocumentsRow.trial_id == TrialRow.id)
+                .where(TrialRow.study_id == row.id, DocumentsRow.fidelity == fidelity)
+                .order_by(TrialRow.number)
+            ).all()
+        return {number: bytes(data) for number, data in rows}
 
     @staticmethod
     def _insert_metrics(
@@ -655,12 +691,15 @@ class StudyStore:
         metrics: Mapping[str, float],
         limit: int | float | None,
         split: str = "search",
+        documents: bytes | None = None,
     ) -> None:
-        """Metrics of a re-score at another fidelity (a promotion, or the held-out documents)."""
+        """Metrics (and per-document results) of a re-score at another fidelity (a promotion,
+        or the held-out documents)."""
         fidelity, rank = fidelity_name(limit, split)
         with self.session() as session:
             trial = self._trial(session, study, number)
             self._insert_metrics(session, trial.id, fidelity, rank, metrics, replace=True)
+            self._insert_documents(session, trial.id, fidelity, documents)
 
     def _trial(self, session: Session, study: str, number: int) -> TrialRow:
         row = self._study(session, study)
