@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, EvaluationError
 from evomerge.evaluate.documents import TaskDocuments, decode
 from evomerge.study import StudyStore
 from evomerge.study.anchored import AnchorFidelity
@@ -42,6 +42,14 @@ def test_anchor_fidelity_estimates_by_hand():
     )
     assert fidelity.estimate({"t": scored}) == {"t/acc": pytest.approx(0.5)}
     assert fidelity.name == "anchors=2"
+    # re-chosen while the trial ran: it is estimated by the anchors it was scored on
+    scored_on = fidelity.anchors
+    fidelity.add_reference({"t": _documents([1, 0, 0, 0, 0, 0], [30, -30, -30, -30, -30, 30])})
+    fidelity.refresh()
+    assert fidelity.documents()["t"] != chosen
+    assert fidelity.estimate({"t": scored}, scored_on) == {"t/acc": pytest.approx(0.5)}
+    with pytest.raises(EvaluationError, match="no result for anchor document"):
+        fidelity.estimate({"t": scored})
 
 
 def test_limit_and_anchors_are_one_or_the_other(toy_zoo, tmp_path):
@@ -151,3 +159,34 @@ def test_verifying_an_export_of_an_estimated_score_is_refused_with_the_reason():
     assert fidelity_limit("limit=20") == 20 and fidelity_limit("full") is None
     with pytest.raises(ConfigError, match=r"only an estimated score \(anchors=8"):
         fidelity_limit("anchors=8")
+
+
+def test_a_resumed_study_rebuilds_the_anchors_from_the_database(toy_zoo, worker, tmp_path):
+    from tests.test_study_resume import _crash
+
+    storage = str(tmp_path / "s.db")
+    store = StudyStore(storage)
+    config = study_config(
+        toy_zoo,
+        storage,
+        budget=16,
+        proposer={"kind": "cma", "seed": 3, "popsize": 4},
+        fidelity={"anchors": 6, "promote": 0.34, "batch": 3},
+    )
+    first = StudyDriver(store, config)
+    first.begin()
+    drive(first, worker, stop_after=10)
+    assert first.anchored.ready and len(first.anchored.reference) > len(first.queue)
+    anchors_at_crash = first.anchored.documents()
+    _crash(first)
+
+    second = StudyDriver.for_stored(StudyStore(storage), "toy")
+    assert second.anchored.documents() == anchors_at_crash
+    assert len(second.anchored.reference) == len(store.documents("toy", "full"))
+    second.begin()
+    drive(second, worker)
+    trials = store.trials("toy")
+    assert len(trials) == 16 and {t.state for t in trials} == {"COMPLETE"}
+    cheap = store.documents("toy", "anchors=6")
+    assert {t.number for t in trials if "anchors=6" in t.scores} == set(cheap)
+    assert any(number >= 10 for number in cheap)  # proposals after the resume used anchors

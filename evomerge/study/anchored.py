@@ -74,15 +74,21 @@ class AnchorFidelity:
         """The anchor documents to score, per task."""
         return {task: [int(doc) for doc in a.index] for task, a in self.anchors.items()}
 
-    def estimate(self, documents: Mapping[str, TaskDocuments]) -> dict[str, float]:
-        """``task/metric`` estimates of the full scores from a trial's anchor results."""
+    def estimate(
+        self,
+        documents: Mapping[str, TaskDocuments],
+        anchors: Mapping[str, Anchors] | None = None,
+    ) -> dict[str, float]:
+        """``task/metric`` estimates of the full scores from a trial's anchor results, by the
+        ``anchors`` it was scored on (the current ones by default: they may have been re-chosen
+        while it ran)."""
         out: dict[str, float] = {}
-        for task, anchors in self.anchors.items():
+        for task, chosen in (self.anchors if anchors is None else anchors).items():
             scored = documents.get(task)
             if scored is None:
                 continue
             for metric, values in scored.values.items():
-                out[f"{task}/{metric}"] = anchors.estimate_from(scored.index, values)
+                out[f"{task}/{metric}"] = chosen.estimate_from(scored.index, values)
         return out
 
 

@@ -48,7 +48,7 @@ from evomerge.checkpoint import ModelFolder, source_labels
 from evomerge.cluster.connect import ensure_ray
 from evomerge.cluster.worker import CandidateResult, CandidateTask
 from evomerge.dataflow.space import DataflowSpace
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, EvaluationError
 from evomerge.evaluate.documents import decode as decode_documents
 from evomerge.failpoints import failpoint
 from evomerge.optimize import dominates, pareto_front, scalarize
@@ -100,6 +100,8 @@ class _Job:
     """A re-score on the held-out documents (when the study ends)."""
     cheap: bool = False
     """Scored at the cheap fidelity (``limit`` documents, or the anchors)."""
+    anchors: dict[str, Any] | None = None
+    """The anchors it was scored on (``fidelity.anchors``): re-chosen ones may differ."""
 
 
 @dataclass(frozen=True)
@@ -298,7 +300,8 @@ class StudyDriver:
             self.store.set_state(self.name, trial.number, "RUNNING")
         proposal = trial.role == "proposal"
         if self.anchored is not None and proposal and self.anchored.ready:
-            key = self._job(_Job(trial.number, trial.proposal_id, cheap=True))
+            job = _Job(trial.number, trial.proposal_id, cheap=True, anchors=self.anchored.anchors)
+            key = self._job(job)
             return CandidateTask(key=key, recipe=trial.recipe, documents=self.anchored.documents())
         cheap = proposal and self.limit is not None
         key = self._job(_Job(trial.number, trial.proposal_id, cheap=cheap))
@@ -353,7 +356,7 @@ class StudyDriver:
         if job.cheap and self.anchored is not None:
             fidelity = (self.anchored.name, self.anchored.rank)
             if state == "COMPLETE":
-                metrics, error = self._estimated(result)
+                metrics, error = self._estimated(result, job.anchors)
                 state = "FAILED" if error else state
         if state == "COMPLETE":
             try:
@@ -413,13 +416,19 @@ class StudyDriver:
         if self.budget is not None and self.finished >= self.budget and self.batch:
             self._promote_batch()  # the last, partial batch
 
-    def _estimated(self, result: CandidateResult) -> tuple[dict[str, float], str | None]:
-        """The metrics of an anchored result with each task's estimates in place of its
-        anchors' plain means; an error when an objective is not estimated."""
+    def _estimated(
+        self, result: CandidateResult, anchors: dict[str, Any] | None
+    ) -> tuple[dict[str, float], str | None]:
+        """The metrics of an anchored result with each task's estimates (by the ``anchors`` it
+        was scored on) in place of its anchors' plain means; an error when an objective is not
+        estimated."""
         assert self.anchored is not None
         if result.documents is None:
             return result.metrics, "EvaluationError: the anchored score came without documents"
-        estimates = self.anchored.estimate(decode_documents(result.documents))
+        try:
+            estimates = self.anchored.estimate(decode_documents(result.documents), anchors)
+        except EvaluationError as exc:
+            return result.metrics, f"EvaluationError: {exc}"
         missing = [o.metric for o in self.config.objectives if o.metric not in estimates]
         if missing:
             return result.metrics, (
