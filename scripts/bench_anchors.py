@@ -367,14 +367,20 @@ def report(
     commit = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
+    changed = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    dirty = " (with uncommitted changes)" if changed else ""
     lines = [
         begin,
         "## Estimated fitness from anchor documents (`scripts/bench_anchors.py`)",
         "",
         f"Command: `.venv/bin/python scripts/bench_anchors.py {' '.join(sys.argv[1:])}`. "
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, CPU only, torch "
-        f"{torch.__version__} (1 thread). Commit {commit} (with this script's change "
-        f"uncommitted when it ran). Space `{args.space}` over the toy zoo's `ft_a`, `ft_b`. "
+        f"{torch.__version__} (1 thread). Commit {commit}{dirty}. "
+        f"Space `{args.space}` over the toy zoo's `ft_a`, `ft_b`. "
         f"Tasks `toy_choice_a`, `toy_choice_b` (1,020 four-way multiple-choice documents each, "
         f"`holdout: {HOLDOUT}`: {len(next(iter(reference)).correct[TASKS[0]])} searched-on and "
         f"the rest held out per task). Objective: the mean of the two tasks' `acc`. "
