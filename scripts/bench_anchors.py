@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,25 +57,12 @@ FEATURES = (("correct", "anchors (correctness)"), ("margin", "anchors (margins)"
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman's rho with average ranks for ties (NaN when either side is constant)."""
+    """Spearman's rho (average ranks for ties; NaN when either side is constant)."""
+    from scipy.stats import spearmanr
 
-    def ranks(values: np.ndarray) -> np.ndarray:
-        order = np.argsort(values, kind="mergesort")
-        sorted_values = values[order]
-        result = np.empty(len(values))
-        start = 0
-        while start < len(values):
-            end = start
-            while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
-                end += 1
-            result[order[start : end + 1]] = (start + end) / 2
-            start = end + 1
-        return result
-
-    rx, ry = ranks(np.asarray(x, float)), ranks(np.asarray(y, float))
-    if rx.std() == 0 or ry.std() == 0:
-        return math.nan
-    return float(np.corrcoef(rx, ry)[0, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a constant input warns and gives NaN
+        return float(spearmanr(x, y).statistic)
 
 
 @dataclass

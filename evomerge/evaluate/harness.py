@@ -415,6 +415,7 @@ class LmEvalEvaluator(Evaluator):
     def __init__(self, config: LmEvalConfig, model: Any, tokenizer: Any) -> None:
         super().__init__(config, model, tokenizer)
         self.default_limit = check_limit(config.limit, "lm_eval")
+        self._splits: dict[str, dict[str, list[int]]] = {}
         quiet_lm_eval_logs()
         with _quiet_lm_eval():
             self.task_dict = self._load_tasks()
@@ -475,15 +476,18 @@ class LmEvalEvaluator(Evaluator):
         self.lm.batch_size_per_gpu = max(1, int(size))
 
     def split_documents(self, split: Split = "search") -> dict[str, list[int]]:
-        """Each task's document indices in ``split`` (sorted; lm-eval's own indices)."""
+        """Each task's document indices in ``split`` (sorted; lm-eval's own indices). Worked
+        out once per split (a hash per document), then reused: do not modify the lists."""
         owner = f"lm_eval evaluator ({', '.join(self.config.tasks)})"
         check_split(split, self.config.holdout, owner)
-        return {
-            name: split_indices(
-                name, len(task.eval_docs), self.config.holdout, split, f"lm_eval task {name}"
-            )
-            for name, task in self.tasks.items()
-        }
+        if split not in self._splits:
+            self._splits[split] = {
+                name: split_indices(
+                    name, len(task.eval_docs), self.config.holdout, split, f"lm_eval task {name}"
+                )
+                for name, task in self.tasks.items()
+            }
+        return dict(self._splits[split])
 
     def _samples(self, limit: int | float | None, split: Split) -> dict[str, list[int]] | None:
         """lm-eval's ``samples``: per task, the split's documents, of which ``limit`` takes a

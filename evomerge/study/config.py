@@ -87,13 +87,6 @@ class FidelityConfig(_Strict):
             )
         return self
 
-    @property
-    def label(self) -> str:
-        """``limit=10`` or ``anchors=50``: how cheap scores are recorded."""
-        if self.anchors is not None:
-            return f"anchors={self.anchors}"
-        return f"limit={self.limit:.12g}"
-
     @field_validator("limit")
     @classmethod
     def _limit(cls, value: int | float | None) -> int | float | None:
